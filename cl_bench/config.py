@@ -1,0 +1,258 @@
+"""Config schemas and validation.
+
+Two kinds of config group exist:
+
+* *Schema groups* (``scenario``, ``trainer``, ``logger``, ``paths``, ``transform``) are typed dataclasses
+  registered in Hydra's ConfigStore as the base of ``conf/config.yaml``: a misspelt key or a wrongly typed
+  value fails while Hydra composes the config, with a message naming the key.
+* *Target groups* (``dataset``, ``backbone``, ``method``) name the Python callable that builds them with
+  ``_target_`` and carry its keyword arguments. :func:`validate_config` checks every key against the
+  callable's signature and type hints before any data is loaded, so a typo in a YAML file or a ``+key=``
+  override fails at start, listing the valid keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from cl_bench.errors import ConfigError
+
+#: Keys of a target group that are not arguments of its callable.
+RESERVED_KEYS = ("_target_", "name")
+#: The target groups and the arguments the runner passes itself (never set in config).
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "dataset": (),
+    "backbone": (),
+    "method": ("backbone",),
+}
+
+
+class ScenarioType(str, Enum):
+    """``cil``: no task id at test time; ``til``: the task id is given at test time."""
+
+    cil = "cil"
+    til = "til"
+
+
+class LoggerMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class TrainAugment(str, Enum):
+    """Train-time augmentation. ``auto``: ``crop_flip`` for inputs of at most 64 px, else ``rrc_flip``."""
+
+    auto = "auto"
+    crop_flip = "crop_flip"  # pad 4 + random crop + horizontal flip (CIFAR recipe, He et al. 2016)
+    rrc_flip = "rrc_flip"  # RandomResizedCrop + horizontal flip (ImageNet recipe; SLCA/PILOT use it)
+    none = "none"  # the evaluation transform
+
+
+@dataclass
+class ScenarioConfig:
+    """How classes are ordered and split into tasks (see :mod:`cl_bench.scenario`)."""
+
+    type: ScenarioType = ScenarioType.cil
+    n_tasks: int | None = 10
+    init_classes: int | None = None
+    increment: int | None = None
+    order_seed: int | None = 1993
+    class_order: list[int] | None = None
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by every task, and data loading."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    precision: str = "32-true"
+    deterministic: bool = True
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    enable_progress_bar: bool = False
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases; ``offline`` needs no account (``wandb sync RUN_DIR/wandb/offline-run-*`` later)."""
+
+    mode: LoggerMode = LoggerMode.offline
+    project: str = "cl_bench"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    job_type: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = MISSING
+    output_dir: str = "outputs"
+    #: The run folder; ``null`` means Hydra's output dir (``hydra.run.dir``).
+    run_dir: str | None = None
+
+
+@dataclass
+class TransformConfig:
+    """Input pipeline. Size, mean/std and interpolation come from the backbone unless set here."""
+
+    train: TrainAugment = TrainAugment.auto
+    #: ``null``: the dataset decides whether a horizontal flip keeps the label (digits: no).
+    hflip: bool | None = None
+    input_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``dataset``, ``backbone`` and ``method`` are target groups (see module docstring)."""
+
+    dataset: Any = MISSING
+    backbone: Any = MISSING
+    method: Any = MISSING
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    seed: int = 0
+    #: Save the final model state (``final_model.pt``) in the run folder.
+    save_model: bool = True
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (``conf/config.yaml`` lists ``base_config`` first)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+
+
+register_configs()
+
+
+def resolve_target(group: str, section: DictConfig) -> Callable[..., Any]:
+    """Import the callable named by ``section._target_``."""
+    target = section.get("_target_")
+    if not target:
+        raise ConfigError(f"{group}: no '_target_' key; every {group} config must name the callable that builds it")
+    try:
+        return get_object(target)
+    except Exception as exc:  # hydra raises ImportError / ValueError variants
+        raise ConfigError(f"{group}._target_={target!r} cannot be imported: {exc}") from exc
+
+
+def target_kwargs(section: DictConfig) -> dict[str, Any]:
+    """The keyword arguments of a target group: every key but ``_target_`` and ``name``, resolved."""
+    data = OmegaConf.to_container(section, resolve=True)
+    assert isinstance(data, dict)
+    return {k: v for k, v in data.items() if k not in RESERVED_KEYS}
+
+
+def _type_matches(value: Any, hint: Any) -> bool:
+    """Loose runtime check of a config value against a type hint (int, float, str, bool, lists, optionals)."""
+    if hint is inspect.Parameter.empty or hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if value is None:
+        return False
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        args = typing.get_args(hint)
+        return not args or all(_type_matches(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def validate_target_group(group: str, section: DictConfig) -> None:
+    """Check ``section``'s keys and value types against its ``_target_`` callable's signature."""
+    fn = resolve_target(group, section)
+    injected = TARGET_GROUPS.get(group, ())
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:
+        hints = {}
+    params = {
+        name: p
+        for name, p in sig.parameters.items()
+        if name not in injected and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    for key in section:
+        if key in RESERVED_KEYS:
+            continue
+        if key in injected:
+            raise ConfigError(f"{group}.{key} is set by the runner; remove it from the {group} config")
+        if key not in params and not accepts_any:
+            valid = ", ".join(sorted(params)) or "(none)"
+            raise ConfigError(
+                f"unknown key {group}.{key} for {section._target_}; valid keys: {valid}. "
+                "Check the spelling in the config file or on the command line."
+            )
+    for name, p in params.items():
+        if name not in section:
+            if p.default is inspect.Parameter.empty:
+                raise ConfigError(f"{group}.{name} is required by {section._target_}: set {group}.{name}=...")
+            continue
+        if OmegaConf.is_missing(section, name):
+            raise ConfigError(f"{group}.{name} must be set: add {group}.{name}=VALUE to the command line")
+        value = section[name]
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        hint = hints.get(name, inspect.Parameter.empty)
+        if not _type_matches(value, hint):
+            raise ConfigError(f"{group}.{name}={value!r} has the wrong type: expected {_hint_name(hint)}")
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Validate the target groups and cross-field rules before any compute (schema groups are typed)."""
+    for group in TARGET_GROUPS:
+        if group not in cfg or not isinstance(cfg[group], DictConfig):
+            raise ConfigError(f"no {group} selected: add {group}=NAME (see conf/{group}/ for the options)")
+        validate_target_group(group, cfg[group])
+    sc = cfg.scenario
+    if sc.n_tasks is None and sc.init_classes is None:
+        raise ConfigError("scenario: set scenario.n_tasks, or scenario.init_classes (and scenario.increment)")
+    for key in ("n_tasks", "init_classes", "increment"):
+        if sc[key] is not None and sc[key] < 1:
+            raise ConfigError(f"scenario.{key}={sc[key]} must be at least 1")
+    if cfg.trainer.num_workers < 0:
+        raise ConfigError("trainer.num_workers must be >= 0")
+
+
+def build_from_config(group: str, section: DictConfig, **injected: Any) -> Any:
+    """Call the ``_target_`` of a validated target group with its keys plus runner-provided arguments."""
+    fn = resolve_target(group, section)
+    return fn(**target_kwargs(section), **injected)

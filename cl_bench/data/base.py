@@ -1,0 +1,102 @@
+"""Containers for labelled images and the per-task views the runner trains and tests on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cl_bench.errors import DataError
+
+
+class ArrayImages:
+    """Labelled images held in memory as a uint8 array.
+
+    Args:
+        images: ``[N, H, W, 3]`` RGB or ``[N, H, W]`` greyscale uint8 (greyscale is expanded to 3 channels).
+        labels: ``[N]`` integer class ids in ``[0, num_classes)``.
+        source: where the arrays came from, used in error messages.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, source: str = "arrays") -> None:
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        if images.dtype != np.uint8:
+            raise DataError(f"{source}: images must be uint8 (0-255), got {images.dtype}")
+        if images.ndim == 3:
+            images = np.repeat(images[..., None], 3, axis=-1)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise DataError(
+                f"{source}: images must be [N,H,W,3] RGB or [N,H,W] greyscale uint8, got shape {images.shape}"
+            )
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise DataError(f"{source}: labels must be a 1-d array of {len(images)} ints, got shape {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{source}: labels must be integers, got {labels.dtype}")
+        self.images = np.ascontiguousarray(images)
+        self.labels = labels.astype(np.int64)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> torch.Tensor:
+        """Image ``index`` as a uint8 ``[3, H, W]`` tensor."""
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1)
+
+
+@dataclass
+class ClassificationData:
+    """A dataset's train and test splits with class names (index = label)."""
+
+    name: str
+    train: ArrayImages
+    test: ArrayImages
+    class_names: list[str]
+    #: Whether a horizontal flip keeps an image's label (false for digits and text).
+    hflip_invariant: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.class_names)
+        for split_name, split in (("train", self.train), ("test", self.test)):
+            if len(split) and (split.labels.min() < 0 or split.labels.max() >= n):
+                raise DataError(
+                    f"{self.name}: {split_name} labels span [{split.labels.min()}, {split.labels.max()}] "
+                    f"but there are {n} class names; labels must lie in [0, {n})"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class TaskDataset(Dataset):
+    """The images of some classes, transformed, with labels remapped to class-order positions.
+
+    Args:
+        images: the split to draw from.
+        indices: which images belong to this view.
+        label_map: ``label_map[original_label]`` = position of the class in the class order.
+        transform: maps a uint8 ``[3,H,W]`` tensor to the model input.
+    """
+
+    def __init__(
+        self,
+        images: ArrayImages,
+        indices: Sequence[int] | np.ndarray,
+        label_map: np.ndarray,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.images = images
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = label_map[images.labels[self.indices]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images.image(int(self.indices[k]))), int(self.targets[k])

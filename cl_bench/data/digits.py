@@ -1,0 +1,38 @@
+"""scikit-learn's bundled handwritten digits (UCI optdigits test set, 1,797 8x8 images, 10 classes).
+
+Real data that needs no download, used by the quickstart. The 8x8 greyscale images (values 0-16) are
+scaled to 0-255, upscaled to ``size`` px (bilinear) and split per class into train/test with a fixed seed,
+independent of the run's seed so that every run sees the same split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cl_bench.data.base import ArrayImages, ClassificationData
+from cl_bench.errors import ConfigError
+
+
+def load_digits(size: int = 32, test_fraction: float = 0.2, split_seed: int = 0) -> ClassificationData:
+    """Load the digits as a stratified train/test split of ``size`` x ``size`` greyscale images."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"dataset.test_fraction={test_fraction} must lie strictly between 0 and 1")
+    bunch = sklearn_digits()
+    small = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0))[:, None]
+    big = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    images = big[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+    labels = bunch.target.astype(np.int64)
+
+    rng = np.random.RandomState(split_seed)
+    test_mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_test = max(1, int(round(test_fraction * len(idx))))
+        test_mask[rng.permutation(idx)[:n_test]] = True
+    train = ArrayImages(images[~test_mask], labels[~test_mask], source="digits:train")
+    test = ArrayImages(images[test_mask], labels[test_mask], source="digits:test")
+    return ClassificationData("digits", train, test, [str(d) for d in range(10)], hflip_invariant=False)

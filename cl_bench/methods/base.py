@@ -1,0 +1,245 @@
+"""The continual base every method extends.
+
+The runner drives a method through these hooks, once per task ``t``::
+
+    on_task_start(ctx)            # grow the head, reset per-task state
+    train_dataset(ctx)            # what Lightning fits on (images, cached features, or None: no training)
+    Trainer(max_epochs=epochs).fit(...)  -> training_step / configure_optimizers
+    on_task_end(ctx)              # prototypes, statistics, snapshots
+    forward(x, task=None)         # logits over every class seen so far, in class-order positions
+
+Methods whose backbone never changes (``frozen_backbone = True``) also split inference into ``embed`` and
+``classify`` so that the evaluator and the method compute each image's features once and reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.errors import ConfigError, TrainingDivergedError
+from cl_bench.modules.heads import IncrementalLinearHead
+from cl_bench.scenario import Scenario, Task
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+SCHEDULERS = ("cosine", "none")
+LOSS_SCOPES = ("seen", "task")
+
+
+@dataclass
+class TaskContext:
+    """What a method may use while learning task ``task``.
+
+    ``train_set`` carries the train-time augmentation; ``train_eval_set`` holds the same images with the
+    evaluation transform (for prototypes, class statistics and cached features).
+    """
+
+    task: Task
+    scenario: Scenario
+    train_set: Dataset
+    train_eval_set: Dataset
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    seed: int = 0
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        """A DataLoader; shuffled ones draw from a generator seeded by (seed, task) for reproducibility."""
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.task.index) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class ContinualModule(pl.LightningModule):
+    """Backbone + incremental classifier with task hooks; subclasses override what their paper changes.
+
+    Args:
+        backbone: the feature extractor (provided by the runner).
+        epochs: training epochs per task.
+        batch_size: training batch size.
+        lr: learning rate of the head (and of the backbone unless ``backbone_lr`` is set).
+        backbone_lr: learning rate of the backbone's trainable parameters (slow learners use a smaller one).
+        optimizer: ``sgd``, ``adam`` or ``adamw``.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        scheduler: ``cosine`` (annealed to 0 over the task's epochs) or ``none``.
+        loss_scope: ``seen``: cross-entropy over every class seen so far; ``task``: over the current task's
+            classes only (task-local CE). Task-incremental scenarios always use ``task``.
+    """
+
+    #: The backbone is never trained: features are cached, the backbone stays in eval mode.
+    frozen_backbone: ClassVar[bool] = False
+    #: Train one task of all classes instead of the scenario's tasks (joint upper bound).
+    single_task: ClassVar[bool] = False
+    #: ``forward(x, task)`` depends on the task id (the evaluator then runs a task-aware pass for TIL).
+    task_conditioned: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        epochs: int = 1,
+        batch_size: int = 64,
+        lr: float = 0.01,
+        backbone_lr: float | None = None,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine",
+        loss_scope: str = "seen",
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"method.optimizer={optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise ConfigError(f"method.scheduler={scheduler!r}: choose one of {list(SCHEDULERS)}")
+        if loss_scope not in LOSS_SCOPES:
+            raise ConfigError(f"method.loss_scope={loss_scope!r}: choose one of {list(LOSS_SCOPES)}")
+        if epochs < 0 or batch_size < 1 or lr < 0:
+            raise ConfigError("method.epochs must be >= 0, method.batch_size >= 1 and method.lr >= 0")
+        self.backbone = backbone
+        self.head = self.build_head()
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.backbone_lr = lr if backbone_lr is None else backbone_lr
+        self.optimizer_name = optimizer
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.scheduler_name = scheduler
+        self.loss_scope = loss_scope
+        self.task: Task | None = None
+        self.task_incremental = False
+        if self.frozen_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    # ----------------------------------------------------------------- structure
+    def build_head(self) -> nn.Module:
+        """The classifier; the default grows one linear block per task."""
+        return IncrementalLinearHead(self.backbone.feat_dim)
+
+    def train(self, mode: bool = True) -> ContinualModule:
+        """Lightning calls ``train()`` at fit start; a frozen backbone (and its BN statistics) stays in eval."""
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
+
+    # ----------------------------------------------------------------- task hooks
+    def on_task_start(self, ctx: TaskContext) -> None:
+        """Called before training task ``ctx.task``: records it and grows the head by its classes."""
+        self.task = ctx.task
+        self.task_incremental = ctx.scenario.task_incremental
+        self.head.add_task(ctx.task.num_classes)
+
+    def train_dataset(self, ctx: TaskContext) -> Dataset | None:
+        """The dataset Lightning fits on for this task (``None`` or ``epochs == 0``: no gradient training)."""
+        return ctx.train_set
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        """Called after training task ``ctx.task`` and before it is evaluated."""
+
+    # ----------------------------------------------------------------- inference
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled embedding."""
+        return self.backbone(x)
+
+    def classify(self, features: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Logits over all seen classes from embeddings."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Logits over all seen classes; ``task`` is the task id when the scenario provides it."""
+        return self.classify(self.embed(x), task)
+
+    @torch.no_grad()
+    def extract_features(self, ctx: TaskContext, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of ``dataset`` (one pass, eval mode, on the module's device, kept on CPU)."""
+        was_training = self.training
+        self.eval()
+        feats, labels = [], []
+        for x, y in ctx.loader(dataset, ctx.eval_batch_size, shuffle=False):
+            feats.append(self.embed(x.to(self.device)).float().cpu())
+            labels.append(torch.as_tensor(y))
+        self.train(was_training)
+        return torch.cat(feats), torch.cat(labels)
+
+    @staticmethod
+    def features_dataset(features: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+        return TensorDataset(features, labels)
+
+    # ----------------------------------------------------------------- training
+    def task_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restrict logits and targets to the classes the loss sees (``loss_scope``)."""
+        assert self.task is not None
+        if self.task_incremental or self.loss_scope == "task":
+            return logits[:, self.task.start : self.task.stop], targets - self.task.start
+        return logits, targets
+
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Stop with a clear error on a NaN/inf loss (the runner keeps the results already written)."""
+        if not torch.isfinite(loss):
+            task = self.task.index if self.task else "?"
+            raise TrainingDivergedError(
+                f"the training loss became {loss.item()} at task {task}, epoch {self.current_epoch}, batch "
+                f"{batch_idx}. Lower method.lr (now {self.lr}) or method.backbone_lr (now {self.backbone_lr}), "
+                "or check the inputs for NaNs."
+            )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits, targets = self.task_logits(self(x), y)
+        loss = F.cross_entropy(logits, targets)
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups with their learning rates: backbone at ``backbone_lr``, the rest at ``lr``."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": backbone, "lr": self.backbone_lr, "name": "backbone"}, {"params": rest, "lr": self.lr, "name": "head"}]
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> Any:
+        groups = self.param_groups()
+        if not groups:
+            raise ConfigError(f"{type(self).__name__} has no trainable parameters but method.epochs={self.epochs}")
+        kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
+        if self.optimizer_name == "sgd":
+            kwargs["momentum"] = self.momentum
+        optimizer = OPTIMIZERS[self.optimizer_name](groups, lr=self.lr, **kwargs)
+        if self.scheduler_name == "none":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ----------------------------------------------------------------- helpers
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    @staticmethod
+    def count(params: Iterable[nn.Parameter]) -> int:
+        return sum(p.numel() for p in params)

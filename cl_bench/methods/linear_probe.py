@@ -1,0 +1,60 @@
+"""Linear probing: a frozen pre-trained backbone with a linear head trained continually.
+
+Only the head is trained, by SGD on cross-entropy over the seen classes, each task in turn. Features of a
+task's training images (evaluation transform, no augmentation) are computed once when the task starts and
+the head is trained on them for ``epochs`` epochs, so the backbone runs once per image rather than once per
+epoch. The backbone's BatchNorm statistics stay fixed (eval mode).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.methods.base import ContinualModule, TaskContext
+
+
+class LinearProbe(ContinualModule):
+    """Frozen backbone, continually trained linear head on cached features."""
+
+    frozen_backbone: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        epochs: int = 30,
+        batch_size: int = 128,
+        lr: float = 0.01,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine",
+        loss_scope: str = "seen",
+    ) -> None:
+        super().__init__(
+            backbone,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            loss_scope=loss_scope,
+        )
+
+    def train_dataset(self, ctx: TaskContext) -> Dataset:
+        """The task's training images embedded once by the frozen backbone."""
+        return self.features_dataset(*self.extract_features(ctx, ctx.train_eval_set))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        features, y = batch
+        logits, targets = self.task_logits(self.classify(features), y)
+        loss = F.cross_entropy(logits, targets)
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss

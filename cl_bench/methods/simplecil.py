@@ -1,0 +1,41 @@
+"""SimpleCIL (Zhou et al. 2023, "Revisiting Class-Incremental Learning with Pre-Trained Models:
+Generalizability and Adaptivity are All You Need", arXiv 2303.07338, Sec. 4).
+
+The pre-trained model is frozen and never trained. After each task, every new class's prototype is the
+mean embedding of its training images under the test transform; prediction is
+``argmax_c cos(f(x), mu_c)`` (a cosine classifier whose weights are the prototypes). No hyperparameters
+beyond the backbone.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.modules.heads import PrototypeHead
+
+
+class SimpleCIL(ContinualModule):
+    """Frozen backbone + class-mean prototypes with a cosine classifier; no gradient training."""
+
+    frozen_backbone: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__(backbone, epochs=0)
+
+    def build_head(self) -> nn.Module:
+        return PrototypeHead(self.backbone.feat_dim)
+
+    def train_dataset(self, ctx: TaskContext) -> None:
+        return None
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        """Set each new class's prototype to the mean embedding of its training images."""
+        features, labels = self.extract_features(ctx, ctx.train_eval_set)
+        classes = torch.unique(labels)
+        means = torch.stack([features[labels == c].mean(dim=0) for c in classes])
+        self.head.set_prototypes(classes, means)

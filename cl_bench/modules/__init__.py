@@ -1,0 +1,1 @@
+"""Building blocks shared by methods (heads, and later LoRA, adapters, prompts, classifier alignment...)."""

@@ -1,0 +1,107 @@
+"""The run folder's results: ``results.json`` (the schema below) and the accuracy matrices as CSV.
+
+``results.json`` has exactly these top-level keys (accuracies in percent, see :mod:`cl_bench.metrics`):
+
+* ``acc_matrix``: rows = after task t, columns = task j, ``null`` where j > t. It is the scenario's
+  accuracy: class-incremental for ``scenario=cil``, task-incremental for ``scenario=til``.
+* ``til_acc_matrix``: the task-aware accuracy (task id given, argmax within the task's classes).
+* ``last_acc``, ``avg_inc_acc``, ``avg_forgetting``, ``bwt``: from ``acc_matrix``.
+* ``class_order``: dataset class ids in the order they are learned.
+* ``task_time_s``: wall seconds per task (training plus task-end work, evaluation excluded).
+* ``peak_mem_mb``: peak GPU memory allocated if a GPU was used, else the process's peak resident memory.
+* ``status``: ``complete``, or ``incomplete`` while running or after an error (the rows so far are kept).
+* ``config``: the resolved run config.
+
+Every write goes to a temporary file that then replaces the old one, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cl_bench import metrics
+
+RESULT_KEYS = (
+    "acc_matrix",
+    "til_acc_matrix",
+    "last_acc",
+    "avg_inc_acc",
+    "avg_forgetting",
+    "bwt",
+    "class_order",
+    "task_time_s",
+    "peak_mem_mb",
+    "status",
+    "config",
+)
+RESULTS_FILE = "results.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def padded(rows: Sequence[Sequence[float]], n_tasks: int) -> list[list[float | None]]:
+    """Lower-triangular rows padded with ``None`` to ``n_tasks`` columns."""
+    return [[*map(float, row), *([None] * (n_tasks - len(row)))] for row in rows]
+
+
+def build_results(
+    acc_rows: Sequence[Sequence[float]],
+    til_rows: Sequence[Sequence[float]],
+    task_sizes: Sequence[int],
+    class_order: Sequence[int],
+    task_time_s: Sequence[float],
+    peak_mem_mb: float,
+    status: str,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``results.json`` document for the rows finished so far (metrics are ``null`` with no rows)."""
+    n_tasks = len(task_sizes)
+    acc = padded(acc_rows, n_tasks)
+    summary = metrics.summarize(acc, task_sizes) if acc else dict.fromkeys(("last_acc", "avg_inc_acc", "avg_forgetting", "bwt"))
+    doc = {
+        "acc_matrix": acc,
+        "til_acc_matrix": padded(til_rows, n_tasks),
+        **summary,
+        "class_order": [int(c) for c in class_order],
+        "task_time_s": [float(t) for t in task_time_s],
+        "peak_mem_mb": float(peak_mem_mb),
+        "status": status,
+        "config": config,
+    }
+    assert tuple(doc) == RESULT_KEYS
+    return doc
+
+
+def write_matrix_csv(path: Path, matrix: Sequence[Sequence[float | None]]) -> None:
+    rows = [["after_task", *(f"task_{j}" for j in range(len(matrix[0]) if matrix else 0))]]
+    rows += [[t, *("" if v is None else f"{v:.4f}" for v in row)] for t, row in enumerate(matrix)]
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def write_results(run_dir: Path, doc: dict[str, Any]) -> Path:
+    """Write ``results.json``, ``acc_matrix.csv`` and ``til_acc_matrix.csv`` into ``run_dir``."""
+    write_matrix_csv(run_dir / "acc_matrix.csv", doc["acc_matrix"])
+    write_matrix_csv(run_dir / "til_acc_matrix.csv", doc["til_acc_matrix"])
+    path = run_dir / RESULTS_FILE
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+    return path

@@ -1,0 +1,287 @@
+"""One continual experiment: build data, scenario, backbone and method, then learn the tasks in order.
+
+After each task the method is evaluated on every seen task's test set and ``results.json`` is rewritten
+(``status: incomplete``), so an error or a kill never loses the finished tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench.config import build_from_config, validate_config
+from cl_bench.data.base import ClassificationData, TaskDataset
+from cl_bench.data.transforms import build_transforms
+from cl_bench.errors import ConfigError
+from cl_bench.evaluation import Evaluator
+from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.results import RESULTS_FILE, build_results, write_results, write_text_atomic
+from cl_bench.scenario import Scenario, build_scenario
+from cl_bench.tracking import WandbTracker
+
+log = logging.getLogger(__name__)
+
+for _name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*hides the `backbone` attribute.*")
+
+
+@dataclass
+class RunState:
+    """What the run has produced so far."""
+
+    acc_rows: list[list[float]] = field(default_factory=list)
+    til_rows: list[list[float]] = field(default_factory=list)
+    task_time_s: list[float] = field(default_factory=list)
+
+
+class EpochLossLogger(pl.Callback):
+    """Forwards each epoch's ``train/*`` metrics to the tracker."""
+
+    def __init__(self, tracker: WandbTracker, task: int) -> None:
+        self.tracker = tracker
+        self.task = task
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self.tracker.log_train_epoch({**values, "train/task": self.task})
+
+
+def select_device(accelerator: str) -> torch.device:
+    """The device for task-end work and evaluation (Lightning places the model itself during ``fit``)."""
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer=cpu")
+        return torch.device("cuda")
+    if accelerator == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator in ("auto", "cpu"):
+        return torch.device("cpu")
+    raise ConfigError(f"trainer.accelerator={accelerator!r}: use auto, cpu or gpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    """Versions and machine facts stored beside the results for reproducibility."""
+    import timm
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "pytorch_lightning": pl.__version__,
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def task_datasets(
+    data: ClassificationData, scenario: Scenario, train_tf: Any, eval_tf: Any
+) -> tuple[list[TaskDataset], list[TaskDataset], list[TaskDataset]]:
+    """Per task: train images (train transform), the same with the eval transform, and test images."""
+    label_map = scenario.label_map
+    train, train_eval, test = [], [], []
+    for task in scenario.tasks:
+        classes = np.asarray(task.original_classes)
+        train_idx = np.flatnonzero(np.isin(data.train.labels, classes))
+        test_idx = np.flatnonzero(np.isin(data.test.labels, classes))
+        train.append(TaskDataset(data.train, train_idx, label_map, train_tf))
+        train_eval.append(TaskDataset(data.train, train_idx, label_map, eval_tf))
+        test.append(TaskDataset(data.test, test_idx, label_map, eval_tf))
+    return train, train_eval, test
+
+
+def make_trainer(cfg: DictConfig, method: ContinualModule, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=method.epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        deterministic=cfg.trainer.deterministic,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        callbacks=callbacks,
+    )
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.paths.run_dir:
+        return Path(cfg.paths.run_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("paths.run_dir is not set and no Hydra run is active: set paths.run_dir=DIR")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config plus flat top-level fields to filter runs by on a dashboard."""
+    return {
+        **config,
+        "dataset_name": cfg.dataset.get("name"),
+        "method_name": cfg.method.get("name"),
+        "backbone_name": cfg.backbone.get("name"),
+        "scenario_type": str(cfg.scenario.type.value if hasattr(cfg.scenario.type, "value") else cfg.scenario.type),
+        "order_seed": cfg.scenario.order_seed,
+        "seed": cfg.seed,
+    }
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, Any]:
+    """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
+    validate_config(cfg)
+    run_dir = resolve_run_dir(cfg)
+    if (run_dir / RESULTS_FILE).exists():
+        raise ConfigError(
+            f"{run_dir / RESULTS_FILE} already exists: this folder holds an earlier run. Choose another "
+            "hydra.run.dir (or paths.run_dir), or move that run away first."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(config, dict)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data: ClassificationData = build_from_config("dataset", cfg.dataset)
+    data.name = cfg.dataset.get("name", data.name)
+    backbone = build_from_config("backbone", cfg.backbone)
+    method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
+    scenario = build_scenario(cfg.scenario, data.num_classes)
+    if method.single_task:
+        scenario = scenario.merged()
+    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.transform, data.hflip_invariant)
+    train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf)
+
+    device = select_device(cfg.trainer.accelerator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    evaluator = Evaluator(
+        scenario,
+        test_sets,
+        batch_size=cfg.trainer.eval_batch_size,
+        num_workers=cfg.trainer.num_workers,
+        autocast_dtype=autocast_dtype(cfg.trainer.precision, device),
+    )
+    write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
+    log.info(
+        "%s | %s | %s | %d classes in %d tasks (%s), order seed %s | run folder %s",
+        data.name, cfg.backbone.get("name"), cfg.method.get("name"), scenario.num_classes,
+        len(scenario.tasks), scenario.type.value, cfg.scenario.order_seed, run_dir,
+    )
+
+    tracker = WandbTracker(cfg.logger, run_dir, tracker_config(cfg, config))
+    state = RunState()
+
+    def document(status: str) -> dict[str, Any]:
+        return build_results(
+            state.acc_rows, state.til_rows, evaluator.task_sizes, scenario.class_order,
+            state.task_time_s, peak_memory_mb(device), status, config,
+        )
+
+    try:
+        for task in scenario.tasks:
+            start = time.perf_counter()
+            ctx = TaskContext(
+                task=task,
+                scenario=scenario,
+                train_set=train_sets[task.index],
+                train_eval_set=train_eval_sets[task.index],
+                num_workers=cfg.trainer.num_workers,
+                eval_batch_size=cfg.trainer.eval_batch_size,
+                seed=cfg.seed,
+            )
+            method.to(device)
+            method.on_task_start(ctx)
+            train_set = method.train_dataset(ctx)
+            if train_set is not None and method.epochs > 0 and len(train_set) > 0:
+                trainer = make_trainer(cfg, method, run_dir, [EpochLossLogger(tracker, task.index)])
+                trainer.fit(method, train_dataloaders=ctx.loader(train_set, method.batch_size, shuffle=True))
+                method.to(device)
+            method.on_task_end(ctx)
+            state.task_time_s.append(time.perf_counter() - start)
+
+            cil_row, til_row = evaluator.evaluate(method, task.index)
+            state.acc_rows.append(til_row if scenario.task_incremental else cil_row)
+            state.til_rows.append(til_row)
+            doc = document("incomplete")
+            write_results(run_dir, doc)
+            log.info(
+                "task %d/%d: acc %.2f (mean over seen %.2f), %.1fs",
+                task.index + 1, len(scenario.tasks), doc["acc_matrix"][-1][task.index],
+                doc["last_acc"], state.task_time_s[-1],
+            )
+            tracker.log_task(task.index, {"acc_after_task": doc["last_acc"], "task_acc": doc["acc_matrix"][-1][task.index],
+                                          "forgetting": doc["avg_forgetting"], "bwt": doc["bwt"], "task_time_s": state.task_time_s[-1]})
+    except BaseException:
+        doc = document("incomplete")
+        if state.acc_rows:
+            write_results(run_dir, doc)
+            log.error("run stopped after %d finished task(s); their results are in %s", len(state.acc_rows), run_dir / RESULTS_FILE)
+        tracker.finish({k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt")}, doc["acc_matrix"], "incomplete")
+        raise
+
+    if cfg.save_model:
+        save_model(run_dir / "final_model.pt", method, scenario, config)
+    doc = document("complete")
+    write_results(run_dir, doc)
+    tracker.finish({k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")}, doc["acc_matrix"], "complete")
+    return doc
+
+
+def save_model(path: Path, method: ContinualModule, scenario: Scenario, config: dict[str, Any]) -> None:
+    """Save the final method state (``torch.load(path, weights_only=True)`` reads it back)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "state_dict": {k: v.detach().cpu() for k, v in method.state_dict().items()},
+            "class_order": list(scenario.class_order),
+            "task_boundaries": [[t.start, t.stop] for t in scenario.tasks],
+            "method": config["method"].get("_target_"),
+            "backbone": config["backbone"],
+        },
+        tmp,
+    )
+    tmp.replace(path)
