@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 for _name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=".*hides the `backbone` attribute.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 @dataclass
@@ -96,9 +96,11 @@ def environment_info(device: torch.device) -> dict[str, Any]:
     import timm
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        )
+        commit = out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
