@@ -37,20 +37,27 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-class ScenarioType(str, Enum):
+class _StrEnum(str, Enum):
+    """An enum whose members interpolate as their value (``${scenario.type}`` -> ``cil``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class ScenarioType(_StrEnum):
     """``cil``: no task id at test time; ``til``: the task id is given at test time."""
 
     cil = "cil"
     til = "til"
 
 
-class LoggerMode(str, Enum):
+class LoggerMode(_StrEnum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
 
 
-class TrainAugment(str, Enum):
+class TrainAugment(_StrEnum):
     """Train-time augmentation. ``auto``: ``crop_flip`` for inputs of at most 64 px, else ``rrc_flip``."""
 
     auto = "auto"
@@ -218,12 +225,13 @@ def validate_target_group(group: str, section: DictConfig) -> None:
                 "Check the spelling in the config file or on the command line."
             )
     for name, p in params.items():
-        if name not in section:
-            if p.default is inspect.Parameter.empty:
-                raise ConfigError(f"{group}.{name} is required by {section._target_}: set {group}.{name}=...")
+        present = name in section.keys()
+        if (present and OmegaConf.is_missing(section, name)) or (not present and p.default is p.empty):
+            raise ConfigError(
+                f"{group}.{name} must be set ({section._target_} needs it): add {group}.{name}=VALUE to the command line"
+            )
+        if not present:
             continue
-        if OmegaConf.is_missing(section, name):
-            raise ConfigError(f"{group}.{name} must be set: add {group}.{name}=VALUE to the command line")
         value = section[name]
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)

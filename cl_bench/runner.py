@@ -38,6 +38,7 @@ for _name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
 
 
 @dataclass

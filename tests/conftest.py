@@ -24,3 +24,41 @@ def shared_weights() -> Path:
     if not SHARED_WEIGHTS.is_dir() or not any(SHARED_WEIGHTS.glob("cifar10_akamaster_resnet*.th")):
         pytest.skip(f"real checkpoints not found in {SHARED_WEIGHTS} (only the project's build machines have them)")
     return SHARED_WEIGHTS
+
+
+def compose_config(*overrides: str):
+    """Compose ``conf/config.yaml`` with command-line style overrides, as ``cl-bench`` would."""
+    from hydra import compose, initialize_config_dir
+
+    import cl_bench.config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+#: Overrides that make a run tiny and quiet: fake-free real digits, 2 tasks, no W&B, one epoch.
+TINY = (
+    "dataset=digits",
+    "dataset.size=16",
+    "scenario.n_tasks=2",
+    "scenario.order_seed=0",
+    "logger.mode=disabled",
+    "trainer.accelerator=cpu",
+    "save_model=false",
+)
+
+
+@pytest.fixture
+def run_tiny(tmp_path: Path):
+    """Run an experiment in-process on tiny data; returns (results document, run folder)."""
+    from cl_bench.runner import run_experiment
+
+    counter = {"n": 0}
+
+    def _run(*overrides: str, run_dir: Path | None = None):
+        counter["n"] += 1
+        folder = run_dir or tmp_path / f"run{counter['n']}"
+        cfg = compose_config(*TINY, f"paths.run_dir={folder}", *overrides)
+        return run_experiment(cfg), folder
+
+    return _run

@@ -1,0 +1,122 @@
+"""Config composition of every config file, and validation errors that name the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ValidationError
+
+from cl_bench.config import validate_config
+from cl_bench.errors import ConfigError
+from conftest import CONF_DIR, compose_config
+
+#: Values for mandatory (???) keys of some options.
+REQUIRED = {
+    ("dataset", "npz"): ["dataset.path=/tmp/x.npz"],
+    ("backbone", "timm"): ["backbone.name=vit_tiny_patch16_224"],
+}
+GROUPS = ("dataset", "backbone", "method", "scenario", "trainer", "logger", "paths", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda v: str(v)
+)
+def test_every_config_file_composes_and_validates(group: str, option: str) -> None:
+    cfg = compose_config(f"{group}={option}", *REQUIRED.get((group, option), []))
+    validate_config(cfg)
+    if group in ("dataset", "backbone", "method"):
+        assert cfg[group].name, f"{group}/{option}.yaml needs a name"
+        assert cfg[group]._target_.startswith("cl_bench.")
+
+
+def test_default_is_the_quickstart() -> None:
+    cfg = compose_config()
+    assert (cfg.dataset.name, cfg.backbone.name, cfg.method.name) == ("digits", "resnet20_cifar", "seq_ft")
+    assert cfg.scenario.n_tasks == 5
+    assert cfg.logger.mode.value == "offline"
+
+
+def test_experiment_preset_overrides_groups() -> None:
+    cfg = compose_config("experiment=cifar100_resnet32")
+    assert cfg.dataset.name == "cifar100" and cfg.backbone.depth == 32 and cfg.scenario.n_tasks == 10
+
+
+def test_data_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CL_BENCH_DATA", str(tmp_path))
+    assert compose_config().paths.data_dir == str(tmp_path)
+    monkeypatch.delenv("CL_BENCH_DATA")
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert compose_config().paths.data_dir == "/home/someone/.cache/cl_bench"
+
+
+def test_logger_names_group_runs_for_a_dashboard() -> None:
+    cfg = compose_config("method=simplecil", "seed=3", "scenario.order_seed=1997")
+    assert cfg.logger.name == "simplecil-seed3-order1997"
+    assert cfg.logger.group == "digits-cil-resnet20_cifar"
+    assert list(cfg.logger.tags) == ["digits", "simplecil", "resnet20_cifar", "cil"]
+
+
+def test_unknown_group_option_lists_valid_ones() -> None:
+    with pytest.raises(MissingConfigException) as err:
+        compose_config("method=does_not_exist")
+    assert "seq_ft" in str(err.value) and "simplecil" in str(err.value)
+
+
+def test_misspelt_schema_key_fails_naming_it() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("scenario.n_task=3")
+    assert "n_task" in str(err.value)
+
+
+def test_wrong_type_in_schema_fails() -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        compose_config("scenario.n_tasks=ten")
+    assert "n_tasks" in str(err.value)
+
+
+def test_invalid_enum_lists_choices() -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        compose_config("scenario.type=xil")
+    assert "cil" in str(err.value.__cause__ or err.value) and "til" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_method_key_added_with_plus_fails_at_validation() -> None:
+    cfg = compose_config("+method.lrr=0.1")
+    with pytest.raises(ConfigError, match=r"unknown key method\.lrr.*valid keys: .*lr"):
+        validate_config(cfg)
+
+
+def test_wrong_type_for_method_key_fails_at_validation() -> None:
+    cfg = compose_config("method.epochs=1.5")
+    with pytest.raises(ConfigError, match=r"method\.epochs=1\.5 has the wrong type"):
+        validate_config(cfg)
+
+
+def test_missing_mandatory_value_says_what_to_set() -> None:
+    cfg = compose_config("dataset=npz")
+    with pytest.raises(ConfigError, match=r"dataset\.path=VALUE"):
+        validate_config(cfg)
+
+
+def test_runner_injected_argument_cannot_be_set() -> None:
+    cfg = compose_config("+method.backbone=x")
+    with pytest.raises(ConfigError, match="set by the runner"):
+        validate_config(cfg)
+
+
+def test_scenario_cross_field_rules() -> None:
+    with pytest.raises(ConfigError, match="at least 1"):
+        validate_config(compose_config("scenario.n_tasks=0"))
+    with pytest.raises(ConfigError, match="init_classes"):
+        validate_config(compose_config("scenario.n_tasks=null"))
