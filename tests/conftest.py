@@ -40,6 +40,7 @@ def compose_config(*overrides: str):
 TINY = (
     "dataset=digits",
     "dataset.size=16",
+    "transform.input_size=16",
     "scenario.n_tasks=2",
     "scenario.order_seed=0",
     "logger.mode=disabled",

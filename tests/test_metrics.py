@@ -59,10 +59,12 @@ def test_three_task_summary() -> None:
 def test_two_tasks() -> None:
     """The 2-task case, including forgetting of the single old task."""
     matrix = [[80.0, None], [50.0, 90.0]]
-    sizes = [10, 30]
-    assert accuracy_after_task(matrix, sizes, 1) == pytest.approx((10 * 50 + 30 * 90) / 40)  # 80.0
-    assert last_accuracy(matrix, sizes) == pytest.approx(80.0)
-    assert average_incremental_accuracy(matrix, sizes) == pytest.approx(80.0)
+    sizes = [30, 10]
+    assert accuracy_after_task(matrix, sizes, 0) == pytest.approx(80.0)
+    assert accuracy_after_task(matrix, sizes, 1) == pytest.approx((30 * 50 + 10 * 90) / 40)  # 60.0
+    assert mean_task_accuracy(matrix, 1) == pytest.approx(70.0)
+    assert last_accuracy(matrix, sizes) == pytest.approx(60.0)
+    assert average_incremental_accuracy(matrix, sizes) == pytest.approx(70.0)
     assert average_forgetting(matrix) == pytest.approx(30.0)
     assert backward_transfer(matrix) == pytest.approx(-30.0)
 
