@@ -1,0 +1,88 @@
+"""The ``cl-bench`` command as users type it (subprocesses: Hydra's real entry point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import SHARED_WEIGHTS
+
+
+def cl_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "cl_bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def tiny_npz(path: Path, n_classes: int = 10, greyscale: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    shape = (32, 32) if greyscale else (32, 32, 3)
+    y_train, y_test = np.repeat(np.arange(n_classes), 6), np.repeat(np.arange(n_classes), 3)
+    # Class-dependent brightness so the classes are separable.
+    x_train = (rng.integers(0, 40, (len(y_train), *shape)) + 20 * y_train.reshape(-1, *[1] * len(shape))).astype(np.uint8)
+    x_test = (rng.integers(0, 40, (len(y_test), *shape)) + 20 * y_test.reshape(-1, *[1] * len(shape))).astype(np.uint8)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def resnet32_checkpoint(tmp_path: Path) -> Path:
+    """The real CIFAR-10 ResNet-32 where the shared folder exists, else one in the same format."""
+    real = sorted(SHARED_WEIGHTS.glob("cifar10_akamaster_resnet32-*.th")) if SHARED_WEIGHTS.is_dir() else []
+    if real:
+        return real[0]
+    from cl_bench.backbones.cifar_resnet import CifarResNet
+
+    state = {f"module.{k}": v for k, v in CifarResNet(32).state_dict().items()}
+    state.update({"module.linear.weight": torch.zeros(10, 64), "module.linear.bias": torch.zeros(10)})
+    path = tmp_path / "resnet32.th"
+    torch.save({"state_dict": state, "best_prec1": 0.0}, path)
+    return path
+
+
+def test_the_documented_npz_command_works_as_written(tmp_path: Path) -> None:
+    data = tiny_npz(tmp_path / "tiny.npz", greyscale=True)
+    ckpt = resnet32_checkpoint(tmp_path)
+    run_dir = tmp_path / "run"
+    out = cl_bench(
+        "dataset=npz", f"dataset.path={data}", "backbone=resnet32_cifar", f"backbone.checkpoint={ckpt}",
+        "method=simplecil", "scenario=cil", "scenario.n_tasks=10", "scenario.order_seed=1993", "seed=0",
+        "logger.mode=offline", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 10
+    assert doc["class_order"] == np.random.RandomState(1993).permutation(10).tolist()
+    assert "last accuracy" in out.stdout and str(run_dir) in out.stdout
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "final_model.pt").is_file()
+
+
+def test_multirun_sweeps_seeds(tmp_path: Path) -> None:
+    out = cl_bench(
+        "-m", "dataset=fake", "dataset.num_classes=4", "method=simplecil", "scenario.n_tasks=2", "seed=0,1",
+        "logger.mode=disabled", "save_model=false", f"paths.output_dir={tmp_path}", cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = sorted((tmp_path / "multiruns").rglob("results.json"))
+    assert len(results) == 2
+    assert {json.loads(p.read_text())["config"]["seed"] for p in results} == {0, 1}
+
+
+def test_unknown_method_lists_the_options(tmp_path: Path) -> None:
+    out = cl_bench("method=sequential", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "method/sequential" in out.stderr and "seq_ft" in out.stderr and "simplecil" in out.stderr
+
+
+def test_bad_input_exits_with_a_one_line_error(tmp_path: Path) -> None:
+    out = cl_bench("dataset=npz", f"dataset.path={tmp_path / 'missing.npz'}", "logger.mode=disabled",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "cl-bench: error: npz dataset file not found" in out.stderr and "Traceback" not in out.stderr
