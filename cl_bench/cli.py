@@ -21,7 +21,11 @@ def format_report(doc: dict[str, Any], run_dir: str) -> str:
     """A plain-text table of the accuracy matrix and the final metrics."""
     matrix = doc["acc_matrix"]
     n = len(matrix[0]) if matrix else 0
-    lines = ["", "accuracy (%) on task j (columns) after task t (rows):", "t\\j " + "".join(f"{j:>8d}" for j in range(n))]
+    lines = [
+        "",
+        "accuracy (%) on task j (columns) after task t (rows):",
+        "t\\j " + "".join(f"{j:>8d}" for j in range(n)),
+    ]
     for t, row in enumerate(matrix):
         lines.append(f"{t:>3d} " + "".join(f"{'':>8s}" if v is None else f"{v:8.2f}" for v in row))
 

@@ -155,7 +155,9 @@ def resolve_target(group: str, section: DictConfig) -> Callable[..., Any]:
     """Import the callable named by ``section._target_``."""
     target = section.get("_target_")
     if not target:
-        raise ConfigError(f"{group}: no '_target_' key; every {group} config must name the callable that builds it")
+        raise ConfigError(
+            f"{group}: no '_target_' key; every {group} config must name the callable that builds it"
+        )
     try:
         return get_object(target)
     except Exception as exc:  # hydra raises ImportError / ValueError variants
@@ -228,7 +230,8 @@ def validate_target_group(group: str, section: DictConfig) -> None:
         present = name in section.keys()
         if (present and OmegaConf.is_missing(section, name)) or (not present and p.default is p.empty):
             raise ConfigError(
-                f"{group}.{name} must be set ({section._target_} needs it): add {group}.{name}=VALUE to the command line"
+                f"{group}.{name} must be set ({section._target_} needs it): "
+                f"add {group}.{name}=VALUE to the command line"
             )
         if not present:
             continue

@@ -43,7 +43,9 @@ class Evaluator:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _loader(self, j: int) -> DataLoader:
-        return DataLoader(self.test_sets[j], batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(
+            self.test_sets[j], batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
 
     def _cached_features(self, module: ContinualModule, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         if j not in self._features:
@@ -55,7 +57,9 @@ class Evaluator:
             self._features[j] = (torch.cat(feats), torch.cat(labels))
         return self._features[j]
 
-    def _batches(self, module: ContinualModule, j: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, module: ContinualModule, j: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(cil_logits, til_logits, labels)`` per batch of task ``j``'s test set."""
         device = module.device
         if module.frozen_backbone:

@@ -66,7 +66,7 @@ def average_forgetting(matrix: Matrix) -> float | None:
     if rows < 2:
         return None
     last = rows - 1
-    drops = [max(matrix[l][j] for l in range(j, last)) - matrix[last][j] for j in range(last)]  # type: ignore[operator,type-var]
+    drops = [max(matrix[r][j] for r in range(j, last)) - matrix[last][j] for j in range(last)]  # type: ignore[operator,type-var]
     return sum(drops) / last
 
 

@@ -76,7 +76,11 @@ def build_results(
     """The ``results.json`` document for the rows finished so far (metrics are ``null`` with no rows)."""
     n_tasks = len(task_sizes)
     acc = padded(acc_rows, n_tasks)
-    summary = metrics.summarize(acc, task_sizes) if acc else dict.fromkeys(("last_acc", "avg_inc_acc", "avg_forgetting", "bwt"))
+    summary = (
+        metrics.summarize(acc, task_sizes)
+        if acc
+        else dict.fromkeys(("last_acc", "avg_inc_acc", "avg_forgetting", "bwt"))
+    )
     doc = {
         "acc_matrix": acc,
         "til_acc_matrix": padded(til_rows, n_tasks),

@@ -38,7 +38,7 @@ for _name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 @dataclass
@@ -66,7 +66,9 @@ def select_device(accelerator: str) -> torch.device:
     """The device for task-end work and evaluation (Lightning places the model itself during ``fit``)."""
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer=cpu")
+            raise ConfigError(
+                f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer=cpu"
+            )
         return torch.device("cuda")
     if accelerator == "auto" and torch.cuda.is_available():
         return torch.device("cuda")
@@ -99,7 +101,10 @@ def environment_info(device: torch.device) -> dict[str, Any]:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--verify", "-q", "HEAD"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         commit = out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
@@ -111,7 +116,9 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "timm": timm.__version__,
         "pytorch_lightning": pl.__version__,
         "host": platform.node(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
     }
 
@@ -132,7 +139,9 @@ def task_datasets(
     return train, train_eval, test
 
 
-def make_trainer(cfg: DictConfig, method: ContinualModule, run_dir: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+def make_trainer(
+    cfg: DictConfig, method: ContinualModule, run_dir: Path, callbacks: list[pl.Callback]
+) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=method.epochs,
         accelerator=cfg.trainer.accelerator,
@@ -167,7 +176,9 @@ def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
         "dataset_name": cfg.dataset.get("name"),
         "method_name": cfg.method.get("name"),
         "backbone_name": cfg.backbone.get("name"),
-        "scenario_type": str(cfg.scenario.type.value if hasattr(cfg.scenario.type, "value") else cfg.scenario.type),
+        "scenario_type": str(
+            cfg.scenario.type.value if hasattr(cfg.scenario.type, "value") else cfg.scenario.type
+        ),
         "order_seed": cfg.scenario.order_seed,
         "seed": cfg.seed,
     }
@@ -211,8 +222,14 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
     log.info(
         "%s | %s | %s | %d classes in %d tasks (%s), order seed %s | run folder %s",
-        data.name, cfg.backbone.get("name"), cfg.method.get("name"), scenario.num_classes,
-        len(scenario.tasks), scenario.type.value, cfg.scenario.order_seed, run_dir,
+        data.name,
+        cfg.backbone.get("name"),
+        cfg.method.get("name"),
+        scenario.num_classes,
+        len(scenario.tasks),
+        scenario.type.value,
+        cfg.scenario.order_seed,
+        run_dir,
     )
 
     tracker = WandbTracker(cfg.logger, run_dir, tracker_config(cfg, config))
@@ -220,8 +237,14 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 
     def document(status: str) -> dict[str, Any]:
         return build_results(
-            state.acc_rows, state.til_rows, evaluator.task_sizes, scenario.class_order,
-            state.task_time_s, peak_memory_mb(device), status, config,
+            state.acc_rows,
+            state.til_rows,
+            evaluator.task_sizes,
+            scenario.class_order,
+            state.task_time_s,
+            peak_memory_mb(device),
+            status,
+            config,
         )
 
     try:
@@ -253,24 +276,47 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             write_results(run_dir, doc)
             log.info(
                 "task %d/%d: acc %.2f (mean over seen %.2f), %.1fs",
-                task.index + 1, len(scenario.tasks), doc["acc_matrix"][-1][task.index],
-                doc["last_acc"], state.task_time_s[-1],
+                task.index + 1,
+                len(scenario.tasks),
+                doc["acc_matrix"][-1][task.index],
+                doc["last_acc"],
+                state.task_time_s[-1],
             )
-            tracker.log_task(task.index, {"acc_after_task": doc["last_acc"], "task_acc": doc["acc_matrix"][-1][task.index],
-                                          "forgetting": doc["avg_forgetting"], "bwt": doc["bwt"], "task_time_s": state.task_time_s[-1]})
+            tracker.log_task(
+                task.index,
+                {
+                    "acc_after_task": doc["last_acc"],
+                    "task_acc": doc["acc_matrix"][-1][task.index],
+                    "forgetting": doc["avg_forgetting"],
+                    "bwt": doc["bwt"],
+                    "task_time_s": state.task_time_s[-1],
+                },
+            )
     except BaseException:
         doc = document("incomplete")
         if state.acc_rows:
             write_results(run_dir, doc)
-            log.error("run stopped after %d finished task(s); their results are in %s", len(state.acc_rows), run_dir / RESULTS_FILE)
-        tracker.finish({k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt")}, doc["acc_matrix"], "incomplete")
+            log.error(
+                "run stopped after %d finished task(s); their results are in %s",
+                len(state.acc_rows),
+                run_dir / RESULTS_FILE,
+            )
+        tracker.finish(
+            {k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt")},
+            doc["acc_matrix"],
+            "incomplete",
+        )
         raise
 
     if cfg.save_model:
         save_model(run_dir / "final_model.pt", method, scenario, config)
     doc = document("complete")
     write_results(run_dir, doc)
-    tracker.finish({k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")}, doc["acc_matrix"], "complete")
+    tracker.finish(
+        {k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")},
+        doc["acc_matrix"],
+        "complete",
+    )
     return doc
 
 

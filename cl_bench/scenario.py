@@ -93,7 +93,8 @@ def task_sizes(
         if increment is None:
             if n_tasks is None or n_tasks < 2 or rest % (n_tasks - 1):
                 raise ConfigError(
-                    f"scenario.init_classes={init_classes} needs scenario.increment, or n_tasks such that the "
+                    f"scenario.init_classes={init_classes} needs scenario.increment, "
+                    "or n_tasks such that the "
                     f"other {rest} classes split evenly into n_tasks-1 tasks"
                 )
             increment = rest // (n_tasks - 1) if rest else 1
@@ -101,10 +102,16 @@ def task_sizes(
         if rest % increment:
             sizes.append(rest % increment)
         if n_tasks is not None and n_tasks != len(sizes):
-            log.info("scenario: init_classes/increment give %d tasks (scenario.n_tasks=%s ignored)", len(sizes), n_tasks)
+            log.info(
+                "scenario: init_classes/increment give %d tasks (scenario.n_tasks=%s ignored)",
+                len(sizes),
+                n_tasks,
+            )
         return sizes
     if increment is not None:
-        raise ConfigError("scenario.increment needs scenario.init_classes (e.g. init_classes=10 increment=10)")
+        raise ConfigError(
+            "scenario.increment needs scenario.init_classes (e.g. init_classes=10 increment=10)"
+        )
     if n_tasks is None or n_tasks > num_classes or num_classes % n_tasks:
         raise ConfigError(
             f"scenario.n_tasks={n_tasks} does not split {num_classes} classes evenly; pick a divisor of "
@@ -115,7 +122,9 @@ def task_sizes(
 
 def build_scenario(cfg: ScenarioConfig, num_classes: int) -> Scenario:
     """The scenario for a dataset of ``num_classes`` classes."""
-    order = class_order(num_classes, cfg.order_seed, None if cfg.class_order is None else list(cfg.class_order))
+    order = class_order(
+        num_classes, cfg.order_seed, None if cfg.class_order is None else list(cfg.class_order)
+    )
     tasks, start = [], 0
     for index, size in enumerate(task_sizes(num_classes, cfg.n_tasks, cfg.init_classes, cfg.increment)):
         tasks.append(Task(index, start, start + size, tuple(order[start : start + size])))

@@ -70,14 +70,18 @@ class WandbTracker:
         if self.run is not None:
             self.run.log({"task": task, **{f"eval/{k}": v for k, v in metrics.items() if v is not None}})
 
-    def finish(self, summary: dict[str, Any], acc_matrix: Sequence[Sequence[float | None]], status: str) -> None:
+    def finish(
+        self, summary: dict[str, Any], acc_matrix: Sequence[Sequence[float | None]], status: str
+    ) -> None:
         """Store the accuracy matrix as a table and the final metrics in the summary, then close the run."""
         if self.run is None:
             return
         import wandb
 
         columns = ["after_task", *(f"task_{j}" for j in range(len(acc_matrix[0]) if acc_matrix else 0))]
-        self.run.log({"acc_matrix": wandb.Table(columns=columns, data=[[t, *row] for t, row in enumerate(acc_matrix)])})
+        self.run.log(
+            {"acc_matrix": wandb.Table(columns=columns, data=[[t, *row] for t, row in enumerate(acc_matrix)])}
+        )
         for key, value in summary.items():
             self.run.summary[key] = value
         self.run.summary["status"] = status

@@ -22,7 +22,9 @@ SHARED_DATA = SHARED / "data"
 def shared_weights() -> Path:
     """The real CIFAR-10 ResNet checkpoints beside the repository (skipped where absent)."""
     if not SHARED_WEIGHTS.is_dir() or not any(SHARED_WEIGHTS.glob("cifar10_akamaster_resnet*.th")):
-        pytest.skip(f"real checkpoints not found in {SHARED_WEIGHTS} (only the project's build machines have them)")
+        pytest.skip(
+            f"real checkpoints not found in {SHARED_WEIGHTS} (only the project's build machines have them)"
+        )
     return SHARED_WEIGHTS
 
 

@@ -10,14 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from conftest import SHARED_WEIGHTS
 
 
 def cl_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     return subprocess.run(
-        [sys.executable, "-m", "cl_bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cl_bench", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -26,8 +30,12 @@ def tiny_npz(path: Path, n_classes: int = 10, greyscale: bool = False) -> Path:
     shape = (32, 32) if greyscale else (32, 32, 3)
     y_train, y_test = np.repeat(np.arange(n_classes), 6), np.repeat(np.arange(n_classes), 3)
     # Class-dependent brightness so the classes are separable.
-    x_train = (rng.integers(0, 40, (len(y_train), *shape)) + 20 * y_train.reshape(-1, *[1] * len(shape))).astype(np.uint8)
-    x_test = (rng.integers(0, 40, (len(y_test), *shape)) + 20 * y_test.reshape(-1, *[1] * len(shape))).astype(np.uint8)
+    x_train = (
+        rng.integers(0, 40, (len(y_train), *shape)) + 20 * y_train.reshape(-1, *[1] * len(shape))
+    ).astype(np.uint8)
+    x_test = (rng.integers(0, 40, (len(y_test), *shape)) + 20 * y_test.reshape(-1, *[1] * len(shape))).astype(
+        np.uint8
+    )
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
 
@@ -51,9 +59,18 @@ def test_the_documented_npz_command_works_as_written(tmp_path: Path) -> None:
     ckpt = resnet32_checkpoint(tmp_path)
     run_dir = tmp_path / "run"
     out = cl_bench(
-        "dataset=npz", f"dataset.path={data}", "backbone=resnet32_cifar", f"backbone.checkpoint={ckpt}",
-        "method=simplecil", "scenario=cil", "scenario.n_tasks=10", "scenario.order_seed=1993", "seed=0",
-        "logger.mode=offline", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+        "dataset=npz",
+        f"dataset.path={data}",
+        "backbone=resnet32_cifar",
+        f"backbone.checkpoint={ckpt}",
+        "method=simplecil",
+        "scenario=cil",
+        "scenario.n_tasks=10",
+        "scenario.order_seed=1993",
+        "seed=0",
+        "logger.mode=offline",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((run_dir / "results.json").read_text())
@@ -66,8 +83,16 @@ def test_the_documented_npz_command_works_as_written(tmp_path: Path) -> None:
 
 def test_multirun_sweeps_seeds(tmp_path: Path) -> None:
     out = cl_bench(
-        "-m", "dataset=fake", "dataset.num_classes=4", "method=simplecil", "scenario.n_tasks=2", "seed=0,1",
-        "logger.mode=disabled", "save_model=false", f"paths.output_dir={tmp_path}", cwd=tmp_path,
+        "-m",
+        "dataset=fake",
+        "dataset.num_classes=4",
+        "method=simplecil",
+        "scenario.n_tasks=2",
+        "seed=0,1",
+        "logger.mode=disabled",
+        "save_model=false",
+        f"paths.output_dir={tmp_path}",
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     results = sorted((tmp_path / "multiruns").rglob("results.json"))
@@ -82,7 +107,12 @@ def test_unknown_method_lists_the_options(tmp_path: Path) -> None:
 
 
 def test_bad_input_exits_with_a_one_line_error(tmp_path: Path) -> None:
-    out = cl_bench("dataset=npz", f"dataset.path={tmp_path / 'missing.npz'}", "logger.mode=disabled",
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    out = cl_bench(
+        "dataset=npz",
+        f"dataset.path={tmp_path / 'missing.npz'}",
+        "logger.mode=disabled",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert "cl-bench: error: npz dataset file not found" in out.stderr and "Traceback" not in out.stderr

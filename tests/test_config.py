@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, compose_config
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ValidationError
 
 from cl_bench.config import validate_config
 from cl_bench.errors import ConfigError
-from conftest import CONF_DIR, compose_config
 
 #: Values for mandatory (???) keys of some options.
 REQUIRED = {

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, compose_config
 
 from cl_bench.errors import ConfigError, DataError, TrainingDivergedError
 from cl_bench.methods.base import ContinualModule
 from cl_bench.results import RESULT_KEYS
-from conftest import TINY, compose_config
 
 #: TINY without the digits-specific keys, for runs on other datasets.
 TINY_ANY_DATA = tuple(o for o in TINY if not o.startswith("dataset"))
@@ -79,7 +79,9 @@ def test_existing_results_are_never_overwritten(run_tiny, tmp_path: Path) -> Non
     assert (run_dir / "results.json").read_text() == before
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_finished_tasks(run_tiny, tmp_path: Path, monkeypatch) -> None:
+def test_nan_loss_stops_with_clear_error_and_keeps_finished_tasks(
+    run_tiny, tmp_path: Path, monkeypatch
+) -> None:
     original = ContinualModule.task_logits
 
     def poisoned(self: ContinualModule, logits: torch.Tensor, targets: torch.Tensor):
@@ -100,8 +102,13 @@ def test_nan_loss_stops_with_clear_error_and_keeps_finished_tasks(run_tiny, tmp_
 def test_missing_dataset_folder_names_it(tmp_path: Path) -> None:
     from cl_bench.runner import run_experiment
 
-    cfg = compose_config(*TINY_ANY_DATA, f"paths.run_dir={tmp_path / 'r'}", "dataset=cifar100", "dataset.download=false",
-                         f"paths.data_dir={tmp_path / 'nowhere'}")
+    cfg = compose_config(
+        *TINY_ANY_DATA,
+        f"paths.run_dir={tmp_path / 'r'}",
+        "dataset=cifar100",
+        "dataset.download=false",
+        f"paths.data_dir={tmp_path / 'nowhere'}",
+    )
     with pytest.raises(DataError, match=r"nowhere/cifar-100-python/train"):
         run_experiment(cfg)
     assert not (tmp_path / "r" / "results.json").exists()
@@ -112,7 +119,9 @@ def test_malformed_npz_is_reported(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_train=np.zeros((4, 8, 8, 3), np.uint8), y_train=np.zeros(4, np.int64))
-    cfg = compose_config(*TINY_ANY_DATA, f"paths.run_dir={tmp_path / 'r'}", "dataset=npz", f"dataset.path={bad}")
+    cfg = compose_config(
+        *TINY_ANY_DATA, f"paths.run_dir={tmp_path / 'r'}", "dataset=npz", f"dataset.path={bad}"
+    )
     with pytest.raises(DataError, match=r"lacks arrays \['x_test', 'y_test'\]"):
         run_experiment(cfg)
 
@@ -124,6 +133,8 @@ def test_wrong_checkpoint_is_reported(tmp_path: Path) -> None:
 
     ckpt = tmp_path / "r56.pth"
     torch.save({"state_dict": CifarResNet(56).state_dict()}, ckpt)
-    cfg = compose_config(*TINY, f"paths.run_dir={tmp_path / 'r'}", "backbone=resnet20_cifar", f"backbone.checkpoint={ckpt}")
+    cfg = compose_config(
+        *TINY, f"paths.run_dir={tmp_path / 'r'}", "backbone=resnet20_cifar", f"backbone.checkpoint={ckpt}"
+    )
     with pytest.raises(CheckpointError, match="unexpected .* keys"):
         run_experiment(cfg)

@@ -40,7 +40,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
         state = inner
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{file} holds no state dict of tensors (top-level type {type(state).__name__})")
+        raise CheckpointError(
+            f"{file} holds no state dict of tensors (top-level type {type(state).__name__})"
+        )
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
@@ -60,7 +62,11 @@ def load_strict(
     # BN's batch counter is absent from pre-0.4.1 checkpoints; BatchNorm fills it in itself.
     missing = sorted(k for k in set(own) - set(kept) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(kept) - set(own))
-    mismatched = [f"{k}: {tuple(kept[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in kept and kept[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: {tuple(kept[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in kept and kept[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:

@@ -79,7 +79,9 @@ class CifarResNet(Backbone):
             dropped = load_strict(self, read_state_dict(checkpoint), checkpoint, drop_prefixes=("linear.",))
             log.info("resnet%d_cifar: loaded %s (dropped classifier keys %s)", depth, checkpoint, dropped)
         else:
-            log.warning("resnet%d_cifar: no backbone.checkpoint given, weights are randomly initialised", depth)
+            log.warning(
+                "resnet%d_cifar: no backbone.checkpoint given, weights are randomly initialised", depth
+            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

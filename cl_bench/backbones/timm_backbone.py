@@ -40,7 +40,9 @@ class TimmBackbone(Backbone):
 
         if not timm.is_model(name.split(".")[0]):
             raise ConfigError(f"backbone.name={name!r} is not a timm model; see timm.list_models()")
-        kwargs = {"num_classes": 0, "drop_path_rate": drop_path_rate} if drop_path_rate else {"num_classes": 0}
+        kwargs = (
+            {"num_classes": 0, "drop_path_rate": drop_path_rate} if drop_path_rate else {"num_classes": 0}
+        )
         use_hub = pretrained and not checkpoint
         try:
             self.model = timm.create_model(name, pretrained=use_hub, **kwargs)
@@ -48,7 +50,8 @@ class TimmBackbone(Backbone):
             if not use_hub:
                 raise
             raise CheckpointError(
-                f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}). On a machine "
+                f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
+                "On a machine "
                 f"with network, save them (python -c \"import timm,torch; m=timm.create_model('{name}', "
                 "pretrained=True); torch.save(m.state_dict(), 'w.pth')\") and pass "
                 "backbone.checkpoint=/path/to/w.pth, or set backbone.pretrained=false for random weights."
@@ -60,7 +63,9 @@ class TimmBackbone(Backbone):
                 try:
                     state = filter_fn(state, self.model)
                 except Exception as exc:
-                    raise CheckpointError(f"{checkpoint}: timm could not convert its keys for {name}: {exc}") from exc
+                    raise CheckpointError(
+                        f"{checkpoint}: timm could not convert its keys for {name}: {exc}"
+                    ) from exc
             prefixes = _classifier_prefixes(self.model.pretrained_cfg)
             load_strict(self.model, state, checkpoint, drop_prefixes=prefixes)
             log.info("%s: loaded %s", name, checkpoint)

@@ -36,7 +36,8 @@ def load_npz(path: str, hflip_invariant: bool = True) -> ClassificationData:
     missing = [k for k in REQUIRED_KEYS if k not in keys]
     if missing:
         raise DataError(
-            f"{file} lacks arrays {missing} (it has {sorted(keys)}); an npz dataset needs {list(REQUIRED_KEYS)}"
+            f"{file} lacks arrays {missing} (it has {sorted(keys)}); "
+            f"an npz dataset needs {list(REQUIRED_KEYS)}"
         )
     train = ArrayImages(arrays["x_train"], arrays["y_train"], source=f"{file}:train")
     test = ArrayImages(arrays["x_test"], arrays["y_test"], source=f"{file}:test")

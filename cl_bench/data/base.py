@@ -33,7 +33,9 @@ class ArrayImages:
                 f"{source}: images must be [N,H,W,3] RGB or [N,H,W] greyscale uint8, got shape {images.shape}"
             )
         if labels.ndim != 1 or len(labels) != len(images):
-            raise DataError(f"{source}: labels must be a 1-d array of {len(images)} ints, got shape {labels.shape}")
+            raise DataError(
+                f"{source}: labels must be a 1-d array of {len(images)} ints, got shape {labels.shape}"
+            )
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{source}: labels must be integers, got {labels.dtype}")
         self.images = np.ascontiguousarray(images)

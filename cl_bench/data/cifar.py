@@ -24,7 +24,9 @@ def _read_pickle(path: Path) -> dict:
         with path.open("rb") as fh:
             return pickle.load(fh, encoding="latin1")
     except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise DataError(f"{path} is not a readable CIFAR pickle ({exc}); delete the folder and download it again")
+        raise DataError(
+            f"{path} is not a readable CIFAR pickle ({exc}); delete the folder and download it again"
+        ) from exc
 
 
 def _split(folder: Path, split: str) -> ArrayImages:

@@ -9,7 +9,9 @@ from cl_bench.data.base import ArrayImages, ClassificationData
 
 
 def _materialise(n: int, num_classes: int, image_size: int, offset: int) -> ArrayImages:
-    fake = FakeData(size=n, image_size=(3, image_size, image_size), num_classes=num_classes, random_offset=offset)
+    fake = FakeData(
+        size=n, image_size=(3, image_size, image_size), num_classes=num_classes, random_offset=offset
+    )
     images = np.stack([np.asarray(fake[i][0], dtype=np.uint8) for i in range(n)])
     # Balanced labels (FakeData draws them at random, which can leave a class without test images).
     labels = np.arange(n, dtype=np.int64) % num_classes

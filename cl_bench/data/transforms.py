@@ -40,7 +40,11 @@ def eval_transform(dc: DataConfig) -> Transform:
     interp = InterpolationMode(dc.interpolation)
     resize = int(round(dc.input_size / dc.crop_pct))
     return T.Compose(
-        [T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(dc.input_size), *_to_model_input(dc)]
+        [
+            T.Resize(resize, interpolation=interp, antialias=True),
+            T.CenterCrop(dc.input_size),
+            *_to_model_input(dc),
+        ]
     )
 
 

@@ -140,7 +140,7 @@ class ContinualModule(pl.LightningModule):
         return IncrementalLinearHead(self.backbone.feat_dim)
 
     def train(self, mode: bool = True) -> ContinualModule:
-        """Lightning calls ``train()`` at fit start; a frozen backbone (and its BN statistics) stays in eval."""
+        """Lightning calls ``train()`` at fit start; a frozen backbone stays in eval."""
         super().train(mode)
         if self.frozen_backbone:
             self.backbone.eval()
@@ -203,7 +203,8 @@ class ContinualModule(pl.LightningModule):
             task = self.task.index if self.task else "?"
             raise TrainingDivergedError(
                 f"the training loss became {loss.item()} at task {task}, epoch {self.current_epoch}, batch "
-                f"{batch_idx}. Lower method.lr (now {self.lr}) or method.backbone_lr (now {self.backbone_lr}), "
+                f"{batch_idx}. Lower method.lr (now {self.lr}) or method.backbone_lr "
+                f"(now {self.backbone_lr}), "
                 "or check the inputs for NaNs."
             )
 
@@ -220,13 +221,18 @@ class ContinualModule(pl.LightningModule):
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        groups = [{"params": backbone, "lr": self.backbone_lr, "name": "backbone"}, {"params": rest, "lr": self.lr, "name": "head"}]
+        groups = [
+            {"params": backbone, "lr": self.backbone_lr, "name": "backbone"},
+            {"params": rest, "lr": self.lr, "name": "head"},
+        ]
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
         groups = self.param_groups()
         if not groups:
-            raise ConfigError(f"{type(self).__name__} has no trainable parameters but method.epochs={self.epochs}")
+            raise ConfigError(
+                f"{type(self).__name__} has no trainable parameters but method.epochs={self.epochs}"
+            )
         kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             kwargs["momentum"] = self.momentum

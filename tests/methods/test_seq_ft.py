@@ -20,7 +20,14 @@ def test_seq_ft_learns_and_forgets_on_real_digits(run_tiny) -> None:
 
 
 def test_task_incremental_uses_task_ids(run_tiny) -> None:
-    doc, _ = run_tiny("method=seq_ft", "method.epochs=2", "method.lr=0.05", "scenario=til", "scenario.n_tasks=2", "scenario.order_seed=0")
+    doc, _ = run_tiny(
+        "method=seq_ft",
+        "method.epochs=2",
+        "method.lr=0.05",
+        "scenario=til",
+        "scenario.n_tasks=2",
+        "scenario.order_seed=0",
+    )
     assert doc["acc_matrix"] == doc["til_acc_matrix"]
     assert doc["acc_matrix"][1][0] > 20.0
 

@@ -14,7 +14,12 @@ from cl_bench.data.transforms import eval_transform
 
 def _features(backbone: CifarResNet, images: np.ndarray) -> np.ndarray:
     tf = eval_transform(DataConfig(input_size=16))
-    x = torch.stack([tf(torch.from_numpy(np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im).permute(2, 0, 1)) for im in images])
+    x = torch.stack(
+        [
+            tf(torch.from_numpy(np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im).permute(2, 0, 1))
+            for im in images
+        ]
+    )
     with torch.no_grad():
         return backbone.eval()(x).numpy().astype(np.float64)
 
@@ -23,7 +28,9 @@ def test_simplecil_matches_a_numpy_nearest_prototype_reference(run_tiny) -> None
     doc, run_dir = run_tiny("method=simplecil", "save_model=true")
     state = torch.load(run_dir / "final_model.pt", weights_only=True)
     backbone = CifarResNet(20)
-    backbone.load_state_dict({k[len("backbone."):]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")})
+    backbone.load_state_dict(
+        {k[len("backbone.") :]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    )
 
     data = load_digits(size=16)
     order = doc["class_order"]
