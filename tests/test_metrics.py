@@ -92,7 +92,7 @@ def test_negative_forgetting_is_not_clipped() -> None:
 
 
 def test_forgetting_uses_max_over_earlier_rows() -> None:
-    """Task 0 peaks after task 1 (80 > its diagonal 50): forgetting measures from the peak, BWT from the diagonal."""
+    """Task 0 peaks after task 1 (80 > diagonal 50): forgetting counts from the peak, BWT from R[0][0]."""
     matrix = [
         [50.0, None, None],
         [80.0, 60.0, None],

@@ -94,7 +94,10 @@ def test_wrong_depth_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_real_checkpoint_loads_exactly(shared_weights: Path, depth: int) -> None:
-    """Each akamaster checkpoint loads strictly; every tensor equals the file's (module. stripped, linear dropped)."""
+    """Each akamaster checkpoint loads strictly; every tensor equals the file's (``module.`` stripped).
+
+    The classifier ``linear`` is dropped.
+    """
     path = _checkpoint(shared_weights, depth)
     model = CifarResNet(depth=depth, checkpoint=str(path))
     raw = _raw_state(path)
@@ -114,10 +117,8 @@ def _reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor, n: int) 
     """akamaster's ResNet written out with functional ops on the raw checkpoint tensors (eval mode)."""
 
     def bn(h: torch.Tensor, p: str) -> torch.Tensor:
-        return F.batch_norm(
-            h, state[f"{p}.running_mean"], state[f"{p}.running_var"], state[f"{p}.weight"], state[f"{p}.bias"],
-            training=False, eps=1e-5,
-        )
+        mean, var = state[f"{p}.running_mean"], state[f"{p}.running_var"]
+        return F.batch_norm(h, mean, var, state[f"{p}.weight"], state[f"{p}.bias"], training=False, eps=1e-5)
 
     h = F.relu(bn(F.conv2d(x, state["conv1.weight"], padding=1), "bn1"))
     for stage, planes in ((1, 16), (2, 32), (3, 64)):
@@ -127,11 +128,8 @@ def _reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor, n: int) 
             out = F.relu(bn(F.conv2d(h, state[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
             out = bn(F.conv2d(out, state[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
             if stride != 1:
-                pad = planes // 4
-                short = torch.cat(
-                    [h.new_zeros(h.shape[0], pad, *out.shape[2:]), h[:, :, ::2, ::2],
-                     h.new_zeros(h.shape[0], pad, *out.shape[2:])], dim=1,
-                )
+                zeros = h.new_zeros(h.shape[0], planes // 4, *out.shape[2:])
+                short = torch.cat([zeros, h[:, :, ::2, ::2], zeros], dim=1)
             else:
                 short = h
             h = F.relu(out + short)
@@ -139,7 +137,7 @@ def _reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor, n: int) 
 
 
 def test_real_checkpoint_matches_reference_network(shared_weights: Path) -> None:
-    """Our embedding equals an independent functional ResNet on the same weights; logits via 'linear' are sane."""
+    """Our embedding equals an independent functional ResNet on the same weights; 'linear' logits are sane."""
     path = _checkpoint(shared_weights, 20)
     model = CifarResNet(depth=20, checkpoint=str(path)).eval()
     raw = _raw_state(path)

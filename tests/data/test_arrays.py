@@ -81,9 +81,8 @@ def test_class_names_from_file(tmp_path: Path, key: str) -> None:
 def test_class_names_key_priority(tmp_path: Path) -> None:
     """class_names wins over fine_label_names."""
     arrays = _arrays()
-    path = _write(
-        tmp_path / "n.npz", **arrays, class_names=np.array(["a", "b", "c"]), fine_label_names=np.array(["x", "y", "z"])
-    )
+    names = {"class_names": np.array(["a", "b", "c"]), "fine_label_names": np.array(["x", "y", "z"])}
+    path = _write(tmp_path / "n.npz", **arrays, **names)
     assert load_npz(str(path)).class_names == ["a", "b", "c"]
 
 

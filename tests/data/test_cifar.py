@@ -46,7 +46,7 @@ def make_cifar_folder(root: Path, n_train: int = 200, n_test: int = 100) -> dict
 
 
 def test_load_official_format(tmp_path: Path) -> None:
-    """Sizes, labels and names come from the pickles; images are HWC with pixel (c,h,w) = row[c*1024+h*32+w]."""
+    """Sizes, labels and names come from the pickles; HWC pixel (h,w,c) = row[c*1024 + h*32 + w]."""
     splits = make_cifar_folder(tmp_path)
     data = load_cifar100(str(tmp_path), download=False)
     assert data.name == "cifar100"
@@ -63,7 +63,8 @@ def test_load_official_format(tmp_path: Path) -> None:
         for i, c, h, w in [(0, 0, 0, 0), (3, 1, 5, 7), (57, 2, 31, 0), (99, 2, 31, 31), (42, 0, 17, 30)]:
             assert images[i, h, w, c] == rows[i, c * 1024 + h * 32 + w]
         # the whole array, against an independent per-pixel layout
-        expected = np.stack([rows[:, c * 1024 : (c + 1) * 1024].reshape(-1, 32, 32) for c in range(3)], axis=-1)
+        planes = [rows[:, c * 1024 : (c + 1) * 1024].reshape(-1, 32, 32) for c in range(3)]
+        expected = np.stack(planes, axis=-1)
         np.testing.assert_array_equal(images, expected)
     # ArrayImages.image gives back CHW, i.e. the row reshaped
     chw = data.train.image(5).numpy()

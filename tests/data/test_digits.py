@@ -48,7 +48,7 @@ def test_size_param() -> None:
     assert small.train.images.shape[1:] == (8, 8, 3)
     assert load_digits(size=16).test.images.shape[1:] == (16, 16, 3)
     original = np.round(sklearn_digits().images * (255.0 / 16.0))
-    total = int(small.train.images[..., 0].astype(np.int64).sum() + small.test.images[..., 0].astype(np.int64).sum())
+    total = sum(int(split.images[..., 0].astype(np.int64).sum()) for split in (small.train, small.test))
     assert total == int(original.sum())
     assert small.train.images.max() == 255
 

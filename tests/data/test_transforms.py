@@ -13,7 +13,7 @@ from cl_bench.config import TrainAugment, TransformConfig
 from cl_bench.data.transforms import build_transforms, eval_transform, resolve_data_config, train_transform
 
 CIFAR = DataConfig(input_size=32)
-VIT = DataConfig(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
+VIT = DataConfig(224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
 
 
 def _normalised(value: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -97,7 +97,8 @@ def test_crop_flip_pads_with_zeros() -> None:
     for _ in range(20):
         out = t(_constant(255))
         assert out.shape == (3, 32, 32)
-        torch.testing.assert_close(out[:, 4:28, 4:28], white[:, None, None].expand(3, 24, 24), rtol=0, atol=1e-6)
+        interior = white[:, None, None].expand(3, 24, 24)
+        torch.testing.assert_close(out[:, 4:28, 4:28], interior, rtol=0, atol=1e-6)
         saw_padding |= bool(torch.isclose(out[0], black[0]).any())
     assert saw_padding
 
@@ -111,7 +112,9 @@ def test_train_auto_large_is_rrc() -> None:
     assert rrc.interpolation == InterpolationMode.BICUBIC
     out = t(_constant(10))
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
-    assert train_transform(DataConfig(input_size=65), TrainAugment.auto, True)(_constant(0)).shape == (3, 65, 65)
+    just_above = train_transform(DataConfig(input_size=65), TrainAugment.auto, hflip=True)
+    assert T.RandomResizedCrop in _steps(just_above)
+    assert just_above(_constant(0)).shape == (3, 65, 65)
 
 
 def test_none_equals_eval() -> None:

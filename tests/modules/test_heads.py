@@ -53,7 +53,8 @@ def test_linear_head_state_dict_keys() -> None:
     head = IncrementalLinearHead(4)
     head.add_task(2)
     head.add_task(3)
-    assert sorted(head.state_dict()) == ["blocks.0.bias", "blocks.0.weight", "blocks.1.bias", "blocks.1.weight"]
+    expected = ["blocks.0.bias", "blocks.0.weight", "blocks.1.bias", "blocks.1.weight"]
+    assert sorted(head.state_dict()) == expected
 
 
 def test_prototype_head_cosine_logits() -> None:
