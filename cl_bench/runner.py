@@ -176,9 +176,7 @@ def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
         "dataset_name": cfg.dataset.get("name"),
         "method_name": cfg.method.get("name"),
         "backbone_name": cfg.backbone.get("name"),
-        "scenario_type": str(
-            cfg.scenario.type.value if hasattr(cfg.scenario.type, "value") else cfg.scenario.type
-        ),
+        "scenario_type": str(cfg.scenario.type),
         "order_seed": cfg.scenario.order_seed,
         "seed": cfg.seed,
     }
