@@ -30,21 +30,28 @@ def load_npz(path: str, hflip_invariant: bool = True) -> ClassificationData:
         )
     try:
         arrays = np.load(file, allow_pickle=False)
-        keys = set(arrays.files)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{file} is not a readable .npz file ({exc}); re-create it with numpy.savez") from exc
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise DataError(f"{file} holds a single array, not an .npz archive; save one with numpy.savez")
+    keys = set(arrays.files)
     missing = [k for k in REQUIRED_KEYS if k not in keys]
     if missing:
         raise DataError(
             f"{file} lacks arrays {missing} (it has {sorted(keys)}); "
             f"an npz dataset needs {list(REQUIRED_KEYS)}"
         )
-    train = ArrayImages(arrays["x_train"], arrays["y_train"], source=f"{file}:train")
-    test = ArrayImages(arrays["x_test"], arrays["y_test"], source=f"{file}:test")
-    name_key = next((k for k in CLASS_NAME_KEYS if k in keys), None)
-    if name_key is not None:
-        class_names = [str(n) for n in arrays[name_key]]
-    else:
+    try:
+        train = ArrayImages(arrays["x_train"], arrays["y_train"], source=f"{file}:train")
+        test = ArrayImages(arrays["x_test"], arrays["y_test"], source=f"{file}:test")
+        name_key = next((k for k in CLASS_NAME_KEYS if k in keys), None)
+        names = None if name_key is None else [str(n) for n in arrays[name_key]]
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:  # object arrays, truncated members
+        raise DataError(
+            f"{file}: cannot read its arrays ({exc}); store images and labels as plain numeric arrays "
+            "and class names as a unicode string array (numpy.savez(..., class_names=np.array(names)))"
+        ) from exc
+    if names is None:
         n_classes = int(max(train.labels.max(), test.labels.max())) + 1
-        class_names = [f"class_{i}" for i in range(n_classes)]
-    return ClassificationData(file.stem, train, test, class_names, hflip_invariant=hflip_invariant)
+        names = [f"class_{i}" for i in range(n_classes)]
+    return ClassificationData(file.stem, train, test, names, hflip_invariant=hflip_invariant)

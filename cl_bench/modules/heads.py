@@ -59,10 +59,9 @@ class PrototypeHead(nn.Module):
 
     def set_prototypes(self, class_positions: torch.Tensor, prototypes: torch.Tensor) -> None:
         """Store ``prototypes[i]`` as the prototype of class position ``class_positions[i]``."""
-        if int(class_positions.max()) >= self.num_classes:
-            raise IndexError(
-                f"class position {int(class_positions.max())} >= {self.num_classes} reserved classes"
-            )
+        low, high = int(class_positions.min()), int(class_positions.max())
+        if low < 0 or high >= self.num_classes:
+            raise IndexError(f"class positions must lie in [0, {self.num_classes}), got [{low}, {high}]")
         self.prototypes[class_positions.to(self.prototypes.device)] = prototypes.to(self.prototypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 
 from cl_bench.data.arrays import load_npz
 from cl_bench.errors import DataError
-from tests.conftest import SHARED_DATA
+from conftest import SHARED_DATA
 
 CIFAR100_NPZ = SHARED_DATA / "cifar100.npz"
 

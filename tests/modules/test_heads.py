@@ -102,7 +102,7 @@ def test_prototype_head_position_out_of_range() -> None:
     """A position beyond the reserved classes raises IndexError naming it; nothing is written."""
     head = PrototypeHead(2)
     head.add_task(3)
-    with pytest.raises(IndexError, match="class position 3 >= 3"):
+    with pytest.raises(IndexError, match=r"must lie in \[0, 3\), got \[0, 3\]"):
         head.set_prototypes(torch.tensor([0, 3]), torch.ones(2, 2))
     assert head.prototypes.abs().sum() == 0
 
