@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from cl_bench.data.arrays import load_npz
 from cl_bench.errors import DataError
-from conftest import SHARED_DATA
 
 CIFAR100_NPZ = SHARED_DATA / "cifar100.npz"
 
