@@ -47,12 +47,17 @@ def format_report(doc: dict[str, Any], run_dir: str) -> str:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from cl_bench.runner import resolve_run_dir, run_experiment
 
     try:
         doc = run_experiment(cfg)
     except ClBenchError as exc:
         log.error("%s", exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep goes on with its other jobs and reports this one as failed
         print(f"cl-bench: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(format_report(doc, str(resolve_run_dir(cfg))))

@@ -17,7 +17,8 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING as MISSING_FACTORY
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any
 
@@ -27,7 +28,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from cl_bench.errors import ConfigError
 
-#: Keys of a target group that are not arguments of its callable.
+#: Keys of a target group that are not arguments of its callable (``name`` is passed on only to callables
+#: that take a ``name`` argument, such as the timm backbone).
 RESERVED_KEYS = ("_target_", "name")
 #: The target groups and the arguments the runner passes itself (never set in config).
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -164,11 +166,15 @@ def resolve_target(group: str, section: DictConfig) -> Callable[..., Any]:
         raise ConfigError(f"{group}._target_={target!r} cannot be imported: {exc}") from exc
 
 
-def target_kwargs(section: DictConfig) -> dict[str, Any]:
-    """The keyword arguments of a target group: every key but ``_target_`` and ``name``, resolved."""
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def target_kwargs(fn: Callable[..., Any], section: DictConfig) -> dict[str, Any]:
+    """The keyword arguments for ``fn``: every key but the reserved ones (``name`` if ``fn`` takes it)."""
     data = OmegaConf.to_container(section, resolve=True)
     assert isinstance(data, dict)
-    return {k: v for k, v in data.items() if k not in RESERVED_KEYS}
+    return {k: v for k, v in data.items() if k not in RESERVED_KEYS or (k == "name" and _takes(fn, k))}
 
 
 def _type_matches(value: Any, hint: Any) -> bool:
@@ -217,6 +223,7 @@ def validate_target_group(group: str, section: DictConfig) -> None:
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     for key in section:
         if key in RESERVED_KEYS:
+            params.pop(key, None)  # reserved keys are always allowed and validated as part of the group
             continue
         if key in injected:
             raise ConfigError(f"{group}.{key} is set by the runner; remove it from the {group} config")
@@ -247,8 +254,25 @@ def _hint_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def _check_schema_keys(cfg: DictConfig) -> None:
+    """Reject keys added with ``+`` to schema groups or the top level (Hydra lets ``+key=`` through)."""
+    top_level = {f.name: f for f in fields(RunConfig)}
+    for key in cfg:
+        if key not in top_level:
+            raise ConfigError(f"unknown top-level key {key!r}; valid keys: {', '.join(sorted(top_level))}")
+    for key, f in top_level.items():
+        schema = f.default_factory if f.default_factory is not MISSING_FACTORY else None
+        if schema is None or not is_dataclass(schema) or key not in cfg:
+            continue
+        valid = {sf.name for sf in fields(schema)}
+        unknown = sorted(set(cfg[key]) - valid)
+        if unknown:
+            raise ConfigError(f"unknown key {key}.{unknown[0]}; valid keys: {', '.join(sorted(valid))}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Validate the target groups and cross-field rules before any compute (schema groups are typed)."""
+    _check_schema_keys(cfg)
     for group in TARGET_GROUPS:
         if group not in cfg or not isinstance(cfg[group], DictConfig):
             raise ConfigError(f"no {group} selected: add {group}=NAME (see conf/{group}/ for the options)")
@@ -259,6 +283,8 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("n_tasks", "init_classes", "increment"):
         if sc[key] is not None and sc[key] < 1:
             raise ConfigError(f"scenario.{key}={sc[key]} must be at least 1")
+    if sc.order_seed is not None and not 0 <= sc.order_seed < 2**32:
+        raise ConfigError(f"scenario.order_seed={sc.order_seed} must lie in [0, 2**32) (or be null)")
     if cfg.trainer.num_workers < 0:
         raise ConfigError("trainer.num_workers must be >= 0")
 
@@ -266,4 +292,4 @@ def validate_config(cfg: DictConfig) -> None:
 def build_from_config(group: str, section: DictConfig, **injected: Any) -> Any:
     """Call the ``_target_`` of a validated target group with its keys plus runner-provided arguments."""
     fn = resolve_target(group, section)
-    return fn(**target_kwargs(section), **injected)
+    return fn(**target_kwargs(fn, section), **injected)

@@ -1,8 +1,9 @@
 """Accuracy of a method on every seen task's test set.
 
 * class-incremental accuracy: ``argmax`` over all classes seen so far, no task id;
-* task-incremental accuracy: the task id ``j`` is given (``forward(x, task=j)``) and the ``argmax`` is taken
-  within task ``j``'s classes.
+* task-incremental accuracy: the task id is given (``forward(x, task=j)``) and the ``argmax`` is taken
+  within the classes of the image's task. For joint training (one merged task) the task of an image is its
+  task in the original split (``til_tasks``), so its TIL accuracy is comparable with the continual methods'.
 
 For methods with a frozen backbone, test embeddings are computed once per task and reused after every later
 task, so the backbone sees each test image once per run instead of once per evaluation.
@@ -10,13 +11,12 @@ task, so the backbone sees each test image once per run instead of once per eval
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cl_bench.methods.base import ContinualModule
+from cl_bench.methods.base import ContinualModule, autocast
 from cl_bench.scenario import Scenario
 
 
@@ -28,8 +28,14 @@ class Evaluator:
         batch_size: int = 256,
         num_workers: int = 0,
         autocast_dtype: torch.dtype | None = None,
+        til_tasks: Scenario | None = None,
     ) -> None:
         self.scenario = scenario
+        split = til_tasks or scenario
+        #: ``[start, stop)`` of the (original) task owning each class position.
+        self.task_range = torch.zeros(split.num_classes, 2, dtype=torch.long)
+        for task in split.tasks:
+            self.task_range[task.start : task.stop] = torch.tensor([task.start, task.stop])
         self.test_sets = list(test_sets)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -37,21 +43,20 @@ class Evaluator:
         self.task_sizes = [len(ds) for ds in self.test_sets]
         self._features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
-
     def _loader(self, j: int) -> DataLoader:
         return DataLoader(
             self.test_sets[j], batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )
 
     def _cached_features(self, module: ContinualModule, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if any(p.requires_grad for p in module.backbone.parameters()):
+            raise RuntimeError(
+                f"{type(module).__name__} sets frozen_backbone but its backbone has trainable parameters"
+            )
         if j not in self._features:
             feats, labels = [], []
             for x, y in self._loader(j):
-                with self._autocast(module.device):
+                with autocast(module.device, self.autocast_dtype):
                     feats.append(module.embed(x.to(module.device)).float().cpu())
                 labels.append(y)
             self._features[j] = (torch.cat(feats), torch.cat(labels))
@@ -66,17 +71,24 @@ class Evaluator:
             feats, labels = self._cached_features(module, j)
             for k in range(0, len(labels), self.batch_size):
                 f = feats[k : k + self.batch_size].to(device)
-                with self._autocast(device):
+                with autocast(device, self.autocast_dtype):
                     cil = module.classify(f).float()
                     til = module.classify(f, task=j).float() if module.task_conditioned else cil
                 yield cil, til, labels[k : k + self.batch_size].to(device)
             return
         for x, y in self._loader(j):
             x = x.to(device)
-            with self._autocast(device):
+            with autocast(device, self.autocast_dtype):
                 cil = module(x).float()
                 til = module(x, task=j).float() if module.task_conditioned else cil
             yield cil, til, y.to(device)
+
+    def _within_task(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Logits with every class outside each image's task set to ``-inf``."""
+        ranges = self.task_range.to(y.device)[y]
+        positions = torch.arange(logits.shape[1], device=y.device)
+        inside = (positions >= ranges[:, :1]) & (positions < ranges[:, 1:])
+        return logits.masked_fill(~inside, float("-inf"))
 
     @torch.no_grad()
     def evaluate(self, module: ContinualModule, upto: int) -> tuple[list[float], list[float]]:
@@ -85,11 +97,10 @@ class Evaluator:
         module.eval()
         cil_row, til_row = [], []
         for j in range(upto + 1):
-            task = self.scenario.tasks[j]
             cil_correct = til_correct = total = 0
             for cil, til, y in self._batches(module, j):
                 cil_correct += int((cil.argmax(dim=1) == y).sum())
-                til_correct += int((til[:, task.start : task.stop].argmax(dim=1) + task.start == y).sum())
+                til_correct += int((self._within_task(til, y).argmax(dim=1) == y).sum())
                 total += len(y)
             cil_row.append(100.0 * cil_correct / max(total, 1))
             til_row.append(100.0 * til_correct / max(total, 1))

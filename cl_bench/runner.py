@@ -41,6 +41,10 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+#: Metrics stored in the W&B run summary.
+FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")
+
+
 @dataclass
 class RunState:
     """What the run has produced so far."""
@@ -88,7 +92,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident set size (Linux: KiB)."""
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size (Linux: KiB).
+
+    The CPU figure is the process's peak since it started: in a multirun whose jobs share one process
+    (Hydra's basic launcher) a job reports at least the peak of the jobs before it.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -201,21 +209,22 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     data.name = cfg.dataset.get("name", data.name)
     backbone = build_from_config("backbone", cfg.backbone)
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
-    scenario = build_scenario(cfg.scenario, data.num_classes)
-    if method.single_task:
-        scenario = scenario.merged()
+    split = build_scenario(cfg.scenario, data.num_classes)
+    scenario = split.merged() if method.single_task else split
     train_tf, eval_tf = build_transforms(backbone.data_config, cfg.transform, data.hflip_invariant)
     train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf)
 
     device = select_device(cfg.trainer.accelerator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    amp_dtype = autocast_dtype(cfg.trainer.precision, device)
     evaluator = Evaluator(
         scenario,
         test_sets,
         batch_size=cfg.trainer.eval_batch_size,
         num_workers=cfg.trainer.num_workers,
-        autocast_dtype=autocast_dtype(cfg.trainer.precision, device),
+        autocast_dtype=amp_dtype,
+        til_tasks=split,
     )
     write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
     log.info(
@@ -239,15 +248,15 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             state.til_rows,
             evaluator.task_sizes,
             scenario.class_order,
-            state.task_time_s,
+            state.task_time_s[: len(state.acc_rows)],
             peak_memory_mb(device),
             status,
             config,
         )
 
+    status = "incomplete"
     try:
         for task in scenario.tasks:
-            start = time.perf_counter()
             ctx = TaskContext(
                 task=task,
                 scenario=scenario,
@@ -256,27 +265,20 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                 num_workers=cfg.trainer.num_workers,
                 eval_batch_size=cfg.trainer.eval_batch_size,
                 seed=cfg.seed,
+                autocast_dtype=amp_dtype,
             )
-            method.to(device)
-            method.on_task_start(ctx)
-            train_set = method.train_dataset(ctx)
-            if train_set is not None and method.epochs > 0 and len(train_set) > 0:
-                trainer = make_trainer(cfg, method, run_dir, [EpochLossLogger(tracker, task.index)])
-                trainer.fit(method, train_dataloaders=ctx.loader(train_set, method.batch_size, shuffle=True))
-                method.to(device)
-            method.on_task_end(ctx)
-            state.task_time_s.append(time.perf_counter() - start)
-
+            learn_task(cfg, method, ctx, device, run_dir, tracker, state)
             cil_row, til_row = evaluator.evaluate(method, task.index)
             state.acc_rows.append(til_row if scenario.task_incremental else cil_row)
             state.til_rows.append(til_row)
             doc = document("incomplete")
             write_results(run_dir, doc)
+            task_acc = doc["acc_matrix"][-1][task.index]
             log.info(
-                "task %d/%d: acc %.2f (mean over seen %.2f), %.1fs",
+                "task %d/%d: acc on this task %.2f, on all seen tasks %.2f, %.1fs",
                 task.index + 1,
                 len(scenario.tasks),
-                doc["acc_matrix"][-1][task.index],
+                task_acc,
                 doc["last_acc"],
                 state.task_time_s[-1],
             )
@@ -284,38 +286,48 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                 task.index,
                 {
                     "acc_after_task": doc["last_acc"],
-                    "task_acc": doc["acc_matrix"][-1][task.index],
+                    "task_acc": task_acc,
                     "forgetting": doc["avg_forgetting"],
                     "bwt": doc["bwt"],
                     "task_time_s": state.task_time_s[-1],
                 },
             )
-    except BaseException:
-        doc = document("incomplete")
-        if state.acc_rows:
-            write_results(run_dir, doc)
+        if cfg.save_model:
+            save_model(run_dir / "final_model.pt", method, scenario, config)
+        status = "complete"
+    finally:
+        doc = document(status)
+        write_results(run_dir, doc)
+        if status != "complete":
             log.error(
                 "run stopped after %d finished task(s); their results are in %s",
                 len(state.acc_rows),
                 run_dir / RESULTS_FILE,
             )
-        tracker.finish(
-            {k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt")},
-            doc["acc_matrix"],
-            "incomplete",
-        )
-        raise
-
-    if cfg.save_model:
-        save_model(run_dir / "final_model.pt", method, scenario, config)
-    doc = document("complete")
-    write_results(run_dir, doc)
-    tracker.finish(
-        {k: doc[k] for k in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")},
-        doc["acc_matrix"],
-        "complete",
-    )
+        tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
     return doc
+
+
+def learn_task(
+    cfg: DictConfig,
+    method: ContinualModule,
+    ctx: TaskContext,
+    device: torch.device,
+    run_dir: Path,
+    tracker: WandbTracker,
+    state: RunState,
+) -> None:
+    """Task start hook, Lightning fit (if the method trains on this task), task end hook; times them."""
+    start = time.perf_counter()
+    method.on_task_start(ctx)
+    method.to(device)  # after on_task_start: parameters it created move too
+    train_set = method.train_dataset(ctx)
+    if train_set is not None and method.epochs > 0 and len(train_set) > 0:
+        trainer = make_trainer(cfg, method, run_dir, [EpochLossLogger(tracker, ctx.task.index)])
+        trainer.fit(method, train_dataloaders=ctx.loader(train_set, method.batch_size, shuffle=True))
+        method.to(device)
+    method.on_task_end(ctx)
+    state.task_time_s.append(time.perf_counter() - start)
 
 
 def save_model(path: Path, method: ContinualModule, scenario: Scenario, config: dict[str, Any]) -> None:

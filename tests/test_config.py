@@ -64,7 +64,7 @@ def test_logger_names_group_runs_for_a_dashboard() -> None:
     cfg = compose_config("method=simplecil", "seed=3", "scenario.order_seed=1997")
     assert cfg.logger.name == "simplecil-seed3-order1997"
     assert cfg.logger.group == "digits-cil-resnet20_cifar"
-    assert list(cfg.logger.tags) == ["digits", "simplecil", "resnet20_cifar", "cil"]
+    assert list(cfg.logger.tags) == ["digits", "simplecil", "resnet20_cifar", "cil", "seed3", "order1997"]
 
 
 def test_unknown_group_option_lists_valid_ones() -> None:
@@ -120,3 +120,31 @@ def test_scenario_cross_field_rules() -> None:
         validate_config(compose_config("scenario.n_tasks=0"))
     with pytest.raises(ConfigError, match="init_classes"):
         validate_config(compose_config("scenario.n_tasks=null"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+scenario.n_task=3", r"unknown key scenario\.n_task"),
+        ("+seedd=1", r"unknown top-level key 'seedd'"),
+        ("+transform.foo=1", r"unknown key transform\.foo"),
+        ("scenario.order_seed=-1", r"order_seed=-1 must lie in"),
+    ],
+)
+def test_added_or_out_of_range_keys_fail_at_validation(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(override))
+
+
+def test_experiment_preset_keeps_the_users_scenario_choice() -> None:
+    cfg = compose_config("experiment=cifar100_resnet32", "scenario=til")
+    assert cfg.scenario.type.value == "til" and cfg.scenario.n_tasks == 10
+
+
+def test_timm_backbone_gets_its_model_name() -> None:
+    from cl_bench.config import build_from_config
+
+    cfg = compose_config("backbone=timm", "backbone.name=resnet18", "backbone.pretrained=false")
+    validate_config(cfg)
+    backbone = build_from_config("backbone", cfg.backbone)
+    assert backbone.name == "resnet18" and backbone.feat_dim == 512

@@ -138,3 +138,10 @@ def test_wrong_checkpoint_is_reported(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="unexpected .* keys"):
         run_experiment(cfg)
+
+
+def test_any_timm_model_runs_end_to_end(run_tiny) -> None:
+    doc, _ = run_tiny(
+        "backbone=timm", "backbone.name=resnet18", "backbone.pretrained=false", "method=simplecil"
+    )
+    assert doc["status"] == "complete" and doc["last_acc"] > 20.0

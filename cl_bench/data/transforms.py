@@ -6,6 +6,7 @@ go through PIL.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,7 +39,7 @@ def _to_model_input(dc: DataConfig) -> list[T.Transform]:
 def eval_transform(dc: DataConfig) -> Transform:
     """Resize to ``size / crop_pct`` then centre-crop ``size`` (timm's eval transform)."""
     interp = InterpolationMode(dc.interpolation)
-    resize = int(round(dc.input_size / dc.crop_pct))
+    resize = math.floor(dc.input_size / dc.crop_pct)
     return T.Compose(
         [
             T.Resize(resize, interpolation=interp, antialias=True),

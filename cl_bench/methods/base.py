@@ -14,6 +14,7 @@ Methods whose backbone never changes (``frozen_backbone = True``) also split inf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ SCHEDULERS = ("cosine", "none")
 LOSS_SCOPES = ("seen", "task")
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for inference passes (a no-op for ``dtype=None``)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 @dataclass
 class TaskContext:
     """What a method may use while learning task ``task``.
@@ -56,6 +62,8 @@ class TaskContext:
     num_workers: int = 0
     eval_batch_size: int = 256
     seed: int = 0
+    #: Autocast dtype for inference passes (``trainer.precision``), the same as the evaluator's.
+    autocast_dtype: torch.dtype | None = None
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         """A DataLoader; shuffled ones draw from a generator seeded by (seed, task) for reproducibility."""
@@ -180,7 +188,8 @@ class ContinualModule(pl.LightningModule):
         self.eval()
         feats, labels = [], []
         for x, y in ctx.loader(dataset, ctx.eval_batch_size, shuffle=False):
-            feats.append(self.embed(x.to(self.device)).float().cpu())
+            with autocast(self.device, ctx.autocast_dtype):
+                feats.append(self.embed(x.to(self.device)).float().cpu())
             labels.append(torch.as_tensor(y))
         self.train(was_training)
         return torch.cat(feats), torch.cat(labels)
