@@ -61,7 +61,9 @@ def run_tiny(tmp_path: Path):
     def _run(*overrides: str, run_dir: Path | None = None):
         counter["n"] += 1
         folder = run_dir or tmp_path / f"run{counter['n']}"
-        cfg = compose_config(*TINY, f"paths.run_dir={folder}", *overrides)
+        other_data = any(o.startswith("dataset=") for o in overrides)
+        tiny = [o for o in TINY if not (other_data and o.startswith("dataset"))]
+        cfg = compose_config(*tiny, f"paths.run_dir={folder}", *overrides)
         return run_experiment(cfg), folder
 
     return _run

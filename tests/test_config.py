@@ -16,6 +16,7 @@ from cl_bench.errors import ConfigError
 REQUIRED = {
     ("dataset", "npz"): ["dataset.path=/tmp/x.npz"],
     ("backbone", "timm"): ["backbone.name=vit_tiny_patch16_224"],
+    ("dataset", "image_folder"): ["dataset.root=/tmp/x"],
 }
 GROUPS = ("dataset", "backbone", "method", "scenario", "trainer", "logger", "paths", "experiment")
 

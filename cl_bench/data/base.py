@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from cl_bench.errors import DataError
+
+
+class ImageSource(Protocol):
+    """Labelled images: ``labels[i]`` is image ``i``'s class id; ``image(i)`` a uint8 ``[3, H, W]`` tensor."""
+
+    labels: np.ndarray
+    source: str
+
+    def __len__(self) -> int: ...
+
+    def image(self, index: int) -> torch.Tensor: ...
 
 
 class ArrayImages:
@@ -22,7 +34,7 @@ class ArrayImages:
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, source: str = "arrays") -> None:
-        images = np.asarray(images)
+        images = images if isinstance(images, np.ndarray) else np.asarray(images)  # keeps np.memmap
         labels = np.asarray(labels)
         if images.dtype != np.uint8:
             raise DataError(f"{source}: images must be uint8 (0-255), got {images.dtype}")
@@ -38,7 +50,7 @@ class ArrayImages:
             )
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{source}: labels must be integers, got {labels.dtype}")
-        self.images = np.ascontiguousarray(images)
+        self.images = images if images.flags.c_contiguous else np.ascontiguousarray(images)
         self.labels = labels.astype(np.int64)
         self.source = source
 
@@ -47,7 +59,10 @@ class ArrayImages:
 
     def image(self, index: int) -> torch.Tensor:
         """Image ``index`` as a uint8 ``[3, H, W]`` tensor."""
-        return torch.from_numpy(self.images[index]).permute(2, 0, 1)
+        image = self.images[index]
+        if not image.flags.writeable:  # read-only memory maps: torch needs its own copy
+            image = image.copy()
+        return torch.from_numpy(image).permute(2, 0, 1)
 
 
 @dataclass
@@ -55,8 +70,8 @@ class ClassificationData:
     """A dataset's train and test splits with class names (index = label)."""
 
     name: str
-    train: ArrayImages
-    test: ArrayImages
+    train: ImageSource
+    test: ImageSource
     class_names: list[str]
     #: Whether a horizontal flip keeps an image's label (false for digits and text).
     hflip_invariant: bool = True
@@ -87,7 +102,7 @@ class TaskDataset(Dataset):
 
     def __init__(
         self,
-        images: ArrayImages,
+        images: ImageSource,
         indices: Sequence[int] | np.ndarray,
         label_map: np.ndarray,
         transform: Callable[[torch.Tensor], torch.Tensor],

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torchvision.datasets
 
-from cl_bench.data.cifar import FOLDER, SOURCE_URL, load_cifar100
+from cl_bench.data.cifar import CIFAR10, CIFAR100, load_cifar10, load_cifar100
 from cl_bench.errors import DataError
+
+FOLDER = CIFAR100.folder
+SOURCE_URL = CIFAR100.url
 
 FINE_NAMES = [f"fine_{i:02d}" for i in range(100)]
 COARSE_NAMES = [f"coarse_{i:02d}" for i in range(20)]
@@ -157,3 +160,27 @@ def test_split_without_fine_labels(tmp_path: Path) -> None:
     _dump(entry, tmp_path / FOLDER / "test")
     with pytest.raises(DataError, match="lacks 'data'/'fine_labels'"):
         load_cifar100(str(tmp_path), download=False)
+
+
+def test_cifar10_official_batches(tmp_path: Path) -> None:
+    """CIFAR-10: five train batches + test_batch with ``labels``, names from ``batches.meta``."""
+    folder = tmp_path / CIFAR10.folder
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    batches = []
+    for name in (*CIFAR10.train_files, *CIFAR10.test_files):
+        entry = {
+            "data": rng.randint(0, 256, (20, 3072)).astype(np.uint8),
+            "labels": [i % 10 for i in range(20)],
+        }
+        _dump(entry, folder / name)
+        batches.append(entry)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    _dump({"label_names": names, "num_cases_per_batch": 20}, folder / "batches.meta")
+    data = load_cifar10(str(tmp_path), download=False)
+    assert (len(data.train), len(data.test), data.class_names) == (100, 20, names)
+    row = batches[3]["data"][5]  # 4th train batch, 6th image = train index 65
+    assert data.train.images[65, 7, 9, 2] == row[2 * 1024 + 7 * 32 + 9]
+    assert data.test.labels.tolist() == [i % 10 for i in range(20)]
+    with pytest.raises(DataError, match="cifar-10-batches-py/data_batch_1"):
+        load_cifar10(str(tmp_path / "elsewhere"), download=False)
