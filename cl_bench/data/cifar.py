@@ -101,7 +101,8 @@ def load_cifar(layout: CifarLayout, root: str, download: bool) -> Classification
     if not all(p.is_file() for p in needed):
         if not download:
             raise DataError(
-                f"{layout.title} not found: expected {', '.join(str(p) for p in needed)}. Unpack {layout.url} "
+                f"{layout.title} not found: expected {', '.join(str(p) for p in needed)}. "
+                f"Unpack {layout.url} "
                 f"into {base}, or set dataset.download=true on a machine with network."
             )
         _download(layout, base)
@@ -109,7 +110,8 @@ def load_cifar(layout: CifarLayout, root: str, download: bool) -> Classification
     class_names = [str(n) for n in meta.get(layout.names_key, [])]
     if len(class_names) != layout.num_classes:
         raise DataError(
-            f"{folder / layout.meta_file} must list {layout.num_classes} {layout.names_key}, found {len(class_names)}"
+            f"{folder / layout.meta_file} must list {layout.num_classes} {layout.names_key}, "
+            f"found {len(class_names)}"
         )
     train = _split(folder, layout.train_files, layout.label_key)
     test = _split(folder, layout.test_files, layout.label_key)

@@ -123,7 +123,8 @@ def load_image_folders(
     if not train_path.is_dir() or not test_path.is_dir():
         hint = f" Get it from {get_it_from}." if get_it_from else ""
         raise DataError(
-            f"dataset folder not found: expected {train_path}/<class>/<image> and {test_path}/<class>/<image>."
+            f"dataset folder not found: expected {train_path}/<class>/<image> "
+            f"and {test_path}/<class>/<image>."
             f"{hint} Set paths.data_dir (or CL_BENCH_DATA) to the folder that contains {base.name}/, "
             f"or dataset.root to the dataset folder itself."
         )
