@@ -1,0 +1,99 @@
+"""Run a method x seed sweep with ``cl-bench -m`` (or reuse finished runs) and write a Markdown table.
+
+Each cell is mean +- std over seeds of last accuracy, average incremental accuracy and forgetting, read
+from the runs' ``results.json``; runs that are missing or incomplete are listed under the table.
+
+Split CIFAR-100 (10 tasks, order seed 1993) from the CIFAR-10 ResNet-32 in ``../shared/weights``:
+
+    .venv/bin/python scripts/results_table.py --out docs/results_cifar100_resnet32.md \
+        --methods simplecil linear_probe seq_ft --seeds 0 1 2 -- \
+        experiment=cifar100_resnet32 paths.data_dir=../shared/data \
+        backbone.checkpoint=../shared/weights/cifar10_akamaster_resnet32-d509ac18.th
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def sweep(methods: list[str], seeds: list[int], overrides: list[str], sweep_dir: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "cl_bench",
+        "-m",
+        f"method={','.join(methods)}",
+        f"seed={','.join(map(str, seeds))}",
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${method.name}_seed${seed}",
+    ]
+    print("running:", shlex.join(command), flush=True)
+    subprocess.run(command, check=False)
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(methods: list[str], seeds: list[int], sweep_dir: Path, command: str) -> str:
+    lines = [
+        "| method | runs | last acc (%) | avg incremental acc (%) | avg forgetting (pt) | time per run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    problems = []
+    for method in methods:
+        docs = []
+        for seed in seeds:
+            path = sweep_dir / f"{method}_seed{seed}" / "results.json"
+            doc = json.loads(path.read_text()) if path.is_file() else None
+            if doc is None or doc["status"] != "complete":
+                problems.append(
+                    f"- {method}, seed {seed}: {'missing' if doc is None else doc['status']} ({path})"
+                )
+                continue
+            docs.append(doc)
+        forgetting = [d["avg_forgetting"] for d in docs if d["avg_forgetting"] is not None]
+        lines.append(
+            f"| {method} | {len(docs)} | {fmt([d['last_acc'] for d in docs])} | "
+            f"{fmt([d['avg_inc_acc'] for d in docs])} | {fmt(forgetting)} | "
+            f"{fmt([sum(d['task_time_s']) for d in docs])} |"
+        )
+    out = [*lines, "", f"Reproduce: `{command}`"]
+    if problems:
+        out += ["", "Runs missing or incomplete:", *problems]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--sweep-dir", type=Path, default=Path("outputs/tables/latest"))
+    parser.add_argument("--no-run", action="store_true", help="only aggregate runs already in --sweep-dir")
+    parser.add_argument("overrides", nargs="*", help="cl-bench overrides shared by every run (after --)")
+    args = parser.parse_args()
+    if not args.no_run:
+        sweep(args.methods, args.seeds, args.overrides, args.sweep_dir)
+    command = shlex.join(["python", "scripts/results_table.py", *sys.argv[1:]])
+    text = table(args.methods, args.seeds, args.sweep_dir, command)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
