@@ -117,3 +117,28 @@ def test_pretrained_without_network(offline_hub: None) -> None:
     assert repr(NAME) in msg
     assert "backbone.checkpoint=" in msg
     assert "backbone.pretrained=false" in msg
+
+
+def test_torchvision_resnet18_checkpoint_loads_and_gives_torchvisions_features(tmp_path: Path) -> None:
+    """A torchvision state dict (with its ``fc`` classifier) loads strictly into ``resnet18.tv_in1k``."""
+    import torchvision
+
+    reference = torchvision.models.resnet18().eval()
+    path = tmp_path / "resnet18-tv.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = TimmBackbone("resnet18.tv_in1k", pretrained=True, checkpoint=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    reference.fc = torch.nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert backbone.data_config.input_size == 224 and backbone.data_config.interpolation == "bilinear"
+
+
+def test_safetensors_checkpoint_round_trip(tmp_path: Path) -> None:
+
+    source = TimmBackbone("deit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "deit.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    loaded = TimmBackbone("deit_tiny_patch16_224", checkpoint=str(path))
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
