@@ -83,6 +83,9 @@ class CifarResNet(Backbone):
                 "resnet%d_cifar: no backbone.checkpoint given, weights are randomly initialised", depth
             )
 
+    def blocks(self) -> list[nn.Module]:
+        return [block for stage in (self.layer1, self.layer2, self.layer3) for block in stage]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(out)))

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import torch
+from torch import nn
 
 from cl_bench.backbones.base import Backbone, DataConfig
 from cl_bench.backbones.checkpoint import load_strict, read_state_dict
@@ -81,6 +82,17 @@ class TimmBackbone(Backbone):
             interpolation=str(dc.get("interpolation", "bilinear")),
             crop_pct=float(dc.get("crop_pct", 1.0)),
         )
+
+    def blocks(self) -> list[nn.Module]:
+        """Transformer blocks (ViT/DeiT ``blocks``), else the blocks of ResNet-style stages."""
+        if hasattr(self.model, "blocks"):
+            return list(self.model.blocks)
+        stages = [getattr(self.model, f"layer{i}") for i in range(1, 5) if hasattr(self.model, f"layer{i}")]
+        if not stages and hasattr(self.model, "stages"):
+            stages = [getattr(stage, "blocks", stage) for stage in self.model.stages]
+        if not stages:
+            raise NotImplementedError(f"{self.name}: no blocks/layerN/stages attribute to list blocks from")
+        return [block for stage in stages for block in stage]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
