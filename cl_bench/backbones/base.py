@@ -39,6 +39,10 @@ class Backbone(nn.Module):
         """The residual/transformer blocks in forward order."""
         raise NotImplementedError
 
+    def weights_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in the key layout that ``backbone.checkpoint=`` loads back."""
+        return self.state_dict()
+
     def norm_layers(self) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of every LayerNorm / BatchNorm / GroupNorm, in registration order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, NORM_TYPES)]

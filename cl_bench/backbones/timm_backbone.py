@@ -31,19 +31,26 @@ class TimmBackbone(Backbone):
             model's own ``checkpoint_filter_fn`` converts (original ViT/torchvision layouts); loaded strictly,
             the source classifier dropped. Takes precedence over ``pretrained``.
         drop_path_rate: stochastic depth rate.
+        model_kwargs: further ``timm.create_model`` arguments, e.g. ``{img_size: 32, patch_size: 4}`` for a
+            ViT on CIFAR-sized images.
     """
 
     def __init__(
-        self, name: str, pretrained: bool = False, checkpoint: str | None = None, drop_path_rate: float = 0.0
+        self,
+        name: str,
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        drop_path_rate: float = 0.0,
+        model_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         import timm
 
         if not timm.is_model(name.split(".")[0]):
             raise ConfigError(f"backbone.name={name!r} is not a timm model; see timm.list_models()")
-        kwargs = (
-            {"num_classes": 0, "drop_path_rate": drop_path_rate} if drop_path_rate else {"num_classes": 0}
-        )
+        kwargs = {**(model_kwargs or {}), "num_classes": 0}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
         use_hub = pretrained and not checkpoint
         try:
             self.model = timm.create_model(name, pretrained=use_hub, **kwargs)
@@ -93,6 +100,9 @@ class TimmBackbone(Backbone):
         if not stages:
             raise NotImplementedError(f"{self.name}: no blocks/layerN/stages attribute to list blocks from")
         return [block for stage in stages for block in stage]
+
+    def weights_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
