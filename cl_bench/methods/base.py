@@ -106,13 +106,13 @@ class ContinualModule(pl.LightningModule):
     def __init__(
         self,
         backbone: Backbone,
-        epochs: int = 1,
+        epochs: int = 10,
         batch_size: int = 64,
         lr: float = 0.01,
         backbone_lr: float | None = None,
         optimizer: str = "sgd",
         momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        weight_decay: float = 5e-4,
         scheduler: str = "cosine",
         loss_scope: str = "seen",
     ) -> None:
@@ -217,9 +217,13 @@ class ContinualModule(pl.LightningModule):
                 "or check the inputs for NaNs."
             )
 
+    def training_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of a training batch; ``inputs`` are what :meth:`train_dataset` yields (images here)."""
+        return self(inputs)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits, targets = self.task_logits(self(x), y)
+        logits, targets = self.task_logits(self.training_logits(x), y)
         loss = F.cross_entropy(logits, targets)
         self.check_finite(loss, batch_idx)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))

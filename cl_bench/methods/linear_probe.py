@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cl_bench.backbones.base import Backbone
@@ -51,10 +50,6 @@ class LinearProbe(ContinualModule):
         """The task's training images embedded once by the frozen backbone."""
         return self.features_dataset(*self.extract_features(ctx, ctx.train_eval_set))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        features, y = batch
-        logits, targets = self.task_logits(self.classify(features), y)
-        loss = F.cross_entropy(logits, targets)
-        self.check_finite(loss, batch_idx)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
+    def training_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Training batches hold cached embeddings, not images."""
+        return self.classify(inputs)
