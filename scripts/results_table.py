@@ -88,7 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.no_run:
         sweep(args.methods, args.seeds, args.overrides, args.sweep_dir)
-    command = shlex.join(["python", "scripts/results_table.py", *sys.argv[1:]])
+    command = shlex.join(
+        ["python", "scripts/results_table.py", *(a for a in sys.argv[1:] if a != "--no-run")]
+    )
     text = table(args.methods, args.seeds, args.sweep_dir, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
