@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2 as T
 
 from cl_bench.data.base import ArrayImages, ClassificationData
-from cl_bench.errors import DataError
+from cl_bench.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ class FileImages:
         return decode_rgb(self.paths[index])
 
 
-def _list_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], np.ndarray, list[str]]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+def _list_split(
+    split_dir: Path, class_names: list[str] | None, exclude: tuple[str, ...] = ()
+) -> tuple[list[str], np.ndarray, list[str]]:
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in exclude)
     if class_names is not None:
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
@@ -136,4 +138,51 @@ def load_image_folders(
         folder = Path(cache_dir).expanduser() if cache_dir else base / ".cl_bench_cache"
         train = cached_resized(train, cache_size, _cache_file(folder, train_dir, train_paths, cache_size))
         test = cached_resized(test, cache_size, _cache_file(folder, test_dir, test_paths, cache_size))
+    return ClassificationData(base.name, train, test, classes, hflip_invariant=hflip_invariant)
+
+
+def load_split_image_folder(
+    root: str,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    stratified: bool = True,
+    exclude: list[str] | None = None,
+    hflip_invariant: bool = True,
+    cache_size: int | None = None,
+    cache_dir: str | None = None,
+    get_it_from: str = "",
+) -> ClassificationData:
+    """Load ``root/<class>/<image>`` (one folder, no official split) and split it into train/test.
+
+    The split is ``sklearn.model_selection.train_test_split(test_size=test_fraction,
+    random_state=split_seed, stratify=labels if stratified)`` over the images in sorted order: the
+    stratified 80/20 split with seed 0 is what ConFiT uses for Caltech-101 and Flowers-102, and a random
+    80/20 split of the raw release is what SLCA and LN tuning use for ImageNet-R (24,000 / 6,000 images).
+    ``exclude`` drops class folders (Caltech-101's ``BACKGROUND_Google``).
+    """
+    from sklearn.model_selection import train_test_split
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        hint = f" Get it from {get_it_from}." if get_it_from else ""
+        raise DataError(
+            f"dataset folder not found: expected {base}/<class>/<image>.{hint} Set paths.data_dir (or "
+            f"CL_BENCH_DATA) to the folder that contains {base.name}/, or dataset.root to the folder itself."
+        )
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"dataset.test_fraction={test_fraction} must lie strictly between 0 and 1")
+    paths, labels, classes = _list_split(base, None, tuple(exclude or ()))
+    train_idx, test_idx = train_test_split(
+        np.arange(len(paths)),
+        test_size=test_fraction,
+        random_state=split_seed,
+        stratify=labels if stratified else None,
+    )
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    train = FileImages([paths[i] for i in train_idx], labels[train_idx], source=f"{base} (train split)")
+    test = FileImages([paths[i] for i in test_idx], labels[test_idx], source=f"{base} (test split)")
+    if cache_size:
+        folder = Path(cache_dir).expanduser() if cache_dir else base / ".cl_bench_cache"
+        train = cached_resized(train, cache_size, _cache_file(folder, "train", train.paths, cache_size))
+        test = cached_resized(test, cache_size, _cache_file(folder, "test", test.paths, cache_size))
     return ClassificationData(base.name, train, test, classes, hflip_invariant=hflip_invariant)

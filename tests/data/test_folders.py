@@ -114,3 +114,46 @@ def test_end_to_end_run_on_a_folder_dataset(tmp_path: Path, run_tiny) -> None:
         "dataset=imagenet_r", f"paths.data_dir={tmp_path}", "method=simplecil", "scenario.n_tasks=3"
     )
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 3
+
+
+def make_flat_tree(root: Path, counts: dict[str, int]) -> None:
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for k in range(n):
+            write_png(torch.full((3, 8, 8), 10 * c + k, dtype=torch.uint8), str(root / name / f"{k:03d}.png"))
+
+
+def test_split_folder_is_sklearns_stratified_split(tmp_path: Path) -> None:
+    from sklearn.model_selection import train_test_split
+
+    from cl_bench.data.folders import load_split_image_folder
+
+    make_flat_tree(
+        tmp_path / "caltech", {"BACKGROUND_Google": 5, "accordion": 10, "airplanes": 20, "anchor": 5}
+    )
+    data = load_split_image_folder(str(tmp_path / "caltech"), exclude=["BACKGROUND_Google"])
+    assert data.class_names == ["accordion", "airplanes", "anchor"]
+    assert (len(data.train), len(data.test)) == (28, 7)
+    assert np.bincount(data.test.labels).tolist() == [2, 4, 1]  # 20 % of each class
+    labels = np.repeat([0, 1, 2], [10, 20, 5])
+    _, expected_test = train_test_split(np.arange(35), test_size=0.2, random_state=0, stratify=labels)
+    names = [
+        f"{['accordion', 'airplanes', 'anchor'][labels[i]]}/{i - [0, 10, 30][labels[i]]:03d}.png"
+        for i in sorted(expected_test)
+    ]
+    assert [str(Path(p).relative_to(tmp_path / "caltech")) for p in data.test.paths] == names
+    again = load_split_image_folder(str(tmp_path / "caltech"), exclude=["BACKGROUND_Google"])
+    assert again.test.paths == data.test.paths
+    other = load_split_image_folder(str(tmp_path / "caltech"), exclude=["BACKGROUND_Google"], split_seed=1)
+    assert other.test.paths != data.test.paths
+
+
+def test_split_folder_errors(tmp_path: Path) -> None:
+    from cl_bench.data.folders import load_split_image_folder
+    from cl_bench.errors import ConfigError
+
+    with pytest.raises(DataError, match=r"imagenet-r/<class>/<image>.*hendrycks"):
+        load_split_image_folder(str(tmp_path / "imagenet-r"), get_it_from="hendrycks' site")
+    make_flat_tree(tmp_path / "d", {"a": 4, "b": 4})
+    with pytest.raises(ConfigError, match="test_fraction=1.5"):
+        load_split_image_folder(str(tmp_path / "d"), test_fraction=1.5)
