@@ -1,0 +1,69 @@
+"""CUB-200-2011 and Tiny-ImageNet from tiny trees in their official layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+from cl_bench.data.listed import load_cub, load_tiny_imagenet
+from cl_bench.errors import DataError
+
+
+def jpeg(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        encode_jpeg(torch.full((3, 12, 12), value, dtype=torch.uint8), quality=100).numpy().tobytes()
+    )
+
+
+def test_cub_official_split(tmp_path: Path) -> None:
+    root = tmp_path / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    rows, labels, split = [], [], []
+    for i in range(1, 7):  # ids 1..6: class = (i-1)//3, train = odd ids
+        rel = f"{classes[(i - 1) // 3]}/img_{i}.jpg"
+        jpeg(root / "images" / rel, 40 * i)
+        rows.append(f"{i} {rel}")
+        labels.append(f"{i} {(i - 1) // 3 + 1}")
+        split.append(f"{i} {i % 2}")
+    (root / "images.txt").write_text("\n".join(rows) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    (root / "classes.txt").write_text("2 002.Laysan_Albatross\n1 001.Black_footed_Albatross\n")
+    data = load_cub(str(root))
+    assert data.class_names == classes
+    assert data.train.labels.tolist() == [0, 0, 1] and data.test.labels.tolist() == [0, 1, 1]
+    assert [Path(p).name for p in data.train.paths] == ["img_1.jpg", "img_3.jpg", "img_5.jpg"]
+    assert abs(int(data.test.image(0).float().mean()) - 80) <= 1  # id 2
+
+
+def test_cub_missing_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"CUB-200-2011 not found: missing .*images\.txt.*caltech"):
+        load_cub(str(tmp_path / "CUB_200_2011"))
+
+
+def test_tiny_imagenet_train_and_val(tmp_path: Path) -> None:
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = ["n02124075", "n01443537"]
+    (root / "val" / "images").mkdir(parents=True)
+    root.joinpath("wnids.txt").write_text("\n".join(wnids) + "\n")
+    root.joinpath("words.txt").write_text("n01443537\tgoldfish, Carassius auratus\nn02124075\tEgyptian cat\n")
+    for k, wnid in enumerate(wnids):
+        for j in range(3):
+            jpeg(root / "train" / wnid / "images" / f"{wnid}_{j}.JPEG", 50 * k + j)
+    annotations = []
+    for j, wnid in enumerate([wnids[1], wnids[0], wnids[1]]):
+        jpeg(root / "val" / "images" / f"val_{j}.JPEG", 100 + j)
+        annotations.append(f"val_{j}.JPEG\t{wnid}\t0\t0\t11\t11")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    data = load_tiny_imagenet(str(root))
+    assert data.class_names == ["Egyptian cat", "goldfish"]
+    assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.test.labels.tolist() == [1, 0, 1]
+    assert data.test.image(2).shape == (3, 12, 12)
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\t0\t0\t1\t1\n")
+    with pytest.raises(DataError, match="n99999999"):
+        load_tiny_imagenet(str(root))
