@@ -4,6 +4,8 @@
   classes.txt, images/<class>/<image>.jpg}``; the official split (5,994 train / 5,794 test) that SLCA uses.
 * Tiny-ImageNet (Stanford CS231n): ``tiny-imagenet-200/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG,
   val/images/*.JPEG, val/val_annotations.txt}``; train (100,000) and the labelled val split (10,000) as test.
+* DomainNet (Peng et al. 2019): ``<domain>_{train,test}.txt`` lists of ``<domain>/<class>/<image> <label>``.
+* Oxford Flowers-102: ``jpg/``, ``imagelabels.mat``, ``setid.mat`` (official or a stratified split).
 """
 
 from __future__ import annotations
@@ -96,3 +98,80 @@ def load_tiny_imagenet(root: str, hflip_invariant: bool = True) -> Classificatio
     test = FileImages(test_paths, np.array(test_labels), str(base / "val"))
     class_names = [words.get(w, w) for w in wnids]
     return ClassificationData("tiny_imagenet", train, test, class_names, hflip_invariant=hflip_invariant)
+
+
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+
+def load_domainnet(
+    root: str, domains: list[str] | None = None, hflip_invariant: bool = True
+) -> ClassificationData:
+    """DomainNet (Peng et al. 2019; 345 classes) from its split lists ``<domain>_{train,test}.txt``.
+
+    Each line is ``<domain>/<class>/<image> <label>``; the chosen domains (default: all six, as the
+    class-incremental DomainNet of EASE/SAFE mixes them) are concatenated. Class names come from the paths.
+    """
+    base = Path(root).expanduser()
+    chosen = list(domains or DOMAINNET_DOMAINS)
+    unknown = sorted(set(chosen) - set(DOMAINNET_DOMAINS))
+    if unknown:
+        raise DataError(
+            f"dataset.domains: unknown DomainNet domains {unknown}; choose from {list(DOMAINNET_DOMAINS)}"
+        )
+    lists = [base / f"{d}_{s}.txt" for d in chosen for s in ("train", "test")]
+    _require(lists, "DomainNet", "https://ai.bu.edu/M3SDA/ (the images and the *_train.txt/*_test.txt lists)")
+    names: dict[int, str] = {}
+    splits = []
+    for split in ("train", "test"):
+        paths, labels = [], []
+        for domain in chosen:
+            for rel, label in _table(base / f"{domain}_{split}.txt"):
+                paths.append(str(base / rel))
+                labels.append(int(label))
+                names.setdefault(int(label), Path(rel).parent.name)
+        splits.append(FileImages(paths, np.array(labels), f"{base} ({split})"))
+    n_classes = max(names) + 1
+    class_names = [names.get(k, f"class_{k}") for k in range(n_classes)]
+    return ClassificationData("domainnet", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant)
+
+
+def load_flowers102(
+    root: str,
+    split: str = "official",
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    hflip_invariant: bool = True,
+) -> ClassificationData:
+    """Oxford Flowers-102 (Nilsback & Zisserman 2008): ``jpg/``, ``imagelabels.mat`` and ``setid.mat``.
+
+    ``split=official``: train = ``trnid`` + ``valid`` (2,040), test = ``tstid`` (6,149).
+    ``split=stratified``: a stratified ``train_test_split`` of all 8,189 images (``test_fraction``,
+    ``split_seed``), as ConFiT does (80/20, seed 0).
+    """
+    from scipy.io import loadmat
+
+    base = Path(root).expanduser()
+    _require(
+        [base / "jpg", base / "imagelabels.mat", base / "setid.mat"],
+        "Flowers-102",
+        "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, imagelabels.mat, setid.mat)",
+    )
+    labels = loadmat(base / "imagelabels.mat")["labels"].ravel().astype(np.int64) - 1
+    paths = np.array([str(base / "jpg" / f"image_{i:05d}.jpg") for i in range(1, len(labels) + 1)])
+    if split == "official":
+        ids = loadmat(base / "setid.mat")
+        train_idx = np.sort(np.concatenate([ids["trnid"].ravel(), ids["valid"].ravel()])) - 1
+        test_idx = np.sort(ids["tstid"].ravel()) - 1
+    elif split == "stratified":
+        from sklearn.model_selection import train_test_split
+
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, random_state=split_seed, stratify=labels
+        )
+        train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    else:
+        raise DataError(f"dataset.split={split!r}: use 'official' or 'stratified'")
+    train = FileImages(list(paths[train_idx]), labels[train_idx], f"{base} (train)")
+    test = FileImages(list(paths[test_idx]), labels[test_idx], f"{base} (test)")
+    class_names = [f"flower_{k}" for k in range(int(labels.max()) + 1)]
+    return ClassificationData("flowers102", train, test, class_names, hflip_invariant=hflip_invariant)

@@ -67,3 +67,58 @@ def test_tiny_imagenet_train_and_val(tmp_path: Path) -> None:
     (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\t0\t0\t1\t1\n")
     with pytest.raises(DataError, match="n99999999"):
         load_tiny_imagenet(str(root))
+
+
+def test_domainnet_lists_mix_domains(tmp_path: Path) -> None:
+    from cl_bench.data.listed import load_domainnet
+
+    root = tmp_path / "domainnet"
+    for domain in ("real", "sketch"):
+        for split, items in (
+            ("train", [("aircraft_carrier", 0), ("zebra", 344)]),
+            ("test", [("zebra", 344)]),
+        ):
+            lines = []
+            for k, (name, label) in enumerate(items):
+                rel = f"{domain}/{name}/{domain}_{split}_{k}.jpg"
+                jpeg(root / rel, label % 200)
+                lines.append(f"{rel} {label}")
+            (root / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+    data = load_domainnet(str(root), domains=["real", "sketch"])
+    assert (
+        len(data.class_names) == 345
+        and data.class_names[0] == "aircraft_carrier"
+        and data.class_names[344] == "zebra"
+    )
+    assert data.train.labels.tolist() == [0, 344, 0, 344] and len(data.test) == 2
+    with pytest.raises(DataError, match="clipart_train.txt"):
+        load_domainnet(str(root))
+    with pytest.raises(DataError, match="unknown DomainNet domains"):
+        load_domainnet(str(root), domains=["photos"])
+
+
+def test_flowers102_official_and_stratified_splits(tmp_path: Path) -> None:
+    import numpy as np
+    from scipy.io import savemat
+
+    from cl_bench.data.listed import load_flowers102
+
+    root = tmp_path / "flowers102"
+    labels = np.repeat([1, 2, 3], 10)  # 30 images, 1-based labels as in imagelabels.mat
+    for i in range(1, 31):
+        jpeg(root / "jpg" / f"image_{i:05d}.jpg", i)
+    savemat(root / "imagelabels.mat", {"labels": labels[None, :]})
+    savemat(
+        root / "setid.mat",
+        {
+            "trnid": np.array([[1, 11, 21]]),
+            "valid": np.array([[2, 12, 22]]),
+            "tstid": np.array([[3, 4, 5, 13, 14, 23]]),
+        },
+    )
+    official = load_flowers102(str(root))
+    assert official.train.labels.tolist() == [0, 0, 1, 1, 2, 2] and len(official.test) == 6
+    assert Path(official.test.paths[0]).name == "image_00003.jpg"
+    stratified = load_flowers102(str(root), split="stratified")
+    assert (len(stratified.train), len(stratified.test)) == (24, 6)
+    assert np.bincount(stratified.test.labels).tolist() == [2, 2, 2]
