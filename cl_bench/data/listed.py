@@ -6,6 +6,7 @@
   val/images/*.JPEG, val/val_annotations.txt}``; train (100,000) and the labelled val split (10,000) as test.
 * DomainNet (Peng et al. 2019): ``<domain>_{train,test}.txt`` lists of ``<domain>/<class>/<image> <label>``.
 * Oxford Flowers-102: ``jpg/``, ``imagelabels.mat``, ``setid.mat`` (official or a stratified split).
+* Stanford Cars-196: the devkit's annotation ``.mat`` files (official split).
 """
 
 from __future__ import annotations
@@ -175,3 +176,44 @@ def load_flowers102(
     test = FileImages(list(paths[test_idx]), labels[test_idx], f"{base} (test)")
     class_names = [f"flower_{k}" for k in range(int(labels.max()) + 1)]
     return ClassificationData("flowers102", train, test, class_names, hflip_invariant=hflip_invariant)
+
+
+def load_stanford_cars(root: str, hflip_invariant: bool = True) -> ClassificationData:
+    """Stanford Cars-196 (Krause et al. 2013) with its official split (8,144 train / 8,041 test).
+
+    Layout of the release: ``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat``,
+    ``devkit/cars_meta.mat`` and ``cars_test_annos_withlabels.mat`` (annotations with 1-based ``class`` and
+    ``fname``). SLCA's ``split_car.py`` may swap train and test (methods_vit.md, SLCA protocol); this loader
+    keeps the official sides.
+    """
+    from scipy.io import loadmat
+
+    base = Path(root).expanduser()
+    needed = [
+        base / "cars_train",
+        base / "cars_test",
+        base / "devkit" / "cars_train_annos.mat",
+        base / "devkit" / "cars_meta.mat",
+        base / "cars_test_annos_withlabels.mat",
+    ]
+    _require(
+        needed,
+        "Stanford Cars",
+        "the Stanford Cars release (images, devkit and cars_test_annos_withlabels.mat)",
+    )
+    class_names = [
+        str(n)
+        for n in np.atleast_1d(loadmat(base / "devkit" / "cars_meta.mat", squeeze_me=True)["class_names"])
+    ]
+    splits = []
+    for folder, annos in (
+        ("cars_train", base / "devkit" / "cars_train_annos.mat"),
+        ("cars_test", base / "cars_test_annos_withlabels.mat"),
+    ):
+        records = np.atleast_1d(loadmat(annos, squeeze_me=True)["annotations"])
+        paths = [str(base / folder / str(r["fname"])) for r in records]
+        labels = np.array([int(r["class"]) - 1 for r in records])
+        splits.append(FileImages(paths, labels, str(base / folder)))
+    return ClassificationData(
+        "stanford_cars", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant
+    )

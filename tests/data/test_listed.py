@@ -122,3 +122,43 @@ def test_flowers102_official_and_stratified_splits(tmp_path: Path) -> None:
     stratified = load_flowers102(str(root), split="stratified")
     assert (len(stratified.train), len(stratified.test)) == (24, 6)
     assert np.bincount(stratified.test.labels).tolist() == [2, 2, 2]
+
+
+def test_stanford_cars_from_devkit_annotations(tmp_path: Path) -> None:
+    import numpy as np
+    from scipy.io import savemat
+
+    from cl_bench.data.listed import load_stanford_cars
+
+    root = tmp_path / "stanford_cars"
+    (root / "devkit").mkdir(parents=True)
+    fields = [
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("fname", "O"),
+    ]
+
+    def annotations(folder: str, items: list[tuple[str, int]]) -> np.ndarray:
+        for k, (name, _) in enumerate(items):
+            jpeg(root / folder / name, 30 * k)
+        return np.array([(0, 0, 9, 9, cls, name) for name, cls in items], dtype=fields)
+
+    savemat(
+        root / "devkit" / "cars_train_annos.mat",
+        {"annotations": annotations("cars_train", [("00001.jpg", 2), ("00002.jpg", 1)])},
+    )
+    savemat(
+        root / "cars_test_annos_withlabels.mat",
+        {"annotations": annotations("cars_test", [("00001.jpg", 1), ("00002.jpg", 2), ("00003.jpg", 2)])},
+    )
+    savemat(
+        root / "devkit" / "cars_meta.mat",
+        {"class_names": np.array(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"], dtype=object)},
+    )
+    data = load_stanford_cars(str(root))
+    assert data.class_names == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
+    assert data.train.labels.tolist() == [1, 0] and data.test.labels.tolist() == [0, 1, 1]
+    assert data.test.paths[2].endswith("cars_test/00003.jpg")
