@@ -102,6 +102,23 @@ def cached_resized(images: FileImages, size: int, cache_file: Path) -> ArrayImag
     return ArrayImages(np.load(cache_file, mmap_mode="r"), images.labels, source=f"{images.source} (cache)")
 
 
+def with_cache(
+    data: ClassificationData, cache_size: int | None, cache_dir: str | Path | None, default_dir: Path
+) -> ClassificationData:
+    """``data`` with both splits replaced by memory-mapped ``cache_size`` px copies (if ``cache_size``)."""
+    if not cache_size:
+        return data
+    folder = Path(cache_dir).expanduser() if cache_dir else default_dir
+    for split in ("train", "test"):
+        images = getattr(data, split)
+        setattr(
+            data,
+            split,
+            cached_resized(images, cache_size, _cache_file(folder, split, images.paths, cache_size)),
+        )
+    return data
+
+
 def load_image_folders(
     root: str,
     train_dir: str = "train",
@@ -134,11 +151,8 @@ def load_image_folders(
     test_paths, test_labels, _ = _list_split(test_path, classes)
     train = FileImages(train_paths, train_labels, source=str(train_path))
     test = FileImages(test_paths, test_labels, source=str(test_path))
-    if cache_size:
-        folder = Path(cache_dir).expanduser() if cache_dir else base / ".cl_bench_cache"
-        train = cached_resized(train, cache_size, _cache_file(folder, train_dir, train_paths, cache_size))
-        test = cached_resized(test, cache_size, _cache_file(folder, test_dir, test_paths, cache_size))
-    return ClassificationData(base.name, train, test, classes, hflip_invariant=hflip_invariant)
+    data = ClassificationData(base.name, train, test, classes, hflip_invariant=hflip_invariant)
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")
 
 
 def load_split_image_folder(
@@ -181,8 +195,5 @@ def load_split_image_folder(
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     train = FileImages([paths[i] for i in train_idx], labels[train_idx], source=f"{base} (train split)")
     test = FileImages([paths[i] for i in test_idx], labels[test_idx], source=f"{base} (test split)")
-    if cache_size:
-        folder = Path(cache_dir).expanduser() if cache_dir else base / ".cl_bench_cache"
-        train = cached_resized(train, cache_size, _cache_file(folder, "train", train.paths, cache_size))
-        test = cached_resized(test, cache_size, _cache_file(folder, "test", test.paths, cache_size))
-    return ClassificationData(base.name, train, test, classes, hflip_invariant=hflip_invariant)
+    data = ClassificationData(base.name, train, test, classes, hflip_invariant=hflip_invariant)
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")

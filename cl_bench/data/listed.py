@@ -7,6 +7,9 @@
 * DomainNet (Peng et al. 2019): ``<domain>_{train,test}.txt`` lists of ``<domain>/<class>/<image> <label>``.
 * Oxford Flowers-102: ``jpg/``, ``imagelabels.mat``, ``setid.mat`` (official or a stratified split).
 * Stanford Cars-196: the devkit's annotation ``.mat`` files (official split).
+
+Every loader takes ``cache_size``/``cache_dir``: decode once into a memory-mapped resized copy
+(:func:`cl_bench.data.folders.with_cache`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cl_bench.data.base import ClassificationData
-from cl_bench.data.folders import IMAGE_SUFFIXES, FileImages
+from cl_bench.data.folders import IMAGE_SUFFIXES, FileImages, with_cache
 from cl_bench.errors import DataError
 
 
@@ -33,7 +36,9 @@ def _table(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_cub(root: str, hflip_invariant: bool = True) -> ClassificationData:
+def load_cub(
+    root: str, hflip_invariant: bool = True, cache_size: int | None = None, cache_dir: str | None = None
+) -> ClassificationData:
     """CUB-200-2011 with its official train/test split; class names from ``classes.txt``."""
     base = Path(root).expanduser()
     names = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "images")
@@ -55,10 +60,13 @@ def load_cub(root: str, hflip_invariant: bool = True) -> ClassificationData:
         splits.append(
             FileImages([paths[i] for i in chosen], np.array([labels[i] for i in chosen]), str(base))
         )
-    return ClassificationData("cub", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant)
+    data = ClassificationData("cub", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant)
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")
 
 
-def load_tiny_imagenet(root: str, hflip_invariant: bool = True) -> ClassificationData:
+def load_tiny_imagenet(
+    root: str, hflip_invariant: bool = True, cache_size: int | None = None, cache_dir: str | None = None
+) -> ClassificationData:
     """Tiny-ImageNet: 200 classes (ids in ``wnids.txt`` order); the val split is the test set."""
     base = Path(root).expanduser()
     needed = [
@@ -98,14 +106,19 @@ def load_tiny_imagenet(root: str, hflip_invariant: bool = True) -> Classificatio
     train = FileImages(train_paths, np.array(train_labels), str(base / "train"))
     test = FileImages(test_paths, np.array(test_labels), str(base / "val"))
     class_names = [words.get(w, w) for w in wnids]
-    return ClassificationData("tiny_imagenet", train, test, class_names, hflip_invariant=hflip_invariant)
+    data = ClassificationData("tiny_imagenet", train, test, class_names, hflip_invariant=hflip_invariant)
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")
 
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 
 def load_domainnet(
-    root: str, domains: list[str] | None = None, hflip_invariant: bool = True
+    root: str,
+    domains: list[str] | None = None,
+    hflip_invariant: bool = True,
+    cache_size: int | None = None,
+    cache_dir: str | None = None,
 ) -> ClassificationData:
     """DomainNet (Peng et al. 2019; 345 classes) from its split lists ``<domain>_{train,test}.txt``.
 
@@ -133,7 +146,8 @@ def load_domainnet(
         splits.append(FileImages(paths, np.array(labels), f"{base} ({split})"))
     n_classes = max(names) + 1
     class_names = [names.get(k, f"class_{k}") for k in range(n_classes)]
-    return ClassificationData("domainnet", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant)
+    data = ClassificationData("domainnet", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant)
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")
 
 
 def load_flowers102(
@@ -142,6 +156,8 @@ def load_flowers102(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     hflip_invariant: bool = True,
+    cache_size: int | None = None,
+    cache_dir: str | None = None,
 ) -> ClassificationData:
     """Oxford Flowers-102 (Nilsback & Zisserman 2008): ``jpg/``, ``imagelabels.mat`` and ``setid.mat``.
 
@@ -175,10 +191,13 @@ def load_flowers102(
     train = FileImages(list(paths[train_idx]), labels[train_idx], f"{base} (train)")
     test = FileImages(list(paths[test_idx]), labels[test_idx], f"{base} (test)")
     class_names = [f"flower_{k}" for k in range(int(labels.max()) + 1)]
-    return ClassificationData("flowers102", train, test, class_names, hflip_invariant=hflip_invariant)
+    data = ClassificationData("flowers102", train, test, class_names, hflip_invariant=hflip_invariant)
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")
 
 
-def load_stanford_cars(root: str, hflip_invariant: bool = True) -> ClassificationData:
+def load_stanford_cars(
+    root: str, hflip_invariant: bool = True, cache_size: int | None = None, cache_dir: str | None = None
+) -> ClassificationData:
     """Stanford Cars-196 (Krause et al. 2013) with its official split (8,144 train / 8,041 test).
 
     Layout of the release: ``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat``,
@@ -214,6 +233,7 @@ def load_stanford_cars(root: str, hflip_invariant: bool = True) -> Classificatio
         paths = [str(base / folder / str(r["fname"])) for r in records]
         labels = np.array([int(r["class"]) - 1 for r in records])
         splits.append(FileImages(paths, labels, str(base / folder)))
-    return ClassificationData(
+    data = ClassificationData(
         "stanford_cars", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant
     )
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")

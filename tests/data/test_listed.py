@@ -38,6 +38,9 @@ def test_cub_official_split(tmp_path: Path) -> None:
     assert data.train.labels.tolist() == [0, 0, 1] and data.test.labels.tolist() == [0, 1, 1]
     assert [Path(p).name for p in data.train.paths] == ["img_1.jpg", "img_3.jpg", "img_5.jpg"]
     assert abs(int(data.test.image(0).float().mean()) - 80) <= 1  # id 2
+    cached = load_cub(str(root), cache_size=8)
+    assert cached.train.images.shape == (3, 8, 8, 3) and cached.test.labels.tolist() == [0, 1, 1]
+    assert abs(int(cached.test.image(0).float().mean()) - 80) <= 1
 
 
 def test_cub_missing_files_are_named(tmp_path: Path) -> None:
