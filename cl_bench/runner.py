@@ -28,6 +28,7 @@ from cl_bench.data.transforms import build_transforms
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, build_results, write_results, write_text_atomic
 from cl_bench.scenario import Scenario, build_scenario
 from cl_bench.tracking import WandbTracker
@@ -286,6 +287,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                 task.index,
                 {
                     "acc_after_task": doc["last_acc"],
+                    "mean_task_acc": mean_task_accuracy(doc["acc_matrix"][: task.index + 1], task.index),
                     "task_acc": task_acc,
                     "forgetting": doc["avg_forgetting"],
                     "bwt": doc["bwt"],

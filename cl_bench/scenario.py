@@ -33,10 +33,6 @@ class Task:
     def num_classes(self) -> int:
         return self.stop - self.start
 
-    @property
-    def positions(self) -> range:
-        return range(self.start, self.stop)
-
 
 @dataclass(frozen=True)
 class Scenario:

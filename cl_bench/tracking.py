@@ -57,10 +57,6 @@ class WandbTracker:
         run.define_metric("train/*", step_metric="train/epoch")
         return run
 
-    @property
-    def run_path(self) -> str | None:
-        return None if self.run is None else str(Path(self.run.dir).parent)
-
     def log_train_epoch(self, metrics: dict[str, float]) -> None:
         if self.run is not None:
             self.run.log({**metrics, "train/epoch": self._epoch})

@@ -36,7 +36,7 @@ def test_every_class_in_exactly_one_task(kwargs: dict[str, object]) -> None:
     for i, task in enumerate(sc.tasks):
         assert task.index == i
         assert task.start == start
-        assert task.num_classes == len(task.original_classes) == len(task.positions)
+        assert task.num_classes == len(task.original_classes) == task.stop - task.start
         assert task.original_classes == sc.class_order[task.start : task.stop]
         start = task.stop
     assert start == sc.num_classes == 100
