@@ -22,7 +22,9 @@ GROUPS = ("dataset", "backbone", "method", "scenario", "trainer", "logger", "pat
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """Every option of ``group``, including presets in sub-folders (``experiment=confit/cifar100``)."""
+    root = CONF_DIR / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
 def test_every_group_has_options() -> None:
