@@ -3,8 +3,10 @@
 The class order is ``numpy.random.RandomState(order_seed).permutation(C)``, which equals PyCIL's
 ``np.random.seed(seed); np.random.permutation(C)`` used by LAMDA-PILOT, SLCA, SAFE and RanPAC, so that
 order seed 1993 gives those papers' CIFAR-100 order (68, 56, 78, 8, ...). ``order_seed: null`` keeps the
-dataset's class ids in order; an explicit ``class_order`` list wins over both. Labels are remapped to their
-position in the order, so task t owns a contiguous range of positions and the head grows in order.
+dataset's class ids in order; an explicit ``class_order`` list wins over both, and may list a subset of the
+classes to leave the others out (ConFiT drops one Caltech-101 and two Flowers-102 classes). Labels are
+remapped to their position in the order, so task t owns a contiguous range of positions and the head grows
+in order.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ class Scenario:
 
     @property
     def label_map(self) -> np.ndarray:
-        """``label_map[dataset_class_id]`` = position of that class in the order."""
-        return np.argsort(np.asarray(self.class_order))
+        """``label_map[dataset_class_id]`` = position of that class in the order (-1: left out)."""
+        order = np.asarray(self.class_order)
+        label_map = np.full(int(order.max()) + 1, -1, dtype=np.int64)
+        label_map[order] = np.arange(len(order))
+        return label_map
 
     def merged(self) -> Scenario:
         """The same order as one task of all classes (joint training)."""
@@ -59,14 +64,20 @@ class Scenario:
 
 
 def class_order(num_classes: int, order_seed: int | None, explicit: list[int] | None = None) -> list[int]:
-    """The class order: ``explicit`` if given (must be a permutation), else a seeded shuffle or identity."""
+    """The class order: ``explicit`` if given, else a seeded shuffle or identity.
+
+    ``explicit`` lists distinct class ids of ``[0, num_classes)``; classes it leaves out are not used.
+    """
     if explicit is not None:
         order = [int(c) for c in explicit]
-        if sorted(order) != list(range(num_classes)):
+        if len(set(order)) != len(order) or not all(0 <= c < num_classes for c in order):
             raise ConfigError(
-                f"scenario.class_order must list each of the {num_classes} class ids 0..{num_classes - 1} "
-                f"exactly once (got {len(order)} entries, {len(set(order))} distinct)"
+                f"scenario.class_order must list distinct class ids of 0..{num_classes - 1} (got "
+                f"{len(order)} entries, {len(set(order))} distinct, range {min(order)}..{max(order)})"
             )
+        if len(order) < num_classes:
+            left_out = sorted(set(range(num_classes)) - set(order))
+            log.info("scenario.class_order leaves out %d class(es): %s", len(left_out), left_out)
         return order
     if order_seed is None:
         return list(range(num_classes))
@@ -122,7 +133,7 @@ def build_scenario(cfg: ScenarioConfig, num_classes: int) -> Scenario:
         num_classes, cfg.order_seed, None if cfg.class_order is None else list(cfg.class_order)
     )
     tasks, start = [], 0
-    for index, size in enumerate(task_sizes(num_classes, cfg.n_tasks, cfg.init_classes, cfg.increment)):
+    for index, size in enumerate(task_sizes(len(order), cfg.n_tasks, cfg.init_classes, cfg.increment)):
         tasks.append(Task(index, start, start + size, tuple(order[start : start + size])))
         start += size
     return Scenario(ScenarioType(cfg.type), tuple(order), tuple(tasks))

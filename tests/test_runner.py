@@ -58,6 +58,23 @@ def test_explicit_class_order_is_respected(run_tiny) -> None:
     assert doc["class_order"] == order
 
 
+def test_class_order_subset_uses_only_listed_classes(run_tiny) -> None:
+    from cl_bench.data.digits import load_digits
+    from cl_bench.runner import task_datasets
+    from cl_bench.scenario import build_scenario
+
+    doc, _ = run_tiny("method=simplecil", "scenario.class_order=[3,1,4,0]")
+    assert doc["class_order"] == [3, 1, 4, 0] and len(doc["acc_matrix"]) == 2
+    data = load_digits(size=16)
+    scenario = build_scenario(
+        compose_config("scenario.class_order=[3,1,4,0]", "scenario.n_tasks=2").scenario, 10
+    )
+    _, _, test = task_datasets(data, scenario, None, None)
+    expected = int(np.isin(data.test.labels, [3, 1, 4, 0]).sum())
+    assert sum(len(t) for t in test) == expected
+    assert sorted({int(y) for t in test for y in t.targets}) == [0, 1, 2, 3]
+
+
 def test_b_init_increment_split(run_tiny) -> None:
     doc, _ = run_tiny("method=simplecil", "scenario.init_classes=4", "scenario.increment=2")
     assert len(doc["acc_matrix"]) == 4  # 4 + 2 + 2 + 2

@@ -84,16 +84,23 @@ def test_explicit_class_order_wins_over_seed() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        [0, 1, 2, 3, 4],  # too short
         [0, 1, 2, 3, 4, 4],  # duplicate
         [0, 1, 2, 3, 4, 6],  # out of range
         [0, 1, 2, 3, 4, 5, 0],  # too long
     ],
 )
 def test_non_permutation_class_order_raises(bad: list[int]) -> None:
-    """A class_order that is not a permutation of 0..C-1 is a ConfigError naming the key."""
+    """A class_order with repeated or unknown ids is a ConfigError naming the key."""
     with pytest.raises(ConfigError, match="scenario.class_order"):
         _scenario(6, n_tasks=3, class_order=bad)
+
+
+def test_class_order_subset_leaves_classes_out() -> None:
+    """ConFiT drops classes (Caltech-101 id 47): a shorter class_order uses only the listed classes."""
+    sc = _scenario(6, n_tasks=2, class_order=[4, 0, 2, 5])
+    assert [t.original_classes for t in sc.tasks] == [(4, 0), (2, 5)]
+    assert sc.num_classes == 4
+    assert sc.label_map.tolist() == [1, -1, 2, -1, 0, 3]
 
 
 def test_task_sizes_equal_split() -> None:
