@@ -1,0 +1,203 @@
+"""EWC: the Fisher matches a hand computation, the penalty is exactly quadratic around the anchor, the online
+Fisher accumulates as ``gamma F + F_new``, and a tiny real run completes in both scenarios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cl_bench.backbones.base import Backbone, DataConfig
+from cl_bench.config import ScenarioType
+from cl_bench.errors import ConfigError
+from cl_bench.methods.base import TaskContext
+from cl_bench.methods.ewc import EWC
+from cl_bench.modules.regularizers import trainable_parameters
+from cl_bench.scenario import Scenario, Task
+
+TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)))
+
+
+class LinearBackbone(Backbone):
+    """``f = A x + a``: small enough to differentiate by hand."""
+
+    feat_dim = 3
+    data_config = DataConfig(input_size=1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _ctx(task: int, til: bool = False, seed: int = 0) -> TaskContext:
+    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, (0, 1, 2, 3), TASKS)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 4, generator=gen)
+    y = torch.randint(0, 2, (6,), generator=gen) + TASKS[task].start
+    data = TensorDataset(x, y)
+    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+
+
+def _module(**kwargs) -> EWC:
+    torch.manual_seed(0)
+    return EWC(LinearBackbone(), batch_size=4, **kwargs)
+
+
+def _hand_fisher(module: EWC, ctx: TaskContext) -> dict[str, torch.Tensor]:
+    """Mean over mini-batches (4 + 2 examples) of squared mini-batch CE gradients, derived by hand."""
+    fc, block = module.backbone.fc, module.head.blocks[0]
+    x, y = ctx.train_eval_set.tensors
+    squares: dict[str, torch.Tensor] = {}
+    for rows in (slice(0, 4), slice(4, 6)):
+        xb, yb = x[rows], y[rows]
+        feats = xb @ fc.weight.T + fc.bias
+        probs = torch.softmax(feats @ block.weight.T + block.bias, dim=1)
+        delta = (probs - F.one_hot(yb, 2)) / len(yb)  # dCE/dlogits of the batch mean
+        back = delta @ block.weight  # dCE/dfeatures
+        grads = {
+            "head.blocks.0.weight": delta.T @ feats,
+            "head.blocks.0.bias": delta.sum(0),
+            "backbone.fc.weight": back.T @ xb,
+            "backbone.fc.bias": back.sum(0),
+        }
+        for name, g in grads.items():
+            squares[name] = squares.get(name, 0) + g.detach() ** 2 / 2
+    return squares
+
+
+def test_fisher_equals_hand_computation() -> None:
+    module = _module()
+    ctx = _ctx(0)
+    module.on_task_start(ctx)
+    fisher = module.fisher(ctx)
+    expected = _hand_fisher(module, ctx)
+    assert set(fisher) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(fisher[name], value, rtol=1e-5, atol=1e-8)
+
+
+def test_fisher_is_taken_in_eval_mode_and_restores_train_mode() -> None:
+    module = _module()
+    module.backbone.add_module("drop", nn.Dropout(0.9))  # would make the Fisher random in train mode
+    module.backbone.forward = lambda x: module.backbone.drop(module.backbone.fc(x))  # type: ignore[method-assign]
+    ctx = _ctx(0)
+    module.on_task_start(ctx)
+    module.train()
+    first, second = module.fisher(ctx), module.fisher(ctx)
+    assert module.training
+    assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_penalty_is_zero_at_the_anchor_and_grows_quadratically() -> None:
+    module = _module(ewc_lambda=3.0)
+    module.on_task_start(_ctx(0))
+    module.on_task_end(_ctx(0))
+    module.on_task_start(_ctx(1))  # grows the head: the new block is not penalised
+    params = dict(module.named_parameters())
+    assert module.penalty(params).item() == 0.0
+
+    (term,) = module.penalty.terms
+    assert set(term.importance) == {n for n in params if not n.startswith("head.blocks.1")}
+    direction = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def at(step: float) -> torch.Tensor:
+        moved = {n: p.detach() + step * direction[n] for n, p in params.items()}
+        return module.penalty(moved)
+
+    expected = sum((term.importance[n] * direction[n] ** 2).sum() for n in term.importance)
+    torch.testing.assert_close(at(0.1), 0.01 * expected)
+    torch.testing.assert_close(at(0.2), 4 * at(0.1))
+
+
+def test_training_loss_adds_lambda_times_penalty() -> None:
+    module = _module(ewc_lambda=3.0)
+    module.on_task_start(_ctx(0))
+    module.on_task_end(_ctx(0))
+    module.on_task_start(_ctx(1))
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            p.add_(0.5)
+    x, y = _ctx(1).train_set.tensors
+    ce = F.cross_entropy(module(x), y)  # class-incremental: over all 4 seen classes
+    penalty = module.penalty(dict(module.named_parameters()))
+    assert penalty.item() > 0
+    with pytest.warns(UserWarning, match="self.log"):
+        loss = module.training_step((x, y), 0)
+    torch.testing.assert_close(loss, ce + 3.0 * penalty)
+
+
+def _finish_task(module: EWC, task: int) -> dict[str, torch.Tensor]:
+    """Finish ``task`` after moving the weights; returns that task's own Fisher."""
+    ctx = _ctx(task, seed=task)
+    module.on_task_start(ctx)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fisher = module.fisher(ctx)
+    module.on_task_end(ctx)
+    return fisher
+
+
+def test_online_fisher_accumulates_with_decay_and_one_anchor() -> None:
+    module = _module(mode="online", gamma=0.5)
+    first = _finish_task(module, 0)
+    second = _finish_task(module, 1)
+    (term,) = module.penalty.terms
+    for name, value in second.items():
+        expected = 0.5 * first[name] + value if name in first else value
+        torch.testing.assert_close(term.importance[name], expected)
+    assert "head.blocks.1.weight" not in first  # the new block enters with its own Fisher only
+    for name, p in trainable_parameters(module).items():
+        assert torch.equal(term.anchor[name], p.detach())
+
+
+def test_separate_mode_keeps_one_term_per_task() -> None:
+    module = _module(mode="separate")
+    first = _finish_task(module, 0)
+    _finish_task(module, 1)
+    assert len(module.penalty.terms) == 2
+    for name, value in first.items():
+        assert torch.equal(module.penalty.terms[0].importance[name], value)
+
+
+def test_task_incremental_fisher_uses_the_task_block_only() -> None:
+    module = _module()
+    module.on_task_start(_ctx(0, til=True))
+    module.on_task_end(_ctx(0, til=True))
+    ctx = _ctx(1, til=True)
+    module.on_task_start(ctx)
+    fisher = module.fisher(ctx)
+    assert fisher["head.blocks.0.weight"].abs().sum() == 0  # task-local CE never reaches the old block
+    assert fisher["head.blocks.1.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "offline"}, "separate"),
+        ({"ewc_lambda": -1.0}, "ewc_lambda"),
+        ({"mode": "online", "gamma": 1.5}, "gamma"),
+        ({"mode": "separate", "gamma": 0.9}, "online"),
+    ],
+)
+def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        EWC(LinearBackbone(), **kwargs)
+
+
+def test_ewc_runs_on_real_digits_in_both_scenarios(run_tiny) -> None:
+    # After one epoch from scratch the model is far from a minimum and Fisher entries reach the hundreds, so a
+    # large ewc_lambda would make SGD at this learning rate unstable; the math is tested above.
+    common = ("method.epochs=1", "method.batch_size=32", "method.lr=0.05", "method.ewc_lambda=0.01")
+    doc, _ = run_tiny("method=ewc", *common)
+    assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+    assert doc["acc_matrix"][0][0] > 40.0
+    til_scenario = ("scenario=til", "scenario.n_tasks=2", "scenario.order_seed=0")
+    til, _ = run_tiny("method=ewc", "method.mode=online", "method.gamma=0.9", *til_scenario, *common)
+    assert til["status"] == "complete" and til["acc_matrix"] == til["til_acc_matrix"]
+    assert til["acc_matrix"][1][1] > 40.0
