@@ -1,0 +1,180 @@
+"""Learning without Forgetting: Li & Hoiem, "Learning without Forgetting" (ECCV 2016; TPAMI 2017), Sec. 3,
+the knowledge-distillation loss ``L_old`` on the old tasks' outputs with temperature ``T = 2``.
+
+Before each task after the first, the network (backbone + head with the old classes' blocks) is copied as a
+frozen teacher in eval mode. Each training step on the new task's images minimises::
+
+    CE(new task) + alpha * KL( softmax(z_teacher / T) || softmax(z_student / T) )
+
+with the KL averaged over the batch, as Avalanche's ``LwF`` (``avalanche/training/regularization.py``;
+defaults ``alpha=1``, ``temperature=2``, no ``T^2`` factor). The KL has the gradients of Li & Hoiem's
+modified cross-entropy (it only subtracts the teacher's constant entropy), and is zero when the student
+reproduces the teacher. The teacher runs on the same augmented batch as the student.
+
+Old head blocks:
+
+* class-incremental (``loss_scope=seen``): one softmax over all old classes' logits (Avalanche's single
+  head, "previously active units"); the cross-entropy is over all seen classes, so old blocks are trained by
+  both terms;
+* task-incremental, or ``loss_scope=task``: one softmax per old task over its own block, summed over the old
+  tasks (Li & Hoiem's multi-head ``L_old`` summed over old tasks, and Avalanche's per-task-head sum); the
+  cross-entropy reaches only the new block, so old blocks move only under distillation (and weight decay).
+
+``warmup_epochs > 0`` first trains only the new task's head block for that many epochs on the frozen
+backbone (eval mode) with plain SGD at ``lr`` (no momentum or weight decay), as Mammoth's ``lwf``
+``begin_task`` and Li & Hoiem's warm-up step. Unlike Mammoth, which runs the backbone on augmented images
+every warm-up epoch, the features of the task's training images (evaluation transform) are computed once.
+
+Defaults (``conf/method/lwf.yaml``): ``alpha`` 1 and ``temperature`` 2 (Avalanche; Li & Hoiem's
+``lambda_o = 1``, ``T = 2``), no warm-up (Avalanche; Mammoth warms up for its ``n_epochs``); the optimiser
+settings are the repository's ``seq_ft`` protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.errors import ConfigError
+from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.scenario import Task
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``KL(softmax(teacher / T) || softmax(student / T))`` averaged over the batch."""
+    log_student = F.log_softmax(student.float() / temperature, dim=1)
+    target = F.softmax(teacher.float() / temperature, dim=1)
+    return F.kl_div(log_student, target, reduction="batchmean")
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen eval-mode copy of backbone and head: ``head(backbone(x))``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone)
+        self.head = copy.deepcopy(head)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Stays in eval mode."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class LwF(ContinualModule):
+    """Fine-tuning with distillation from the previous model on the old classes (module docstring).
+
+    Args:
+        alpha: weight of the distillation term.
+        temperature: softmax temperature ``T`` of both teacher and student.
+        warmup_epochs: epochs of new-head-only training on frozen features before each task after the
+            first (0: none).
+        (the rest as :class:`~cl_bench.methods.base.ContinualModule`)
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        alpha: float = 1.0,
+        temperature: float = 2.0,
+        warmup_epochs: int = 0,
+        epochs: int = 10,
+        batch_size: int = 64,
+        lr: float = 0.01,
+        backbone_lr: float | None = None,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        scheduler: str = "cosine",
+        loss_scope: str = "seen",
+    ) -> None:
+        super().__init__(
+            backbone,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            backbone_lr=backbone_lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            loss_scope=loss_scope,
+        )
+        if alpha < 0:
+            raise ConfigError(f"method.alpha={alpha} must be >= 0")
+        if temperature <= 0:
+            raise ConfigError(f"method.temperature={temperature} must be > 0")
+        if warmup_epochs < 0:
+            raise ConfigError(f"method.warmup_epochs={warmup_epochs} must be >= 0")
+        self.alpha = alpha
+        self.temperature = temperature
+        self.warmup_epochs = warmup_epochs
+        self.old_tasks: tuple[Task, ...] = ()
+        # Kept in a tuple so that it is not a submodule: no optimiser, state_dict or train() reaches it.
+        self._teacher: tuple[FrozenTeacher, ...] = ()
+
+    @property
+    def teacher(self) -> FrozenTeacher | None:
+        return self._teacher[0] if self._teacher else None
+
+    # ----------------------------------------------------------------- task hooks
+    def on_task_start(self, ctx: TaskContext) -> None:
+        """Snapshot the teacher (old classes only), grow the head, then optionally warm the new block up."""
+        self.old_tasks = ctx.scenario.tasks[: ctx.task.index]
+        self._teacher = (FrozenTeacher(self.backbone, self.head),) if self.old_tasks else ()
+        super().on_task_start(ctx)
+        if self.old_tasks and self.warmup_epochs > 0 and self.epochs > 0:
+            self.warm_up_head(ctx)
+
+    def warm_up_head(self, ctx: TaskContext) -> None:
+        """Train only the new head block on frozen-backbone features (cross-entropy over its classes)."""
+        assert self.task is not None
+        block = self.head.blocks[-1]
+        feats, labels = self.extract_features(ctx, ctx.train_eval_set)
+        data = self.features_dataset(feats, labels - self.task.start)
+        optimizer = torch.optim.SGD(block.parameters(), lr=self.lr)
+        with torch.enable_grad():
+            for _ in range(self.warmup_epochs):
+                for f, y in ctx.loader(data, self.batch_size, shuffle=True):
+                    loss = F.cross_entropy(block(f.to(self.device)), y.to(self.device))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    # ----------------------------------------------------------------- training
+    def distillation_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """KD on the old classes: one softmax over all, or one per old task (TIL, ``loss_scope=task``)."""
+        if not (self.task_incremental or self.loss_scope == "task"):
+            stop = teacher_logits.shape[1]
+            return distillation(logits[:, :stop], teacher_logits, self.temperature)
+        return sum(
+            distillation(logits[:, t.start : t.stop], teacher_logits[:, t.start : t.stop], self.temperature)
+            for t in self.old_tasks
+        )  # type: ignore[return-value]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.training_logits(x)
+        ce = F.cross_entropy(*self.task_logits(logits, y))
+        loss = ce
+        if self.teacher is not None:
+            kd = self.distillation_loss(logits, self.teacher(x))
+            loss = ce + self.alpha * kd
+            self.log("train/kd", kd, on_step=False, on_epoch=True, batch_size=len(y))
+        self.check_finite(loss, batch_idx)
+        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss

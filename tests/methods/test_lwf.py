@@ -1,0 +1,155 @@
+"""LwF: the distillation term is the temperature-scaled KL of its formula (zero when the student is the
+teacher), the loss is CE + alpha * KD over the old classes (one softmax in CIL, one per old task in TIL), the
+teacher is a frozen snapshot outside the module, the warm-up trains only the new block, and a run completes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cl_bench.backbones.base import Backbone, DataConfig
+from cl_bench.config import ScenarioType
+from cl_bench.errors import ConfigError
+from cl_bench.methods.base import TaskContext
+from cl_bench.methods.lwf import LwF, distillation
+from cl_bench.scenario import Scenario, Task
+
+TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)), Task(2, 4, 6, (4, 5)))
+
+
+class TinyBackbone(Backbone):
+    feat_dim = 3
+    data_config = DataConfig(input_size=1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+def _ctx(task: int, til: bool = False) -> TaskContext:
+    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, tuple(range(6)), TASKS)
+    gen = torch.Generator().manual_seed(task)
+    data = TensorDataset(
+        torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen) + 2 * task
+    )
+    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+
+
+def _module(**kwargs) -> LwF:
+    torch.manual_seed(0)
+    return LwF(TinyBackbone(), batch_size=4, **kwargs)
+
+
+def _advance(module: LwF, task: int, til: bool = False) -> TaskContext:
+    """Start ``task`` after moving every weight a little (so that student and teacher differ)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ctx = _ctx(task, til)
+    module.on_task_start(ctx)
+    return ctx
+
+
+def test_distillation_is_the_temperature_scaled_kl() -> None:
+    student, teacher = torch.randn(5, 3), torch.randn(5, 3)
+    t = 2.0
+    p_teacher = torch.softmax(teacher / t, dim=1)
+    expected = (p_teacher * (p_teacher.log() - torch.log_softmax(student / t, dim=1))).sum(1).mean()
+    torch.testing.assert_close(distillation(student, teacher, t), expected)
+    assert distillation(student, teacher, t) > 0
+    for temperature in (0.5, 2.0, 4.0):
+        assert distillation(teacher, teacher, temperature).abs().item() < 1e-6
+
+
+def test_teacher_is_a_frozen_snapshot_of_the_old_classes_outside_the_module() -> None:
+    module = _module()
+    module.on_task_start(_ctx(0))
+    assert module.teacher is None
+    _advance(module, 1)
+    teacher = module.teacher
+    assert teacher is not None and not teacher.training
+    x = _ctx(1).train_set.tensors[0]
+    assert teacher(x).shape == (8, 2) and module(x).shape == (8, 4)
+    torch.testing.assert_close(teacher(x), module(x)[:, :2])  # a copy of the model at the task start
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert not any("teacher" in k for k in module.state_dict())
+    own = {id(p) for p in module.parameters()}
+    assert not any(id(p) in own for p in teacher.parameters())
+    module.train()
+    assert not teacher.training
+    with torch.no_grad():
+        module.backbone.fc.weight.add_(1.0)
+    assert not torch.allclose(teacher(x), module(x)[:, :2])
+
+
+def test_class_incremental_loss_is_ce_plus_alpha_kd_over_all_old_classes() -> None:
+    module = _module(alpha=0.7, temperature=3.0)
+    module.on_task_start(_ctx(0))
+    _advance(module, 1)
+    ctx = _advance(module, 2)
+    x, y = ctx.train_set.tensors
+    assert module.teacher is not None
+    logits, old = module(x), module.teacher(x)
+    assert old.shape[1] == 4
+    ce = F.cross_entropy(logits, y)  # over all 6 seen classes
+    expected = ce + 0.7 * distillation(logits[:, :4], old, 3.0)
+    with pytest.warns(UserWarning, match="self.log"):
+        loss = module.training_step((x, y), 0)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_task_incremental_distils_each_old_task_separately() -> None:
+    module = _module(alpha=0.5)
+    module.on_task_start(_ctx(0, til=True))
+    _advance(module, 1, til=True)
+    ctx = _advance(module, 2, til=True)
+    x, y = ctx.train_set.tensors
+    assert module.teacher is not None
+    logits, old = module(x), module.teacher(x)
+    ce = F.cross_entropy(logits[:, 4:6], y - 4)
+    kd = distillation(logits[:, 0:2], old[:, 0:2], 2.0) + distillation(logits[:, 2:4], old[:, 2:4], 2.0)
+    with pytest.warns(UserWarning, match="self.log"):
+        loss = module.training_step((x, y), 0)
+    torch.testing.assert_close(loss, ce + 0.5 * kd)
+    assert not torch.allclose(kd, distillation(logits[:, :4], old, 2.0))  # differs from one joint softmax
+
+
+def test_warm_up_trains_only_the_new_block() -> None:
+    module = _module(warmup_epochs=20, lr=0.5)
+    module.on_task_start(_ctx(0))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    ctx = _ctx(1)
+    module.on_task_start(ctx)
+    after = dict(module.named_parameters())
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"{name} changed during the warm-up"
+    x, y = ctx.train_set.tensors
+    fresh = _module()
+    fresh.on_task_start(_ctx(0))
+    fresh.on_task_start(ctx)  # same seed: the same new block before any warm-up
+    new_block_ce = F.cross_entropy(module(x)[:, 2:], y - 2)
+    assert new_block_ce < F.cross_entropy(fresh(x)[:, 2:], y - 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"alpha": -1.0}, "alpha"), ({"temperature": 0.0}, "temperature"), ({"warmup_epochs": -1}, "warmup")],
+)
+def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        LwF(TinyBackbone(), **kwargs)
+
+
+def test_lwf_runs_on_real_digits_with_warm_up(run_tiny) -> None:
+    doc, _ = run_tiny(
+        "method=lwf", "method.epochs=1", "method.batch_size=16", "method.lr=0.02", "method.warmup_epochs=1"
+    )
+    assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+    assert doc["acc_matrix"][1][1] > 30.0
