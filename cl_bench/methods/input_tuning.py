@@ -22,7 +22,8 @@ Everything the abstract leaves open is a config choice, and every default is our
   block ``j`` scores task ``j``'s classes from ``backbone(g_j(x))``, and the logits returned are each
   block's log-softmax within its task. Their argmax is the class of highest confidence over tasks, i.e. the
   task whose own model gives the maximum softmax probability (the max-softmax score of Hendrycks & Gimpel,
-  ICLR 2017, used for task selection), then the argmax within that task. With a task id ``g_task`` is used.
+  ICLR 2017, used for task selection), then the argmax within that task; after ``T`` tasks an image costs
+  ``T`` backbone passes. With a task id only ``g_task`` runs.
 * ``identity_penalty`` (``beta``, default 0) adds ``beta * MSE(g(x), x)``, the penalty of the authors'
   Neural Friendly Training (AAAI 2022), to keep the transformed input close to the original.
 
@@ -71,7 +72,7 @@ class InputTuning(ContinualModule):
         epochs: int = 10,
         batch_size: int = 64,
         lr: float = 0.01,
-        transform_lr: float | None = None,
+        transform_lr: float | None = 0.1,
         identity_penalty: float = 0.0,
         pad: int = 4,
         conv_hidden: int = 16,
