@@ -22,7 +22,12 @@ class IncrementalLinearHead(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return sum(block.out_features for block in self.blocks)
+        return sum(self.task_sizes)
+
+    @property
+    def task_sizes(self) -> list[int]:
+        """Classes per task block, in order."""
+        return [block.out_features for block in self.blocks]
 
     def add_task(self, n_classes: int) -> nn.Linear:
         """Append a block for ``n_classes`` new classes on the device of the existing ones."""

@@ -1,0 +1,206 @@
+"""ConFiT (Jie, Deng, Li, "Alleviating Representational Shift for Continual Fine-tuning", CVPRW 2022,
+arXiv 2204.10535): Xconv BN + hierarchical fine-tuning of a pre-trained CNN.
+
+The paper's body was not readable here; everything beyond its abstract follows the official code
+(``JieShibo/ConFiT`` @9a396b1, ``main.py``), as summarised in ``shared/research/methods_cnn.md`` §1:
+
+* **Scenario.** Task-incremental: one shared head whose logits are sliced to the task's classes (=
+  one head per task; :class:`~cl_bench.modules.heads.IncrementalLinearHead` grows one block per task),
+  task-local cross-entropy, SGD lr 0.01 without momentum or weight decay, a new optimizer per task, no
+  augmentation (presets set ``transform.train=none``).
+* **Per-task BN** (``task_bn``, ``main.py`` l.101-132): after each task every BatchNorm's weight, bias,
+  running mean and variance, and the pre-conv means, are stored; testing task ``i`` restores task ``i``'s.
+* **Xconv BN** (``xconv_bn``, :mod:`cl_bench.modules.xconv_bn`): for an old task ``i < T`` the running
+  means of BNs fed by a convolution are recomputed from task ``i``'s stored pre-conv means through the
+  *current* conv weights; the current task keeps its tracked means (``main.py`` l.133-134).
+* **Hierarchical fine-tuning** (``hierarchical``, ``main.py`` l.78-90): epochs ``[0, E//5)`` train the
+  head only, ``[E//5, E//2)`` also every BatchNorm's weight and bias (downsample BNs included), and
+  ``[E//2, E)`` everything. BN layers stay in train mode throughout (running statistics keep updating).
+  As in the code, stage A always covers epoch 0 and a stage whose start is epoch 0 is skipped (E < 5
+  has no BN-only stage; E = 1 trains the head only). ``stage_epochs=[b, c]`` sets other boundaries.
+
+Ablations: ``xconv_bn=false`` is task-specific BN with the stored means; ``task_bn=false`` (which needs
+``xconv_bn=false``) shares BN across tasks; ``hierarchical=false`` trains everything from epoch 0.
+
+Class-incremental use (ours; the paper is task-incremental): without a task id, ``cil_bn=shared`` uses
+the BN state after the last task for every image; ``cil_bn=predicted_task`` first predicts the task with
+that state, then re-scores each image within its predicted task under that task's (Xconv-recovered) BN
+state.
+
+Freezing is done with ``requires_grad`` while the optimizer holds every parameter: parameters that have
+not been unfrozen yet have no gradient, and SGD (also with momentum or weight decay) skips them, so they
+stay bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.errors import ConfigError
+from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.modules.xconv_bn import BATCH_NORMS, XconvBatchNorm
+
+CIL_BN_MODES = ("shared", "predicted_task")
+STAGES = ("head", "bn", "all")
+
+
+class ConFiT(ContinualModule):
+    """Per-task BN with Xconv-recovered means, trained with the three-stage hierarchical schedule.
+
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s):
+        hierarchical: head -> +BN affine -> all stages (``False``: all parameters from epoch 0).
+        stage_epochs: first epochs of the BN stage and of the full stage; ``None``: ``[E//5, E//2]``.
+        task_bn: store and restore BN state per task.
+        xconv_bn: recover old tasks' BN means through the current convs (needs ``task_bn``).
+        cil_bn: BN state used without a task id: ``shared`` or ``predicted_task``.
+    """
+
+    task_conditioned: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        epochs: int = 10,
+        batch_size: int = 128,
+        lr: float = 0.01,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
+        loss_scope: str = "seen",
+        hierarchical: bool = True,
+        stage_epochs: list[int] | None = None,
+        task_bn: bool = True,
+        xconv_bn: bool = True,
+        cil_bn: str = "shared",
+    ) -> None:
+        super().__init__(
+            backbone,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            loss_scope=loss_scope,
+        )
+        if xconv_bn and not task_bn:
+            raise ConfigError(
+                "method.xconv_bn=true needs method.task_bn=true: the stored pre-conv means assume the "
+                "task's own BN state upstream (set xconv_bn=false for shared BN)"
+            )
+        if cil_bn not in CIL_BN_MODES:
+            raise ConfigError(f"method.cil_bn={cil_bn!r}: choose one of {list(CIL_BN_MODES)}")
+        if stage_epochs is not None and (
+            len(stage_epochs) != 2 or not 0 <= stage_epochs[0] <= stage_epochs[1]
+        ):
+            raise ConfigError(
+                f"method.stage_epochs={stage_epochs}: give [first BN-stage epoch, first full-stage epoch] "
+                "with 0 <= first <= second, or null for the paper's [epochs//5, epochs//2]"
+            )
+        self.hierarchical = hierarchical
+        self.stage_epochs = (epochs // 5, epochs // 2) if stage_epochs is None else tuple(stage_epochs)
+        self.task_bn = task_bn
+        self.xconv_bn = xconv_bn
+        self.cil_bn = cil_bn
+        self.bn_state = XconvBatchNorm(backbone, self._probe_input(backbone), track=xconv_bn)
+        #: The (task, recovered) BN state currently loaded for inference; ``None``: the live training state.
+        self._loaded: tuple[int, bool] | None = None
+
+    @staticmethod
+    def _probe_input(backbone: Backbone) -> torch.Tensor:
+        first_conv = next(m for m in backbone.modules() if isinstance(m, nn.Conv2d))
+        size = backbone.data_config.input_size
+        return torch.zeros(1, first_conv.in_channels, size, size)
+
+    # ----------------------------------------------------------------- hierarchical fine-tuning
+    def stage(self, epoch: int) -> str:
+        """``head``, ``bn`` or ``all``: what trains in ``epoch`` (see the module docstring)."""
+        if not self.hierarchical:
+            return "all"
+        bn_start, all_start = self.stage_epochs
+        if 1 <= all_start <= epoch:
+            return "all"
+        if 1 <= bn_start <= epoch:
+            return "bn"
+        return "head"
+
+    def bn_affine_parameters(self) -> list[nn.Parameter]:
+        """Weight and bias of every BatchNorm of the backbone (downsample BNs included)."""
+        return [
+            p
+            for m in self.backbone.modules()
+            if isinstance(m, BATCH_NORMS)
+            for p in (m.weight, m.bias)
+            if p is not None
+        ]
+
+    def set_stage(self, stage: str) -> None:
+        """Set ``requires_grad`` for ``stage``: the head always, BN affine from ``bn``, all from ``all``."""
+        self.backbone.requires_grad_(stage == "all")
+        if stage == "bn":
+            for p in self.bn_affine_parameters():
+                p.requires_grad_(True)
+        self.head.requires_grad_(True)
+
+    def on_train_epoch_start(self) -> None:
+        self.set_stage(self.stage(self.current_epoch))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every parameter, frozen or not, so that later stages train without a new optimizer."""
+        return [{"params": list(self.parameters()), "lr": self.lr, "name": "all"}]
+
+    # ----------------------------------------------------------------- task hooks
+    def on_task_start(self, ctx: TaskContext) -> None:
+        super().on_task_start(ctx)
+        if self.task_bn and self.bn_state.snapshots:
+            self.bn_state.load(len(self.bn_state.snapshots) - 1, recover=False)
+        self.bn_state.forget_recoveries()
+        self._loaded = None
+        self.set_stage(self.stage(0))
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        self.backbone.requires_grad_(True)
+        if self.task_bn:
+            self.bn_state.snapshot(ctx.task.index)
+        self._loaded = None
+
+    # ----------------------------------------------------------------- inference
+    def _use_task_state(self, task: int) -> None:
+        """Load ``task``'s BN state for inference (Xconv-recovered for tasks before the last one)."""
+        last = len(self.bn_state.snapshots) - 1
+        key = (task, self.xconv_bn and task < last)
+        if self._loaded != key:
+            self.bn_state.load(*key)
+            self._loaded = key
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        if self.training or not self.task_bn or not self.bn_state.snapshots:
+            return super().forward(x, task)
+        last = len(self.bn_state.snapshots) - 1
+        if task is not None:
+            self._use_task_state(task)
+            return super().forward(x, task)
+        self._use_task_state(last)
+        logits = super().forward(x)
+        if self.cil_bn == "shared":
+            return logits
+        return self._rescore_in_predicted_task(x, logits)
+
+    def _rescore_in_predicted_task(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of each image's predicted task under that task's BN state; ``-inf`` elsewhere."""
+        sizes = self.head.task_sizes
+        stops = torch.tensor(sizes, device=logits.device).cumsum(0)
+        predicted = torch.bucketize(logits.argmax(dim=1), stops, right=True)
+        out = torch.full_like(logits, float("-inf"))
+        for task in predicted.unique().tolist():
+            rows = predicted == task
+            start, stop = int(stops[task]) - sizes[task], int(stops[task])
+            self._use_task_state(task)
+            out[rows, start:stop] = super().forward(x[rows], task)[:, start:stop]
+        return out
