@@ -39,18 +39,29 @@ def decode_rgb(path: str) -> torch.Tensor:
 
 
 class FileImages:
-    """Labelled image files, decoded when accessed (same interface as :class:`ArrayImages`)."""
+    """Labelled image files, decoded when accessed (same interface as :class:`ArrayImages`).
 
-    def __init__(self, paths: list[str], labels: np.ndarray, source: str) -> None:
+    ``boxes`` (optional, ``[N, 4]`` as x, y, width, height in pixels) crops each image to its box.
+    """
+
+    def __init__(
+        self, paths: list[str], labels: np.ndarray, source: str, boxes: np.ndarray | None = None
+    ) -> None:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.source = source
+        self.boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def image(self, index: int) -> torch.Tensor:
-        return decode_rgb(self.paths[index])
+        image = decode_rgb(self.paths[index])
+        if self.boxes is None:
+            return image
+        x, y, width, height = self.boxes[index]
+        top, left = int(y), int(x)
+        return image[:, top : top + max(1, int(height)), left : left + max(1, int(width))]
 
 
 def _list_split(
@@ -77,8 +88,11 @@ def _list_split(
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
-def _cache_file(cache_dir: Path, tag: str, paths: list[str], size: int) -> Path:
-    digest = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+def _cache_file(cache_dir: Path, tag: str, images: FileImages, size: int) -> Path:
+    key = "\n".join(images.paths)
+    if images.boxes is not None:
+        key += "\nboxes:" + images.boxes.tobytes().hex()
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return cache_dir / f"{tag}_{size}px_{digest}.npy"
 
 
@@ -114,7 +128,7 @@ def with_cache(
         setattr(
             data,
             split,
-            cached_resized(images, cache_size, _cache_file(folder, split, images.paths, cache_size)),
+            cached_resized(images, cache_size, _cache_file(folder, split, images, cache_size)),
         )
     return data
 

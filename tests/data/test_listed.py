@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import encode_jpeg
+from torchvision.io import encode_jpeg, encode_png
 
 from cl_bench.data.listed import load_cub, load_tiny_imagenet
 from cl_bench.errors import DataError
@@ -41,6 +41,31 @@ def test_cub_official_split(tmp_path: Path) -> None:
     cached = load_cub(str(root), cache_size=8)
     assert cached.train.images.shape == (3, 8, 8, 3) and cached.test.labels.tolist() == [0, 1, 1]
     assert abs(int(cached.test.image(0).float().mean()) - 80) <= 1
+
+
+def test_cub_crop_to_bounding_box(tmp_path: Path) -> None:
+    """ConFiT's CUB (via Avalanche) crops each image to bounding_boxes.txt (x, y, width, height)."""
+    root = tmp_path / "CUB_200_2011"
+    image = torch.zeros(3, 12, 16, dtype=torch.uint8)
+    image[:, 2:7, 3:11] = 200  # the bird: rows 2..6, columns 3..10
+    path = root / "images" / "001.A/a.png"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_png(image).numpy().tobytes())
+    (root / "images.txt").write_text("1 001.A/a.png\n")
+    (root / "image_class_labels.txt").write_text("1 1\n")
+    (root / "train_test_split.txt").write_text("1 1\n")
+    (root / "classes.txt").write_text("1 001.A\n")
+    with pytest.raises(DataError, match="bounding_boxes.txt"):
+        load_cub(str(root), crop_to_bbox=True)
+    (root / "bounding_boxes.txt").write_text("1 3.0 2.0 8.0 5.0\n")
+    cropped = load_cub(str(root), crop_to_bbox=True).train.image(0)
+    assert cropped.shape == (3, 5, 8) and bool((cropped == 200).all())
+    assert load_cub(str(root)).train.image(0).shape == (3, 12, 16)
+    full_cache = load_cub(str(root), cache_size=4, cache_dir=str(tmp_path / "c"))
+    crop_cache = load_cub(str(root), crop_to_bbox=True, cache_size=4, cache_dir=str(tmp_path / "c"))
+    assert bool((crop_cache.train.image(0) == 200).all()) and not bool(
+        (full_cache.train.image(0) == 200).all()
+    )
 
 
 def test_cub_missing_files_are_named(tmp_path: Path) -> None:
