@@ -1,0 +1,125 @@
+"""Memory Aware Synapses: Aljundi et al. 2018, "Memory Aware Synapses: Learning what (not) to forget"
+(ECCV 2018), Sec. 3-4: importance from the sensitivity of the squared L2 norm of the output, and the loss
+``L_new + lambda * sum_k Omega_k (theta_k - theta*_k)^2``.
+
+At the end of each task, in eval mode, the new importance is the mean over mini-batches (``batch_size``) of
+``|d/dtheta mean_i ||f(x_i)||_2^2|``, where ``f`` are the logits the task was trained on (all seen classes in
+the class-incremental setting; the task's own block in the task-incremental one or with
+``loss_scope=task``), on the task's training images with the evaluation transform (``ctx.train_eval_set``).
+The paper averages per-example absolute gradients; the per-batch form is Avalanche's (``plugins/mas.py``)
+and much cheaper. Importances are folded in as Avalanche does::
+
+    Omega <- alpha * Omega + (1 - alpha) * Omega_new
+
+(``Omega`` starts at 0, so after the first task it is ``(1 - alpha) Omega_1``), and the anchor moves to
+the task's final weights. Differences from Avalanche: the output norm is squared as in the paper (recent
+Avalanche and FACIL use the unsquared norm), eval mode instead of train mode (which would also update
+BatchNorm statistics after training), and no ``1/2`` in the penalty (Avalanche divides by 2, so our
+``lambda_reg`` is Avalanche's ``lambda_reg / 2``); the paper's own accumulation is a plain sum over tasks.
+
+Head: importance and anchor cover every trainable parameter at the end of the task (backbone and all head
+blocks so far); later blocks are free until their own task ends. In the task-incremental setting the output
+norm of the current block does not depend on the old blocks, so they get no new importance (``alpha``
+decays their old one).
+
+Defaults (``conf/method/mas.yaml``): ``lambda_reg`` 1 and ``alpha`` 0.5 (Avalanche's ``MASPlugin``);
+the optimiser settings are the repository's ``seq_ft`` protocol.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.errors import ConfigError
+from cl_bench.methods.base import ContinualModule, TaskContext, autocast
+from cl_bench.modules.regularizers import (
+    QuadraticPenalty,
+    TensorDict,
+    gradient_importance,
+    snapshot,
+    trainable_parameters,
+)
+
+
+class MAS(ContinualModule):
+    """Fine-tuning with the MAS quadratic penalty (see the module docstring).
+
+    Args:
+        lambda_reg: weight of the penalty.
+        alpha: weight of the old importance when a task's importance is folded in.
+        (the rest as :class:`~cl_bench.methods.base.ContinualModule`)
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        lambda_reg: float = 1.0,
+        alpha: float = 0.5,
+        epochs: int = 10,
+        batch_size: int = 64,
+        lr: float = 0.01,
+        backbone_lr: float | None = None,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        scheduler: str = "cosine",
+        loss_scope: str = "seen",
+    ) -> None:
+        super().__init__(
+            backbone,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            backbone_lr=backbone_lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            loss_scope=loss_scope,
+        )
+        if lambda_reg < 0:
+            raise ConfigError(f"method.lambda_reg={lambda_reg} must be >= 0")
+        if not 0.0 <= alpha < 1.0:
+            raise ConfigError(f"method.alpha={alpha} must lie in [0, 1) (1 would ignore every new task)")
+        self.lambda_reg = lambda_reg
+        self.alpha = alpha
+        self.penalty = QuadraticPenalty()
+
+    def importance(self, ctx: TaskContext) -> TensorDict:
+        """Mean absolute gradient of the mean squared output norm on the task's training images."""
+        was_training = self.training
+        self.eval()
+
+        def batch_norm_sq(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            with autocast(self.device, ctx.autocast_dtype):
+                logits, _ = self.task_logits(self(x.to(self.device)), y.to(self.device))
+            return logits.float().pow(2).sum(dim=1).mean()
+
+        loader = ctx.loader(ctx.train_eval_set, self.batch_size, shuffle=False)
+        importance = gradient_importance(trainable_parameters(self), loader, batch_norm_sq, torch.abs)
+        self.train(was_training)
+        return importance
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        """Fold the task's importance in and anchor the penalty at the task's final weights."""
+        importance = self.importance(ctx)
+        self.penalty.consolidate(
+            snapshot(trainable_parameters(self)), importance, decay=self.alpha, scale=1.0 - self.alpha
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits, targets = self.task_logits(self.training_logits(x), y)
+        ce = F.cross_entropy(logits, targets)
+        loss = ce
+        if len(self.penalty):
+            penalty = self.penalty(dict(self.named_parameters()))
+            loss = ce + self.lambda_reg * penalty
+            self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
+        self.check_finite(loss, batch_idx)
+        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss

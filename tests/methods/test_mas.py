@@ -1,0 +1,140 @@
+"""MAS: the importance is the hand-derived mean absolute gradient of the squared output norm, tasks fold in
+as alpha * Omega + (1 - alpha) * Omega_new, the penalty is zero at the anchor, and a task-incremental run
+completes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cl_bench.backbones.base import Backbone, DataConfig
+from cl_bench.config import ScenarioType
+from cl_bench.errors import ConfigError
+from cl_bench.methods.base import TaskContext
+from cl_bench.methods.mas import MAS
+from cl_bench.scenario import Scenario, Task
+
+TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)))
+
+
+class LinearBackbone(Backbone):
+    feat_dim = 3
+    data_config = DataConfig(input_size=1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _ctx(task: int, til: bool = False) -> TaskContext:
+    gen = torch.Generator().manual_seed(task)
+    data = TensorDataset(
+        torch.randn(6, 4, generator=gen), torch.randint(0, 2, (6,), generator=gen) + 2 * task
+    )
+    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, (0, 1, 2, 3), TASKS)
+    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+
+
+def _module(**kwargs) -> MAS:
+    torch.manual_seed(0)
+    return MAS(LinearBackbone(), batch_size=4, **kwargs)
+
+
+def test_importance_equals_hand_computation() -> None:
+    module = _module()
+    ctx = _ctx(0)
+    module.on_task_start(ctx)
+    fc, block = module.backbone.fc, module.head.blocks[0]
+    x, _ = ctx.train_eval_set.tensors
+    expected: dict[str, torch.Tensor] = {}
+    for rows in (slice(0, 4), slice(4, 6)):  # mini-batches of 4 and 2
+        xb = x[rows]
+        feats = xb @ fc.weight.T + fc.bias
+        out = feats @ block.weight.T + block.bias
+        d_out = 2 * out / len(xb)  # d mean_i ||out_i||^2 / d out
+        back = d_out @ block.weight
+        grads = {
+            "head.blocks.0.weight": d_out.T @ feats,
+            "head.blocks.0.bias": d_out.sum(0),
+            "backbone.fc.weight": back.T @ xb,
+            "backbone.fc.bias": back.sum(0),
+        }
+        for name, g in grads.items():
+            expected[name] = expected.get(name, 0) + g.detach().abs() / 2
+    importance = module.importance(ctx)
+    assert set(importance) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(importance[name], value)
+
+
+def test_tasks_fold_in_with_alpha_and_the_penalty_is_zero_at_the_anchor() -> None:
+    module = _module(alpha=0.25)
+    module.on_task_start(_ctx(0))
+    first = module.importance(_ctx(0))
+    module.on_task_end(_ctx(0))
+    module.on_task_start(_ctx(1))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1)
+    second = module.importance(_ctx(1))
+    module.on_task_end(_ctx(1))
+    (term,) = module.penalty.terms
+    for name, value in second.items():
+        expected = 0.25 * 0.75 * first[name] + 0.75 * value if name in first else 0.75 * value
+        torch.testing.assert_close(term.importance[name], expected)
+    assert "head.blocks.1.weight" not in first
+    assert module.penalty(dict(module.named_parameters())).item() == 0.0
+
+
+def test_training_loss_adds_lambda_times_penalty() -> None:
+    module = _module(lambda_reg=2.0)
+    module.on_task_start(_ctx(0))
+    module.on_task_end(_ctx(0))
+    module.on_task_start(_ctx(1))
+    with torch.no_grad():
+        module.backbone.fc.weight.add_(0.3)
+    x, y = _ctx(1).train_set.tensors
+    penalty = module.penalty(dict(module.named_parameters()))
+    assert penalty.item() > 0
+    with pytest.warns(UserWarning, match="self.log"):
+        loss = module.training_step((x, y), 0)
+    torch.testing.assert_close(loss, F.cross_entropy(module(x), y) + 2.0 * penalty)
+
+
+def test_task_incremental_importance_uses_the_task_block_only() -> None:
+    module = _module()
+    module.on_task_start(_ctx(0, til=True))
+    module.on_task_end(_ctx(0, til=True))
+    module.on_task_start(_ctx(1, til=True))
+    importance = module.importance(_ctx(1, til=True))
+    assert importance["head.blocks.0.weight"].abs().sum() == 0
+    assert importance["head.blocks.1.weight"].abs().sum() > 0
+
+
+def test_invalid_arguments_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="lambda_reg"):
+        MAS(LinearBackbone(), lambda_reg=-1.0)
+    with pytest.raises(ConfigError, match="alpha"):
+        MAS(LinearBackbone(), alpha=1.0)
+
+
+def test_mas_runs_task_incrementally_on_real_digits(run_tiny) -> None:
+    doc, _ = run_tiny(
+        "method=mas",
+        "method.epochs=1",
+        "method.batch_size=16",
+        "method.lr=0.02",
+        "scenario=til",
+        "scenario.n_tasks=2",
+        "scenario.order_seed=0",
+    )
+    assert doc["status"] == "complete" and doc["acc_matrix"] == doc["til_acc_matrix"]
+    acc = doc["acc_matrix"]
+    assert acc[0][0] > 40.0 and acc[1][0] > 25.0  # 5 classes per task: chance is 20 %
