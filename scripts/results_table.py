@@ -75,17 +75,54 @@ def table(methods: list[str], seeds: list[int], sweep_dir: Path, command: str) -
     return "\n".join(out) + "\n"
 
 
+def runs_table(labelled_runs: list[str], title: str) -> str:
+    """One row per ``LABEL=RUN_DIR`` (single runs, e.g. ablations), read from each ``results.json``."""
+    lines = [
+        f"| {title} | last acc (%) | avg incremental acc (%) | avg forgetting (pt) | BWT (pt) | time (s) "
+        "| status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for item in labelled_runs:
+        label, _, folder = item.partition("=")
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            lines.append(f"| {label} | | | | | | missing ({path}) |")
+            continue
+        doc = json.loads(path.read_text())
+
+        def num(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f}"
+
+        lines.append(
+            f"| {label} | {num(doc['last_acc'])} | {num(doc['avg_inc_acc'])} | {num(doc['avg_forgetting'])} "
+            f"| {num(doc['bwt'])} | {sum(doc['task_time_s']):.0f} | {doc['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
-    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--methods", nargs="+", help="methods to sweep (with --seeds)")
+    parser.add_argument(
+        "--runs", nargs="+", metavar="LABEL=RUN_DIR", help="tabulate finished single runs instead of a sweep"
+    )
+    parser.add_argument("--title", default="run", help="first column's header for --runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sweep-dir", type=Path, default=Path("outputs/tables/latest"))
     parser.add_argument("--no-run", action="store_true", help="only aggregate runs already in --sweep-dir")
     parser.add_argument("overrides", nargs="*", help="cl-bench overrides shared by every run (after --)")
     args = parser.parse_args()
+    if args.runs:
+        text = runs_table(args.runs, args.title)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(text)
+        return
+    if not args.methods:
+        parser.error("give --methods (a sweep) or --runs (finished runs)")
     if not args.no_run:
         sweep(args.methods, args.seeds, args.overrides, args.sweep_dir)
     command = shlex.join(
