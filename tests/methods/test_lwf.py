@@ -1,6 +1,7 @@
 """LwF: the distillation term is the temperature-scaled KL of its formula (zero when the student is the
 teacher), the loss is CE + alpha * KD over the old classes (one softmax in CIL, one per old task in TIL), the
-teacher is a frozen snapshot outside the module, the warm-up trains only the new block, and a run completes.
+teacher is a frozen snapshot outside the module, the warm-up trains only the new block, and on a real run it
+keeps more of the first task than seq_ft.
 """
 
 from __future__ import annotations
@@ -147,9 +148,11 @@ def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
         LwF(TinyBackbone(), **kwargs)
 
 
-def test_lwf_runs_on_real_digits_with_warm_up(run_tiny) -> None:
-    doc, _ = run_tiny(
-        "method=lwf", "method.epochs=1", "method.batch_size=16", "method.lr=0.02", "method.warmup_epochs=1"
-    )
+def test_lwf_on_real_digits_forgets_less_than_seq_ft_given_the_task(run_tiny) -> None:
+    common = ("method.epochs=1", "method.batch_size=16", "method.lr=0.02")
+    doc, _ = run_tiny("method=lwf", *common)
+    baseline, _ = run_tiny("method=seq_ft", *common)
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
-    assert doc["acc_matrix"][1][1] > 30.0
+    # Task-aware accuracy on the first task after the second: the features it needs survive distillation
+    # (seq_ft is near the 20 % chance level here). Without task ids both lose it to the new head's bias.
+    assert doc["til_acc_matrix"][1][0] > baseline["til_acc_matrix"][1][0] + 10.0

@@ -1,6 +1,6 @@
 """SI: the path integral sums -g * delta_theta of the unregularised loss (lr * g^2 under plain SGD), the
-importance is relu(Omega + omega / (Delta^2 + xi)) anchored at the task's end, and Lightning drives the hooks
-on a real run.
+importance is relu(Omega + omega / (Delta^2 + xi)) anchored at the task's end, and on a real run Lightning
+drives the hooks and the first task's task-aware accuracy stays above seq_ft's.
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def test_invalid_arguments_are_config_errors() -> None:
         SynapticIntelligence(TinyBackbone(), xi=0.0)
 
 
-def test_si_runs_on_real_digits_and_lightning_drives_the_path_integral(run_tiny, monkeypatch) -> None:
+def test_si_on_real_digits_drives_the_path_integral_and_forgets_less_than_seq_ft(
+    run_tiny, monkeypatch
+) -> None:
     totals: list[float] = []
     original = SynapticIntelligence.on_task_end
 
@@ -155,6 +157,9 @@ def test_si_runs_on_real_digits_and_lightning_drives_the_path_integral(run_tiny,
         totals.append(sum(float(v.sum()) for v in self.penalty.terms[0].importance.values()))
 
     monkeypatch.setattr(SynapticIntelligence, "on_task_end", spy)
-    doc, _ = run_tiny("method=si", "method.epochs=1", "method.batch_size=16", "method.lr=0.02")
+    common = ("method.epochs=1", "method.batch_size=16", "method.lr=0.02")
+    doc, _ = run_tiny("method=si", *common)
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
     assert len(totals) == 2 and totals[0] > 0 and totals[1] > 0 and totals[1] != totals[0]
+    baseline, _ = run_tiny("method=seq_ft", *common)  # task-aware accuracy on the first task after the second
+    assert doc["til_acc_matrix"][1][0] > baseline["til_acc_matrix"][1][0] + 10.0
