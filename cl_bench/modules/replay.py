@@ -57,7 +57,7 @@ class ReservoirBuffer(nn.Module):
         """The number of filled slots."""
         return min(int(self.num_seen), self.capacity)
 
-    def reservoir_slots(self, n: int) -> list[int]:
+    def _reservoir_slots(self, n: int) -> list[int]:
         """Slots for the next ``n`` offered examples (``-1``: not kept); advances the stream counter."""
         seen = int(self.num_seen)
         positions = torch.arange(seen, seen + n, dtype=torch.float64)
@@ -72,15 +72,15 @@ class ReservoirBuffer(nn.Module):
     @torch.no_grad()
     def add(
         self, index: torch.Tensor, label: torch.Tensor, task: int, logits: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Offer a batch of examples in order; returns the slot each one went to (``-1``: not kept).
+    ) -> None:
+        """Offer a batch of examples (all from ``task``) in stream order.
 
         When two examples of the batch draw the same slot, the later one replaces the earlier one, as in a
         sequential pass.
         """
         if self.store_logits != (logits is not None):
             raise ValueError("pass logits exactly when the buffer stores them (store_logits)")
-        slots = self.reservoir_slots(len(index))
+        slots = self._reservoir_slots(len(index))
         last: dict[int, int] = {}  # slot -> position in the batch of its last writer
         for position, slot in enumerate(slots):
             if slot >= 0:
@@ -94,7 +94,6 @@ class ReservoirBuffer(nn.Module):
             self.task[target] = task
             if logits is not None:
                 self._store_logits(target, logits[source].detach())
-        return torch.tensor(slots, dtype=torch.long)
 
     def _store_logits(self, target: torch.Tensor, logits: torch.Tensor) -> None:
         width = logits.shape[1]
