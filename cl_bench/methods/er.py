@@ -2,12 +2,12 @@
 (arXiv 1902.10486), Sec. 3: experience replay (their Algorithm 1) with the reservoir-sampling memory.
 
 A buffer of ``buffer_size`` examples is filled by reservoir sampling (:class:`ReservoirBuffer`) over the
-stream of training examples: each example of every training step is offered once, after the step's batch
-was formed (so with ``E`` epochs an example is offered ``E`` times, as in Mammoth's ``er``; with one epoch
-this is the paper's single pass). Each step from the second task on concatenates the current batch with
-``replay_batch_size`` examples drawn uniformly without replacement from the buffer (re-read from the image
-source and augmented again) and takes one SGD step on the cross-entropy of the joint batch (as Mammoth's
-``models/er.py``):
+stream of training examples: every example of a training batch is offered once, after the step's loss
+(so with ``E`` epochs an example is offered ``E`` times, as in Mammoth's ``er``; with one epoch this is the
+paper's single pass). Every step with a non-empty buffer (from the first task's second step on, as Mammoth)
+concatenates the current batch with ``replay_batch_size`` examples drawn uniformly without replacement from
+the buffer (re-read from the image source and augmented again) and takes one SGD step on the cross-entropy
+of the joint batch (as Mammoth's ``models/er.py``):
 
 * class-incremental (``loss_scope=seen``): over every class seen so far;
 * task-incremental, or ``loss_scope=task``: each example over its own task's classes (its task's head
