@@ -34,7 +34,7 @@ def test_dataset_specifics() -> None:
     assert compose_config("experiment=confit/flowers102").dataset.split == "stratified"
 
 
-@pytest.mark.parametrize("method", ["seq_ft", "ewc", "lwf", "er", "derpp", "si"])
+@pytest.mark.parametrize("method", ["seq_ft", "ewc", "lwf", "er", "derpp", "si", "mas", "input_tuning"])
 def test_baselines_run_in_the_confit_protocol(method: str) -> None:
     cfg = compose_config("experiment=confit/cifar100_resnet32", f"method={method}")
     validate_config(cfg)
