@@ -202,3 +202,27 @@ def test_confit_runs_task_incremental_end_to_end(run_tiny) -> None:
 def test_confit_ablations_run(run_tiny, overrides: tuple[str, ...]) -> None:
     doc, _ = run_tiny("method=confit", "scenario=til", "method.epochs=1", "method.batch_size=64", *overrides)
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+
+
+def test_timm_resnet18_downsample_bns_are_recovered() -> None:
+    """A drop-in on timm's ImageNet ResNet-18 (the paper's backbone): every BN is paired, and an old task's
+    downsample BN (1x1 stride-2 conv) gets the recovered mean from its four parity means."""
+    from cl_bench.backbones.timm_backbone import TimmBackbone
+
+    torch.manual_seed(0)
+    module = ConFiT(TimmBackbone("resnet18.tv_in1k", pretrained=False))
+    assert not module.bn_state.unpaired and len(module.bn_state.pairs) == 20
+    tracker = module.bn_state.trackers["model__layer2__0__downsample__0"]
+    assert tracker.running_mean.shape == (4, 64)
+    for index in range(2):
+        module.on_task_start(_Ctx(Task(index, 3 * index, 3 * index + 3, (0, 1, 2))))
+        module.train()
+        with torch.no_grad():
+            module(torch.randn(4, 3, 64, 64) + index)
+        module.on_task_end(_Ctx(module.task))
+    module.eval()
+    module(torch.randn(2, 3, 64, 64), task=0)
+    bn = module.backbone.model.layer2[0].downsample[1]
+    torch.testing.assert_close(
+        bn.running_mean, module.bn_state.recovered_means(0)["model.layer2.0.downsample.1"]
+    )
