@@ -332,12 +332,23 @@ def learn_task(
     state.task_time_s.append(time.perf_counter() - start)
 
 
+def _to_cpu(value: Any) -> Any:
+    """Tensors (also inside a module's extra state: lists and dicts of tensors) detached and on the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def save_model(path: Path, method: ContinualModule, scenario: Scenario, config: dict[str, Any]) -> None:
     """Save the final method state (``torch.load(path, weights_only=True)`` reads it back)."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
-            "state_dict": {k: v.detach().cpu() for k, v in method.state_dict().items()},
+            "state_dict": {k: _to_cpu(v) for k, v in method.state_dict().items()},
             "class_order": list(scenario.class_order),
             "task_boundaries": [[t.start, t.stop] for t in scenario.tasks],
             "method": config["method"].get("_target_"),

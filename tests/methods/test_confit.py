@@ -176,15 +176,20 @@ def test_predicted_task_mode_rescores_within_the_predicted_task() -> None:
 
 
 def test_confit_runs_task_incremental_end_to_end(run_tiny) -> None:
-    doc, _ = run_tiny(
+    doc, run_dir = run_tiny(
         "method=confit",
         "scenario=til",
         "method.epochs=3",
         "method.lr=0.05",
         "method.momentum=0.9",
         "method.batch_size=32",
+        "save_model=true",
     )
     assert doc["status"] == "complete"
+    saved = torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
+    snapshots = saved["bn_state._extra_state"]["snapshots"]  # per-task BN state travels with the model
+    assert len(snapshots) == 2 and "backbone.bn1.running_mean" not in snapshots[0]
+    assert torch.equal(snapshots[1]["bn1.running_var"], saved["backbone.bn1.running_var"])
     assert doc["acc_matrix"] == doc["til_acc_matrix"]
     # each task is learned (5 classes: chance is 20 %) from a random ResNet-20 in 3 epochs
     assert doc["acc_matrix"][0][0] > 40.0 and doc["acc_matrix"][1][1] > 40.0
