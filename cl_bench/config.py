@@ -206,21 +206,44 @@ def _type_matches(value: Any, hint: Any) -> bool:
     return True
 
 
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def target_parameters(fn: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """Named parameters and type hints of ``fn``, and whether it accepts any other keyword.
+
+    A class whose ``__init__`` takes ``**kwargs`` forwards them to its base class (``super().__init__(
+    **kwargs)``), so it also accepts the keywords of the base classes' ``__init__`` up to the first one
+    without ``**kwargs``; a subclass's parameter or hint wins over its base's.
+    """
+    inits = (
+        [c.__dict__["__init__"] for c in fn.__mro__ if "__init__" in c.__dict__]
+        if inspect.isclass(fn)
+        else [fn]
+    )
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for init in inits:
+        sig = inspect.signature(init)
+        for name, p in sig.parameters.items():
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self":
+                params.setdefault(name, p)
+        hints = {**_type_hints(init), **hints}
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            return params, hints, False
+    return params, hints, True
+
+
 def validate_target_group(group: str, section: DictConfig) -> None:
     """Check ``section``'s keys and value types against its ``_target_`` callable's signature."""
     fn = resolve_target(group, section)
     injected = TARGET_GROUPS.get(group, ())
-    sig = inspect.signature(fn)
-    try:
-        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
-    except Exception:
-        hints = {}
-    params = {
-        name: p
-        for name, p in sig.parameters.items()
-        if name not in injected and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    all_params, hints, accepts_any = target_parameters(fn)
+    params = {name: p for name, p in all_params.items() if name not in injected}
     for key in section:
         if key in RESERVED_KEYS:
             params.pop(key, None)  # reserved keys are always allowed and validated as part of the group

@@ -151,3 +151,21 @@ def test_timm_backbone_gets_its_model_name() -> None:
     validate_config(cfg)
     backbone = build_from_config("backbone", cfg.backbone)
     assert backbone.name == "resnet18" and backbone.feat_dim == 512
+
+
+def test_methods_forwarding_kwargs_are_checked_against_the_base_signature() -> None:
+    """EWC takes ``**base_args`` for ContinualModule: base keys are accepted and type-checked, others fail."""
+    from omegaconf import OmegaConf
+
+    from cl_bench.config import target_parameters, validate_target_group
+    from cl_bench.methods.ewc import EWC
+
+    params, hints, accepts_any = target_parameters(EWC)
+    assert not accepts_any and {"ewc_lambda", "epochs", "loss_scope"} <= set(params)
+    assert hints["epochs"] is int
+    ok = OmegaConf.create({"_target_": "cl_bench.methods.ewc.EWC", "name": "ewc", "epochs": 3, "lr": 0.1})
+    validate_target_group("method", ok)
+    with pytest.raises(ConfigError, match="unknown key method.epoch "):
+        validate_target_group("method", OmegaConf.merge(ok, {"epoch": 3}))
+    with pytest.raises(ConfigError, match="method.epochs='3' has the wrong type"):
+        validate_target_group("method", OmegaConf.merge(ok, {"epochs": "3"}))

@@ -26,6 +26,8 @@ buffer, ``alpha`` 0.3 and ``beta`` 0.5; ``replay_batch_size`` = ``batch_size`` (
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cl_bench.backbones.base import Backbone
@@ -50,29 +52,13 @@ class DERPlusPlus(ExperienceReplay):
         beta: float = 0.5,
         buffer_size: int = 500,
         replay_batch_size: int | None = None,
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 0.01,
-        backbone_lr: float | None = None,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        scheduler: str = "cosine",
-        loss_scope: str = "seen",
+        **base_args: Any,
     ) -> None:
         super().__init__(
             backbone,
             buffer_size=buffer_size,
             replay_batch_size=replay_batch_size,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            backbone_lr=backbone_lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            loss_scope=loss_scope,
+            **base_args,
         )
         if alpha < 0 or beta < 0:
             raise ConfigError(f"method.alpha={alpha} and method.beta={beta} must be >= 0")

@@ -20,6 +20,8 @@ settings are the repository's ``seq_ft`` protocol so the baselines differ only b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -45,33 +47,17 @@ class ExperienceReplay(ContinualModule):
         backbone: Backbone,
         buffer_size: int = 500,
         replay_batch_size: int | None = None,
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 0.01,
-        backbone_lr: float | None = None,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        scheduler: str = "cosine",
-        loss_scope: str = "seen",
+        **base_args: Any,
     ) -> None:
         super().__init__(
             backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            backbone_lr=backbone_lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            loss_scope=loss_scope,
+            **base_args,
         )
         if buffer_size < 1:
             raise ConfigError(f"method.buffer_size={buffer_size} must be >= 1")
         if replay_batch_size is not None and replay_batch_size < 1:
             raise ConfigError(f"method.replay_batch_size={replay_batch_size} must be >= 1 (or null)")
-        self.replay_batch_size = batch_size if replay_batch_size is None else replay_batch_size
+        self.replay_batch_size = self.batch_size if replay_batch_size is None else replay_batch_size
         self.buffer = self.build_buffer(buffer_size)
         #: ``[start, stop)`` of the task owning each class position (set when a task starts).
         self.class_task_range = torch.zeros(0, 2, dtype=torch.long)

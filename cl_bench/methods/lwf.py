@@ -33,6 +33,7 @@ settings are the repository's ``seq_ft`` protocol.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,27 +88,11 @@ class LwF(ContinualModule):
         alpha: float = 1.0,
         temperature: float = 2.0,
         warmup_epochs: int = 0,
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 0.01,
-        backbone_lr: float | None = None,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        scheduler: str = "cosine",
-        loss_scope: str = "seen",
+        **base_args: Any,
     ) -> None:
         super().__init__(
             backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            backbone_lr=backbone_lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            loss_scope=loss_scope,
+            **base_args,
         )
         if alpha < 0:
             raise ConfigError(f"method.alpha={alpha} must be >= 0")

@@ -28,6 +28,8 @@ the optimiser settings are the repository's ``seq_ft`` protocol.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -57,27 +59,11 @@ class MAS(ContinualModule):
         backbone: Backbone,
         lambda_reg: float = 1.0,
         alpha: float = 0.5,
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 0.01,
-        backbone_lr: float | None = None,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        scheduler: str = "cosine",
-        loss_scope: str = "seen",
+        **base_args: Any,
     ) -> None:
         super().__init__(
             backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            backbone_lr=backbone_lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            loss_scope=loss_scope,
+            **base_args,
         )
         if lambda_reg < 0:
             raise ConfigError(f"method.lambda_reg={lambda_reg} must be >= 0")

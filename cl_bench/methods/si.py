@@ -52,27 +52,11 @@ class SynapticIntelligence(ContinualModule):
         backbone: Backbone,
         c: float = 0.1,
         xi: float = 1e-3,
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 0.01,
-        backbone_lr: float | None = None,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        scheduler: str = "cosine",
-        loss_scope: str = "seen",
+        **base_args: Any,
     ) -> None:
         super().__init__(
             backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            backbone_lr=backbone_lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            loss_scope=loss_scope,
+            **base_args,
         )
         if c < 0:
             raise ConfigError(f"method.c={c} must be >= 0")
