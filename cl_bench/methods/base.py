@@ -220,10 +220,19 @@ class ContinualModule(pl.LightningModule):
         """Logits of a training batch; ``inputs`` are what :meth:`train_dataset` yields (images here)."""
         return self(inputs)
 
+    def regularizer(self) -> torch.Tensor | None:
+        """A term added to the training cross-entropy (EWC/SI/MAS penalties); ``None``: nothing."""
+        return None
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits, targets = self.task_logits(self.training_logits(x), y)
         loss = F.cross_entropy(logits, targets)
+        penalty = self.regularizer()
+        if penalty is not None:
+            self.log("train/ce", loss, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
+            loss = loss + penalty
         self.check_finite(loss, batch_idx)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss

@@ -115,16 +115,8 @@ class EWC(ContinualModule):
         else:
             self.penalty.consolidate(anchor, fisher, decay=self.gamma)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits, targets = self.task_logits(self.training_logits(x), y)
-        ce = F.cross_entropy(logits, targets)
-        loss = ce
-        if len(self.penalty):
-            penalty = self.penalty(dict(self.named_parameters()))
-            loss = ce + self.ewc_lambda * penalty
-            self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
-        self.check_finite(loss, batch_idx)
-        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
+    def regularizer(self) -> torch.Tensor | None:
+        """``ewc_lambda`` times the quadratic penalty (nothing before the first task ends)."""
+        if not len(self.penalty):
+            return None
+        return self.ewc_lambda * self.penalty(dict(self.named_parameters()))

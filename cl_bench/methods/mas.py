@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
@@ -96,16 +95,8 @@ class MAS(ContinualModule):
             snapshot(trainable_parameters(self)), importance, decay=self.alpha, scale=1.0 - self.alpha
         )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits, targets = self.task_logits(self.training_logits(x), y)
-        ce = F.cross_entropy(logits, targets)
-        loss = ce
-        if len(self.penalty):
-            penalty = self.penalty(dict(self.named_parameters()))
-            loss = ce + self.lambda_reg * penalty
-            self.log("train/penalty", penalty, on_step=False, on_epoch=True, batch_size=len(y))
-        self.check_finite(loss, batch_idx)
-        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
+    def regularizer(self) -> torch.Tensor | None:
+        """``lambda_reg`` times the quadratic penalty (nothing before the first task ends)."""
+        if not len(self.penalty):
+            return None
+        return self.lambda_reg * self.penalty(dict(self.named_parameters()))
