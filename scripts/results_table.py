@@ -83,7 +83,7 @@ def runs_table(labelled_runs: list[str], title: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for item in labelled_runs:
-        label, _, folder = item.partition("=")
+        label, _, folder = item.rpartition("=")  # labels may contain "=" (e.g. an override)
         path = Path(folder) / "results.json"
         if not path.is_file():
             lines.append(f"| {label} | | | | | | missing ({path}) |")
