@@ -82,12 +82,15 @@ class TimmBackbone(Backbone):
         dc = timm.data.resolve_model_data_config(self.model)
         self.name = name
         self.feat_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
+        img_size = (model_kwargs or {}).get("img_size")
         self.data_config = DataConfig(
-            input_size=int(dc["input_size"][-1]),
+            # timm's pretrained_cfg describes the tag's resolution; an explicit img_size (a ViT built for
+            # 32 px CIFAR images) replaces it, and its eval transform then takes the image as it is.
+            input_size=int(img_size if img_size is not None else dc["input_size"][-1]),
             mean=tuple(float(v) for v in dc["mean"]),
             std=tuple(float(v) for v in dc["std"]),
             interpolation=str(dc.get("interpolation", "bilinear")),
-            crop_pct=float(dc.get("crop_pct", 1.0)),
+            crop_pct=1.0 if img_size is not None else float(dc.get("crop_pct", 1.0)),
         )
 
     def blocks(self) -> list[nn.Module]:

@@ -142,3 +142,13 @@ def test_safetensors_checkpoint_round_trip(tmp_path: Path) -> None:
     loaded = TimmBackbone("deit_tiny_patch16_224", checkpoint=str(path))
     for key, value in source.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_explicit_img_size_sets_the_input_size() -> None:
+    """A ViT built for 32 px images (model_kwargs.img_size) is fed 32 px images, not the tag's 224."""
+    backbone = TimmBackbone(
+        "vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 32, "patch_size": 4, "depth": 2}
+    )
+    assert backbone.data_config.input_size == 32
+    assert backbone.data_config.crop_pct == 1.0
+    assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, backbone.feat_dim)
