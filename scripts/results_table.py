@@ -14,12 +14,13 @@ Split CIFAR-100 (10 tasks, order seed 1993) from the CIFAR-10 ResNet-32 in ``../
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from cl_bench.report import mean_std as fmt
+from cl_bench.report import read_results
 
 
 def sweep(methods: list[str], seeds: list[int], overrides: list[str], sweep_dir: Path) -> None:
@@ -38,14 +39,6 @@ def sweep(methods: list[str], seeds: list[int], overrides: list[str], sweep_dir:
     subprocess.run(command, check=False)
 
 
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def table(methods: list[str], seeds: list[int], sweep_dir: Path, command: str) -> str:
     lines = [
         "| method | runs | last acc (%) | avg incremental acc (%) | avg forgetting (pt) | time per run (s) |",
@@ -56,7 +49,7 @@ def table(methods: list[str], seeds: list[int], sweep_dir: Path, command: str) -
         docs = []
         for seed in seeds:
             path = sweep_dir / f"{method}_seed{seed}" / "results.json"
-            doc = json.loads(path.read_text()) if path.is_file() else None
+            doc = read_results(path.parent)
             if doc is None or doc["status"] != "complete":
                 problems.append(
                     f"- {method}, seed {seed}: {'missing' if doc is None else doc['status']} ({path})"
@@ -84,11 +77,10 @@ def runs_table(labelled_runs: list[str], title: str) -> str:
     ]
     for item in labelled_runs:
         label, _, folder = item.rpartition("=")  # labels may contain "=" (e.g. an override)
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            lines.append(f"| {label} | | | | | | missing ({path}) |")
+        doc = read_results(Path(folder))
+        if doc is None:
+            lines.append(f"| {label} | | | | | | missing ({Path(folder) / 'results.json'}) |")
             continue
-        doc = json.loads(path.read_text())
 
         def num(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.2f}"
