@@ -1,6 +1,7 @@
 """Weights & Biases logging: offline by default (no account needed), ``online`` or ``disabled`` by config.
 
-One W&B run per experiment run: ``group`` gathers a sweep's runs, ``job_type`` is the method, and
+One W&B run per experiment run: ``group`` gathers a sweep's runs (in a Hydra multirun it is the sweep
+folder's name, see :func:`wandb_group`), ``job_type`` is the method, and
 ``dataset``, ``method``, ``backbone``, ``seed`` and ``order_seed`` are top-level config fields so runs can be
 filtered on a dashboard. Per-task metrics use ``task`` as their x-axis (``eval/*``), training losses a
 global epoch counter (``train/*`` against ``train/epoch``); the accuracy matrix is logged as a table and the
@@ -19,6 +20,22 @@ from typing import Any
 from cl_bench.config import LoggerConfig, LoggerMode
 
 log = logging.getLogger(__name__)
+
+
+def wandb_group(group: str | None) -> str | None:
+    """The W&B group: ``logger.group``, except in a Hydra multirun, where every run of the sweep gets the
+    sweep folder's name (``sweep-<hydra.sweep.dir name>``) unless ``logger.group=`` is on the command line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return group
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or any(
+        override.startswith("logger.group=") for override in hydra_cfg.overrides.task
+    ):
+        return group
+    return f"sweep-{Path(hydra_cfg.sweep.dir).name}"
 
 
 class WandbTracker:
@@ -44,7 +61,7 @@ class WandbTracker:
             dir=str(run_dir),
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group,
+            group=wandb_group(cfg.group),
             name=cfg.name,
             job_type=cfg.job_type,
             tags=list(cfg.tags),
