@@ -7,17 +7,35 @@
 
 For methods with a frozen backbone, test embeddings are computed once per task and reused after every later
 task, so the backbone sees each test image once per run instead of once per evaluation.
+
+Methods that choose task-specific parameters per image (``ContinualModule.predict`` returns the chosen
+task) also get a task-selection accuracy: the percentage of task ``j``'s test images for which task ``j``
+was chosen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cl_bench.methods.base import ContinualModule, autocast
 from cl_bench.scenario import Scenario
+
+#: Name of the task-selection accuracy among :attr:`EvaluationRows.extra`.
+TASK_SELECTION = "task_selection_acc"
+
+
+@dataclass
+class EvaluationRows:
+    """One evaluation after a task: per seen task, accuracies in percent."""
+
+    cil: list[float]
+    til: list[float]
+    #: Further per-task metrics the method supports, by name (``task_selection_acc``); empty for most methods.
+    extra: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Evaluator:
@@ -64,8 +82,9 @@ class Evaluator:
 
     def _batches(
         self, module: ContinualModule, j: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(cil_logits, til_logits, labels)`` per batch of task ``j``'s test set."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(cil_logits, til_logits, labels, chosen_tasks or None)`` per batch of task ``j``'s test
+        set."""
         device = module.device
         if module.frozen_backbone:
             feats, labels = self._cached_features(module, j)
@@ -74,14 +93,15 @@ class Evaluator:
                 with autocast(device, self.autocast_dtype):
                     cil = module.classify(f).float()
                     til = module.classify(f, task=j).float() if module.task_conditioned else cil
-                yield cil, til, labels[k : k + self.batch_size].to(device)
+                yield cil, til, labels[k : k + self.batch_size].to(device), None
             return
         for x, y in self._loader(j):
             x = x.to(device)
             with autocast(device, self.autocast_dtype):
-                cil = module(x).float()
+                cil, chosen = module.predict(x)
+                cil = cil.float()
                 til = module(x, task=j).float() if module.task_conditioned else cil
-            yield cil, til, y.to(device)
+            yield cil, til, y.to(device), chosen
 
     def _within_task(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Logits with every class outside each image's task set to ``-inf``."""
@@ -90,19 +110,30 @@ class Evaluator:
         inside = (positions >= ranges[:, :1]) & (positions < ranges[:, 1:])
         return logits.masked_fill(~inside, float("-inf"))
 
-    @torch.no_grad()
     def evaluate(self, module: ContinualModule, upto: int) -> tuple[list[float], list[float]]:
         """Accuracies (percent) on tasks ``0..upto``: ``(class_incremental_row, task_incremental_row)``."""
+        rows = self.evaluate_rows(module, upto)
+        return rows.cil, rows.til
+
+    @torch.no_grad()
+    def evaluate_rows(self, module: ContinualModule, upto: int) -> EvaluationRows:
+        """Accuracies (percent) on tasks ``0..upto``, and task-selection accuracy if the method has one."""
         was_training = module.training
         module.eval()
-        cil_row, til_row = [], []
+        rows = EvaluationRows([], [])
+        selection_row: list[float] = []
         for j in range(upto + 1):
-            cil_correct = til_correct = total = 0
-            for cil, til, y in self._batches(module, j):
+            cil_correct = til_correct = selected = total = 0
+            for cil, til, y, chosen in self._batches(module, j):
                 cil_correct += int((cil.argmax(dim=1) == y).sum())
                 til_correct += int((self._within_task(til, y).argmax(dim=1) == y).sum())
+                if chosen is not None:
+                    selected += int((chosen == j).sum())
                 total += len(y)
-            cil_row.append(100.0 * cil_correct / max(total, 1))
-            til_row.append(100.0 * til_correct / max(total, 1))
+            rows.cil.append(100.0 * cil_correct / max(total, 1))
+            rows.til.append(100.0 * til_correct / max(total, 1))
+            selection_row.append(100.0 * selected / max(total, 1))
+        if module.selects_task and not module.frozen_backbone:  # frozen: cached features, no predict
+            rows.extra[TASK_SELECTION] = selection_row
         module.train(was_training)
-        return cil_row, til_row
+        return rows

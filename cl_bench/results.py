@@ -5,6 +5,9 @@
 * ``acc_matrix``: rows = after task t, columns = task j, ``null`` where j > t. It is the scenario's
   accuracy: class-incremental for ``scenario=cil``, task-incremental for ``scenario=til``.
 * ``til_acc_matrix``: the task-aware accuracy (task id given, argmax within the task's classes).
+* ``extra_matrices``: further per-task metrics of the method, by name, in the same layout (``{}`` for most
+  methods); e.g. ``task_selection_acc``: the percentage of task j's test images for which the method chose
+  task j's parameters.
 * ``last_acc``, ``avg_inc_acc``, ``avg_forgetting``, ``bwt``: from ``acc_matrix``.
 * ``class_order``: dataset class ids in the order they are learned.
 * ``task_time_s``: wall seconds per task (training plus task-end work, evaluation excluded).
@@ -31,6 +34,7 @@ from cl_bench import metrics
 RESULT_KEYS = (
     "acc_matrix",
     "til_acc_matrix",
+    "extra_matrices",
     "last_acc",
     "avg_inc_acc",
     "avg_forgetting",
@@ -72,6 +76,7 @@ def build_results(
     peak_mem_mb: float,
     status: str,
     config: dict[str, Any],
+    extra_rows: dict[str, Sequence[Sequence[float]]] | None = None,
 ) -> dict[str, Any]:
     """The ``results.json`` document for the rows finished so far (metrics are ``null`` with no rows)."""
     n_tasks = len(task_sizes)
@@ -84,6 +89,7 @@ def build_results(
     doc = {
         "acc_matrix": acc,
         "til_acc_matrix": padded(til_rows, n_tasks),
+        "extra_matrices": {name: padded(rows, n_tasks) for name, rows in (extra_rows or {}).items()},
         **summary,
         "class_order": [int(c) for c in class_order],
         "task_time_s": [float(t) for t in task_time_s],
@@ -104,9 +110,12 @@ def write_matrix_csv(path: Path, matrix: Sequence[Sequence[float | None]]) -> No
 
 
 def write_results(run_dir: Path, doc: dict[str, Any]) -> Path:
-    """Write ``results.json``, ``acc_matrix.csv`` and ``til_acc_matrix.csv`` into ``run_dir``."""
+    """Write ``results.json``, ``acc_matrix.csv``, ``til_acc_matrix.csv`` and ``<name>_matrix.csv`` per extra
+    matrix into ``run_dir``."""
     write_matrix_csv(run_dir / "acc_matrix.csv", doc["acc_matrix"])
     write_matrix_csv(run_dir / "til_acc_matrix.csv", doc["til_acc_matrix"])
+    for name, matrix in doc["extra_matrices"].items():
+        write_matrix_csv(run_dir / f"{name}_matrix.csv", matrix)
     path = run_dir / RESULTS_FILE
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
     return path

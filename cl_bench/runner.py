@@ -52,6 +52,8 @@ class RunState:
 
     acc_rows: list[list[float]] = field(default_factory=list)
     til_rows: list[list[float]] = field(default_factory=list)
+    #: Per-task metrics beyond accuracy that the method reports (``task_selection_acc``), rows by name.
+    extra_rows: dict[str, list[list[float]]] = field(default_factory=dict)
     task_time_s: list[float] = field(default_factory=list)
 
 
@@ -253,6 +255,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             peak_memory_mb(device),
             status,
             config,
+            state.extra_rows,
         )
 
     status = "incomplete"
@@ -269,9 +272,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                 autocast_dtype=amp_dtype,
             )
             learn_task(cfg, method, ctx, device, run_dir, tracker, state)
-            cil_row, til_row = evaluator.evaluate(method, task.index)
-            state.acc_rows.append(til_row if scenario.task_incremental else cil_row)
-            state.til_rows.append(til_row)
+            rows = evaluator.evaluate_rows(method, task.index)
+            state.acc_rows.append(rows.til if scenario.task_incremental else rows.cil)
+            state.til_rows.append(rows.til)
+            for name, row in rows.extra.items():
+                state.extra_rows.setdefault(name, []).append(row)
             doc = document("incomplete")
             write_results(run_dir, doc)
             task_acc = doc["acc_matrix"][-1][task.index]
@@ -292,6 +297,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                     "forgetting": doc["avg_forgetting"],
                     "bwt": doc["bwt"],
                     "task_time_s": state.task_time_s[-1],
+                    # the mean over seen tasks of each extra metric, e.g. task_selection_acc
+                    **{name: sum(row) / len(row) for name, row in rows.extra.items()},
                 },
             )
         if cfg.save_model:

@@ -101,6 +101,8 @@ class ContinualModule(pl.LightningModule):
     single_task: ClassVar[bool] = False
     #: ``forward(x, task)`` depends on the task id (the evaluator then runs a task-aware pass for TIL).
     task_conditioned: ClassVar[bool] = False
+    #: ``predict`` returns the task chosen for each image (task-specific parameters picked at test time).
+    selects_task: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -179,6 +181,13 @@ class ContinualModule(pl.LightningModule):
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Logits over all seen classes; ``task`` is the task id when the scenario provides it."""
         return self.classify(self.embed(x), task)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits without a task id and, for methods that choose task-specific parameters at test time, the
+        task chosen for each image (``[B]`` long; ``None``: no such choice; methods that set ``selects_task``
+        return it). The evaluator reports how often the choice is the image's task (task-selection
+        accuracy)."""
+        return self(x), None
 
     @torch.no_grad()
     def extract_features(self, ctx: TaskContext, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
