@@ -1,0 +1,88 @@
+"""Task keys: one learnable vector per task, matched by cosine similarity to a frozen model's query feature.
+
+LayerNorm tuning's two-stage variant (De Min et al., arXiv 2308.09610; official code
+``couple/blocks.py::WeightSelectionMechanism`` as read in ``shared/research/methods_vit.md`` §4.2-4.4):
+
+* keys ``k_t in R^D``; the query ``q`` is the pre-trained model's output for the image (ViT: the [CLS] token
+  after the final LayerNorm), so it never changes during the run;
+* training task ``c``: maximise ``mean_b cos(q_b, k_c)``, i.e. minimise :meth:`TaskKeys.pull_loss`; only
+  ``k_c`` is trainable (older keys are frozen tensors of their own);
+* inference after task ``c``: ``t_hat = argmax_{t <= c} cos(q, k_t)`` (:meth:`TaskKeys.select`).
+
+Initialisation (official ``--key_init``, default ``orthogonal``): the ``T x D`` matrix of all keys is drawn
+at once with ``nn.init.orthogonal_`` (``T`` = number of tasks, known from the scenario) and task ``t`` takes
+row ``t``, so distinct tasks start from orthonormal keys; ``uniform`` draws ``U(-1, 1)`` instead. The official
+two-stage script passes ``--new_key`` (each key keeps its own initial row); without it a new key starts as a
+copy of the previous one, our ``copy_previous=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl_bench.errors import ConfigError
+
+KEY_INITS = ("orthogonal", "uniform")
+
+
+class TaskKeys(nn.Module):
+    """Per-task keys of dimension ``dim`` for up to ``num_tasks`` tasks.
+
+    Args:
+        dim: query/key dimension (the backbone's embedding size).
+        num_tasks: how many keys the run will need; fixes the orthogonal initial matrix.
+        init: ``orthogonal`` (official default) or ``uniform``.
+    """
+
+    def __init__(self, dim: int, num_tasks: int, init: str = "orthogonal") -> None:
+        super().__init__()
+        if init not in KEY_INITS:
+            raise ConfigError(f"key init {init!r}: choose one of {list(KEY_INITS)}")
+        if num_tasks < 1:
+            raise ValueError("num_tasks must be >= 1")
+        initial = torch.empty(num_tasks, dim)
+        if init == "orthogonal":
+            nn.init.orthogonal_(initial)
+        else:
+            nn.init.uniform_(initial, -1.0, 1.0)
+        #: The initial value of every task's key (rows); a key is created from its row when its task starts.
+        self.register_buffer("initial", initial)
+        self.keys = nn.ParameterList()
+
+    @property
+    def num_keys(self) -> int:
+        return len(self.keys)
+
+    def add_key(self, copy_previous: bool = False) -> int:
+        """Create the next task's key (from its initial row, or a copy of the last key) and freeze the older
+        ones; returns its index."""
+        index = self.num_keys
+        if index >= len(self.initial):
+            raise IndexError(f"all {len(self.initial)} keys are already in use")
+        source = self.keys[-1] if copy_previous and index > 0 else self.initial[index]
+        for key in self.keys:
+            key.requires_grad_(False)
+        self.keys.append(nn.Parameter(source.detach().clone()))
+        return index
+
+    def stacked(self) -> torch.Tensor:
+        """All keys so far as a ``[num_keys, D]`` tensor."""
+        if not self.num_keys:
+            raise RuntimeError("no task key yet: call add_key() when a task starts")
+        return torch.stack(tuple(self.keys))
+
+    def similarity(self, queries: torch.Tensor) -> torch.Tensor:
+        """``[B, num_keys]`` cosine similarities between queries ``[B, D]`` and every key."""
+        return F.normalize(queries, dim=-1) @ F.normalize(self.stacked(), dim=-1).T
+
+    @torch.no_grad()
+    def select(self, queries: torch.Tensor) -> torch.Tensor:
+        """The most similar key's index per query, ``[B]`` (ties: the lowest index)."""
+        return self.similarity(queries.float()).argmax(dim=1)
+
+    def pull_loss(self, queries: torch.Tensor, task: int) -> torch.Tensor:
+        """``-mean_b cos(q_b, k_task)``: minimising it pulls key ``task`` towards its task's queries."""
+        key = F.normalize(self.keys[task], dim=-1)
+        return -(F.normalize(queries.float(), dim=-1) @ key).mean()
