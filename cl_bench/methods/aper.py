@@ -1,0 +1,53 @@
+"""APER (ADAM): Zhou, Cai, Ye, Zhan, Liu, "Revisiting Class-Incremental Learning with Pre-Trained Models:
+Generalizability and Adaptivity are All You Need" (IJCV 2024, arXiv 2303.07338; code
+``zhoudw-zdw/RevisitingCIL`` ``models/aper_*.py``; spec ``shared/research/methods_vit.md`` §5).
+
+* First task only: a PET module (adapter, SSF or deep VPT; :mod:`cl_bench.modules.peft`) is trained with a
+  cosine head and cross-entropy (``exps/aper_adapter/*.json``: SGD lr 0.01, momentum 0.9, weight decay
+  5e-4, batch 48, 20 epochs, cosine to 0), then frozen.
+* The embedding is the concatenation ``[f_PTM(x), f_adapted(x)]`` of the pre-trained model and the adapted
+  model (``MultiBranchCosineIncrementalNet``): here one backbone run twice, once with its PET modules off
+  (:func:`~cl_bench.modules.peft.peft_disabled`), which is exactly the pre-trained model.
+* After every task (the first included), each new class's prototype is the mean of its training images'
+  embeddings under the evaluation transform; prediction is the cosine prototype classifier
+  (:class:`~cl_bench.modules.heads.PrototypeHead`), as in SimpleCIL.
+
+``peft=none`` reduces APER to SimpleCIL on a doubled embedding (the same predictions as SimpleCIL).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.methods.base import TaskContext
+from cl_bench.methods.ranpac import FirstSessionPetl
+from cl_bench.modules.heads import PrototypeHead
+from cl_bench.modules.peft import peft_disabled
+
+
+class APER(FirstSessionPetl):
+    """First-session PET, then prototypes of the concatenated pre-trained and adapted embeddings.
+
+    Args: as :class:`~cl_bench.methods.ranpac.FirstSessionPetl` (``epochs`` are the first task's).
+    """
+
+    def __init__(self, backbone: Backbone, **first_session_args: Any) -> None:
+        super().__init__(backbone, **first_session_args)
+        self.head: nn.Module = PrototypeHead(2 * backbone.feat_dim)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[f_PTM(x), f_adapted(x)]``."""
+        with peft_disabled(self.backbone):
+            pretrained = self.backbone(x)
+        return torch.cat([pretrained, self.backbone(x)], dim=1)
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        """Freeze after the first task; set each new class's prototype to its mean embedding."""
+        super().on_task_end(ctx)
+        features, labels = self.extract_features(ctx, ctx.train_eval_set)
+        classes = torch.unique(labels)
+        self.head.set_prototypes(classes, torch.stack([features[labels == c].mean(dim=0) for c in classes]))

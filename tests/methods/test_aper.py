@@ -1,0 +1,75 @@
+"""APER: the embedding is [pre-trained, adapted] from one backbone with PET off and on; prototypes are the
+class means of that embedding; only the first task trains."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from cl_bench.backbones.timm_backbone import TimmBackbone
+from cl_bench.config import ScenarioType
+from cl_bench.methods.aper import APER
+from cl_bench.methods.base import TaskContext
+from cl_bench.modules.peft import peft_disabled, peft_parameters
+from cl_bench.scenario import Scenario, Task
+
+TASKS = (Task(0, 0, 3, (0, 1, 2)), Task(1, 3, 6, (3, 4, 5)))
+
+
+def _ctx(task: int) -> TaskContext:
+    scenario = Scenario(ScenarioType.cil, tuple(range(6)), TASKS)
+    g = torch.Generator().manual_seed(task)
+    x = torch.randn(12, 3, 8, 8, generator=g)
+    data = TensorDataset(x, torch.arange(12) % 3 + 3 * task)
+    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+
+
+def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_are_means() -> None:
+    torch.manual_seed(0)
+    backbone = TimmBackbone(
+        "vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 8, "patch_size": 4, "depth": 1}
+    )
+    module = APER(backbone, adapter_bottleneck=4)
+    ctx0 = _ctx(0)
+    module.on_task_start(ctx0)
+    assert module.train_dataset(ctx0) is ctx0.train_set
+    with torch.no_grad():
+        for p in peft_parameters(module.backbone):
+            p.add_(0.5 * torch.randn_like(p))  # as after the first-session training
+    module.on_task_end(ctx0)
+    ctx1 = _ctx(1)
+    module.on_task_start(ctx1)
+    assert module.train_dataset(ctx1) is None
+    module.on_task_end(ctx1)
+    module.eval()
+    x = ctx1.train_set.tensors[0]
+    with torch.no_grad():
+        adapted = module.backbone(x)
+        with peft_disabled(module.backbone):
+            pretrained = module.backbone(x)
+        embedding = module.embed(x)
+    torch.testing.assert_close(embedding, torch.cat([pretrained, adapted], dim=1))
+    assert not torch.allclose(pretrained, adapted)
+    labels = ctx1.train_set.tensors[1]
+    means = torch.stack([embedding[labels == c].mean(0) for c in (3, 4, 5)])
+    torch.testing.assert_close(module.head.prototypes[3:], means)
+    expected = F.normalize(embedding, dim=1) @ F.normalize(module.head.prototypes, dim=1).T
+    torch.testing.assert_close(module(x), expected)
+
+
+def test_tiny_run_beats_chance(run_tiny) -> None:
+    doc, _ = run_tiny(
+        "dataset.size=8",
+        "transform.input_size=8",
+        "backbone=timm",
+        "backbone.name=vit_tiny_patch16_224",
+        "backbone.pretrained=false",
+        "+backbone.model_kwargs={img_size:8,patch_size:4,depth:1}",
+        "method=aper",
+        "method.epochs=1",
+        "method.batch_size=128",
+        "method.adapter_bottleneck=8",
+    )
+    assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+    assert doc["last_acc"] > 30.0  # 10 digit classes: chance is 10 %
