@@ -5,7 +5,8 @@ Sequential fine-tuning of a pre-trained backbone with two changes (abstract, Sec
 
 * **Slow Learner** (Sec. 4.1): the backbone learns with a much smaller learning rate than the classifier,
   ``backbone_lr = 1e-4`` against ``lr = 0.01`` (the code's ``bcb_lrscale = 1/100``). ``slow=false`` trains
-  the backbone at ``lr`` (the paper's "Seq FT" baseline).
+  the backbone at ``lr`` too (no slow learner; the learning rate of the paper's "Seq FT" rows was not
+  readable).
 * **Classifier Alignment** (Sec. 4.2, :mod:`cl_bench.modules.classifier_alignment`): when a task ends, the
   mean and covariance of each new class's features are stored
   (:class:`~cl_bench.modules.class_statistics.ClassStatistics`; training images under the evaluation

@@ -218,3 +218,12 @@ def test_tiny_vit_run_is_complete_and_repeatable(run_tiny) -> None:
     docs = [run_tiny("method=slca", *TINY_VIT)[0] for _ in range(2)]
     assert docs[0]["status"] == "complete" and len(docs[0]["acc_matrix"]) == 2
     assert docs[0]["acc_matrix"] == docs[1]["acc_matrix"]
+
+
+def test_cnn_run_without_final_layer_norm_still_aligns(run_tiny, caplog) -> None:
+    with caplog.at_level(logging.INFO):
+        doc, _ = run_tiny(
+            "method=slca", *(o for o in TINY_VIT if not o.startswith(("backbone", "+backbone")))
+        )
+    assert doc["status"] == "complete" and doc["config"]["backbone"]["name"] == "resnet20_cifar"
+    assert "reset_final_norm has no effect" in caplog.text and "classifier alignment losses" in caplog.text
