@@ -15,6 +15,7 @@ was chosen.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from cl_bench.methods.base import ContinualModule, autocast
 from cl_bench.scenario import Scenario
+
+#: A method's named alternative logits for one batch (``ContinualModule.alternative_logits``).
+Alternatives = dict[str, torch.Tensor]
 
 #: Name of the task-selection accuracy among :attr:`EvaluationRows.extra`.
 TASK_SELECTION = "task_selection_acc"
@@ -82,9 +86,9 @@ class Evaluator:
 
     def _batches(
         self, module: ContinualModule, j: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(cil_logits, til_logits, labels, chosen_tasks or None)`` per batch of task ``j``'s test
-        set."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Alternatives]]:
+        """Yield ``(cil_logits, til_logits, labels, chosen_tasks or None, alternative_logits)`` per batch of
+        task ``j``'s test set."""
         device = module.device
         if module.frozen_backbone:
             feats, labels = self._cached_features(module, j)
@@ -93,15 +97,16 @@ class Evaluator:
                 with autocast(device, self.autocast_dtype):
                     cil = module.classify(f).float()
                     til = module.classify(f, task=j).float() if module.task_conditioned else cil
-                yield cil, til, labels[k : k + self.batch_size].to(device), None
+                yield cil, til, labels[k : k + self.batch_size].to(device), None, {}
             return
         for x, y in self._loader(j):
             x = x.to(device)
             with autocast(device, self.autocast_dtype):
                 cil, chosen = module.predict(x)
                 cil = cil.float()
+                alternatives = module.alternative_logits(x)
                 til = module(x, task=j).float() if module.task_conditioned else cil
-            yield cil, til, y.to(device), chosen
+            yield cil, til, y.to(device), chosen, alternatives
 
     def _within_task(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Logits with every class outside each image's task set to ``-inf``."""
@@ -122,9 +127,14 @@ class Evaluator:
         module.eval()
         rows = EvaluationRows([], [])
         selection_row: list[float] = []
+        alternative_rows: dict[str, list[float]] = {}
         for j in range(upto + 1):
             cil_correct = til_correct = selected = total = 0
-            for cil, til, y, chosen in self._batches(module, j):
+            alternative_correct: dict[str, int] = {}
+            for cil, til, y, chosen, alternatives in self._batches(module, j):
+                for name, logits in alternatives.items():
+                    hits = int((logits.argmax(dim=1) == y).sum())
+                    alternative_correct[name] = alternative_correct.get(name, 0) + hits
                 cil_correct += int((cil.argmax(dim=1) == y).sum())
                 til_correct += int((self._within_task(til, y).argmax(dim=1) == y).sum())
                 if chosen is not None:
@@ -133,7 +143,13 @@ class Evaluator:
             rows.cil.append(100.0 * cil_correct / max(total, 1))
             rows.til.append(100.0 * til_correct / max(total, 1))
             selection_row.append(100.0 * selected / max(total, 1))
+            for name, hits in alternative_correct.items():
+                row = alternative_rows.setdefault(name, [float("nan")] * j)  # nan: absent on earlier tasks
+                row.append(100.0 * hits / max(total, 1))
         if module.selects_task and not module.frozen_backbone:  # frozen: cached features, no predict
             rows.extra[TASK_SELECTION] = selection_row
+        for name, row in alternative_rows.items():  # a name missing for some tasks has no row
+            if len(row) == upto + 1 and not any(math.isnan(v) for v in row):
+                rows.extra[f"{name}_acc"] = row
         module.train(was_training)
         return rows

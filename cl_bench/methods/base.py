@@ -189,6 +189,12 @@ class ContinualModule(pl.LightningModule):
         accuracy)."""
         return self(x), None
 
+    def alternative_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named alternative predictions reported beside the method's own (e.g. SAFE's fast learner alone),
+        never used to choose it: the evaluator writes the accuracy of each as ``<name>_acc`` among the extra
+        matrices. Called right after :meth:`predict` on the same batch (methods without a frozen backbone)."""
+        return {}
+
     @torch.no_grad()
     def extract_features(self, ctx: TaskContext, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and labels of ``dataset`` (one pass, eval mode, on the module's device, kept on CPU)."""
