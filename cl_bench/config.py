@@ -142,6 +142,11 @@ class RunConfig:
     seed: int = 0
     #: Save the final model state (``final_model.pt``) in the run folder.
     save_model: bool = True
+    #: Write ``checkpoint.pt`` after every task so that an interrupted run can resume (deleted at the end).
+    save_checkpoints: bool = True
+    #: ``auto``: continue an interrupted run of the same config if there is one (this run folder, else the
+    #: newest under ``paths.output_dir``); ``never``: always start afresh; or the path of a run folder.
+    resume: str = "auto"
 
 
 def register_configs() -> None:

@@ -1,7 +1,8 @@
 """One continual experiment: build data, scenario, backbone and method, then learn the tasks in order.
 
 After each task the method is evaluated on every seen task's test set and ``results.json`` is rewritten
-(``status: incomplete``), so an error or a kill never loses the finished tasks.
+(``status: incomplete``), so an error or a kill never loses the finished tasks; ``checkpoint.pt`` then lets
+the same command resume at the next task (:mod:`cl_bench.checkpointing`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cl_bench.checkpointing import (
+    CHECKPOINT_FILE,
+    RunCheckpoint,
+    acquire_lock,
+    find_resumable,
+    is_resumable,
+    load_checkpoint,
+    release_lock,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.data.base import ClassificationData, TaskDataset
 from cl_bench.data.transforms import build_transforms
@@ -193,19 +206,54 @@ def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def resume_folder(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Path | None:
+    """The interrupted run to continue (``resume``), or ``None`` to start afresh in ``run_dir``."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        folder = Path(cfg.resume)
+        if not is_resumable(folder, config):
+            raise ConfigError(
+                f"resume={folder}: no interrupted run of this config there (it needs {CHECKPOINT_FILE} and "
+                "the same config.yaml, and no live process running in it). Use resume=auto or resume=never."
+            )
+        return folder
+    if is_resumable(run_dir, config):
+        return run_dir
+    if cfg.paths.run_dir:  # an explicit folder: resume only there
+        return None
+    return find_resumable([Path(cfg.paths.output_dir)], config)
+
+
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
     validate_config(cfg)
     run_dir = resolve_run_dir(cfg)
-    if (run_dir / RESULTS_FILE).exists():
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(config, dict)
+    resumed = resume_folder(cfg, run_dir, config)
+    if resumed is not None:
+        if resumed != run_dir:
+            log.info(
+                "resuming the interrupted run in %s (this command's folder %s stays unused)", resumed, run_dir
+            )
+        run_dir = resumed
+    elif (run_dir / RESULTS_FILE).exists():
         raise ConfigError(
             f"{run_dir / RESULTS_FILE} already exists: this folder holds an earlier run. Choose another "
             "hydra.run.dir (or paths.run_dir), or move that run away first."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    assert isinstance(config, dict)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
+    acquire_lock(run_dir)
+    try:
+        return _run(cfg, run_dir, config, resumed is not None)
+    finally:
+        release_lock(run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any]:
+    if not resume:
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data: ClassificationData = build_from_config("dataset", cfg.dataset)
@@ -230,6 +278,20 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         til_tasks=split,
     )
     write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
+    #: Objects a checkpoint refers to by name: the resuming run rebuilds them from the same config.
+    external: dict[str, Any] = {"data": data, "data.train": data.train, "data.test": data.test}
+    external.update({"train_transform": train_tf, "eval_transform": eval_tf})
+    for name, sets in (("train", train_sets), ("train_eval", train_eval_sets), ("test", test_sets)):
+        external.update({f"{name}_set[{i}]": ds for i, ds in enumerate(sets)})
+    state = RunState()
+    wandb_id = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE, external, device)
+        method = checkpoint.method
+        state = checkpoint.state
+        wandb_id = checkpoint.wandb_id
+        set_rng_state(checkpoint.rng)
+        log.info("resuming after task %d of %d", checkpoint.tasks_done, len(scenario.tasks))
     log.info(
         "%s | %s | %s | %d classes in %d tasks (%s), order seed %s | run folder %s",
         data.name,
@@ -242,8 +304,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         run_dir,
     )
 
-    tracker = WandbTracker(cfg.logger, run_dir, tracker_config(cfg, config))
-    state = RunState()
+    tracker = WandbTracker(cfg.logger, run_dir, tracker_config(cfg, config), run_id=wandb_id)
 
     def document(status: str) -> dict[str, Any]:
         return build_results(
@@ -260,7 +321,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 
     status = "incomplete"
     try:
-        for task in scenario.tasks:
+        for task in scenario.tasks[len(state.acc_rows) :]:
             ctx = TaskContext(
                 task=task,
                 scenario=scenario,
@@ -301,9 +362,12 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                     **{name: sum(row) / len(row) for name, row in rows.extra.items()},
                 },
             )
+            if cfg.save_checkpoints and task.index + 1 < len(scenario.tasks):
+                checkpoint_run(run_dir, method, state, tracker, config, external)
         if cfg.save_model:
             save_model(run_dir / "final_model.pt", method, scenario, config)
         status = "complete"
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     finally:
         doc = document(status)
         write_results(run_dir, doc)
@@ -315,6 +379,34 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
             )
         tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
     return doc
+
+
+def checkpoint_run(
+    run_dir: Path,
+    method: ContinualModule,
+    state: RunState,
+    tracker: WandbTracker,
+    config: dict[str, Any],
+    external: dict[str, Any],
+) -> None:
+    """Write ``checkpoint.pt`` for the tasks finished so far (a failure costs resumability, not the run)."""
+    checkpoint = RunCheckpoint(
+        tasks_done=len(state.acc_rows),
+        method=method,
+        state=state,
+        rng=rng_state(),
+        wandb_id=tracker.run_id,
+        config=config,
+    )
+    try:
+        save_checkpoint(run_dir / CHECKPOINT_FILE, checkpoint, external)
+    except Exception as exc:  # e.g. an unpicklable attribute of a new method
+        log.error(
+            "could not write %s (%s: %s); this run cannot resume if interrupted",
+            run_dir / CHECKPOINT_FILE,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def learn_task(

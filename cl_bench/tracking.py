@@ -41,7 +41,10 @@ def wandb_group(group: str | None) -> str | None:
 class WandbTracker:
     """Thin wrapper over ``wandb``. If W&B cannot start, the run goes on without it after a warning."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_id: str | None = None
+    ) -> None:
+        """``run_id``: continue that W&B run (a resumed experiment), else start a new one."""
         self.mode = LoggerMode(cfg.mode)
         self.run: Any = None
         self._epoch = 0
@@ -51,12 +54,16 @@ class WandbTracker:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
-            self.run = self._init(wandb, cfg, run_dir, config)
+            self.run = self._init(wandb, cfg, run_dir, config, run_id)
         except Exception as exc:  # a broken W&B set-up must not cost the experiment
             log.warning("W&B could not start (%s); continuing without it (logger.mode=disabled)", exc)
 
-    def _init(self, wandb: Any, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]) -> Any:
+    def _init(
+        self, wandb: Any, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_id: str | None
+    ) -> Any:
         run = wandb.init(
+            id=run_id,
+            resume="allow" if run_id else None,
             mode=self.mode.value,
             dir=str(run_dir),
             project=cfg.project,
@@ -73,6 +80,11 @@ class WandbTracker:
         run.define_metric("train/epoch")
         run.define_metric("train/*", step_metric="train/epoch")
         return run
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (``None`` without W&B)."""
+        return None if self.run is None else self.run.id
 
     def log_train_epoch(self, metrics: dict[str, float]) -> None:
         if self.run is not None:
