@@ -145,6 +145,18 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[Co
     return paired, unpaired
 
 
+class TrackConvInput:
+    """Forward pre-hook of a convolution: feeds its input to the tracker in train mode (a class rather than a
+    closure, so that a method holding it can be pickled into a run checkpoint)."""
+
+    def __init__(self, tracker: PhaseMeanTracker) -> None:
+        self.tracker = tracker
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if module.training:
+            self.tracker.update(args[0])
+
+
 class XconvBatchNorm(nn.Module):
     """Per-task BN snapshots with (optional) Xconv recovery of old tasks' BN means, for any CNN.
 
@@ -178,7 +190,7 @@ class XconvBatchNorm(nn.Module):
                 raise ValueError(f"Xconv BN needs an EMA momentum; {pair.bn_name} uses a cumulative average")
             tracker = PhaseMeanTracker(conv.in_channels, conv.stride, momentum)
             self.trackers[self._key(pair.conv_name)] = tracker
-            self._hooks.append(conv.register_forward_pre_hook(self._tracking_hook(tracker)))
+            self._hooks.append(conv.register_forward_pre_hook(TrackConvInput(tracker)))
         if track and self.unpaired:
             log.warning(
                 "Xconv BN: %d BatchNorm layer(s) do not follow a convolution directly and keep their "
@@ -192,14 +204,6 @@ class XconvBatchNorm(nn.Module):
     @staticmethod
     def _key(name: str) -> str:
         return name.replace(".", "__")
-
-    @staticmethod
-    def _tracking_hook(tracker: PhaseMeanTracker) -> Any:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            if module.training:
-                tracker.update(args[0])
-
-        return hook
 
     @property
     def model(self) -> nn.Module:
