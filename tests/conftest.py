@@ -52,8 +52,10 @@ TINY = (
 
 
 @pytest.fixture
-def run_tiny(tmp_path: Path):
-    """Run an experiment in-process on tiny data; returns (results document, run folder)."""
+def run_tiny(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Run an experiment in-process on tiny data; returns (results document, run folder).
+
+    Every run also checks that the method could be checkpointed between tasks (resumable runs)."""
     from cl_bench.runner import run_experiment
 
     counter = {"n": 0}
@@ -64,6 +66,11 @@ def run_tiny(tmp_path: Path):
         other_data = any(o.startswith("dataset=") for o in overrides)
         tiny = [o for o in TINY if not (other_data and o.startswith("dataset"))]
         cfg = compose_config(*tiny, f"paths.run_dir={folder}", *overrides)
-        return run_experiment(cfg), folder
+        caplog.clear()
+        try:
+            return run_experiment(cfg), folder
+        finally:
+            failed = [r.getMessage() for r in caplog.records if "this run cannot resume" in r.getMessage()]
+            assert not failed, failed
 
     return _run
