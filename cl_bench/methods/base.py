@@ -263,8 +263,10 @@ class ContinualModule(pl.LightningModule):
         ]
         return [g for g in groups if g["params"]]
 
-    def configure_optimizers(self) -> Any:
-        groups = self.param_groups()
+    def make_optimizer(self, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+        """``method.optimizer`` over ``groups`` (default :meth:`param_groups`), with the method's weight decay
+        and (SGD) momentum."""
+        groups = self.param_groups() if groups is None else groups
         if not groups:
             raise ConfigError(
                 f"{type(self).__name__} has no trainable parameters but method.epochs={self.epochs}"
@@ -272,8 +274,17 @@ class ContinualModule(pl.LightningModule):
         kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             kwargs["momentum"] = self.momentum
-        optimizer = OPTIMIZERS[self.optimizer_name](groups, lr=self.lr, **kwargs)
+        return OPTIMIZERS[self.optimizer_name](groups, lr=self.lr, **kwargs)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The per-epoch schedule of a task (``cosine``: annealed to 0 over the task's epochs)."""
         if self.scheduler_name == "none":
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_optimizer()
+        scheduler = self.make_scheduler(optimizer)
+        if scheduler is None:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

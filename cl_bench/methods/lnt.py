@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import OPTIMIZERS, ContinualModule, TaskContext
+from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.modules.heads import IncrementalLinearHead
 from cl_bench.modules.norm_sets import NormSets
 from cl_bench.modules.task_keys import KEY_INITS, TaskKeys
@@ -264,12 +264,8 @@ class LayerNormTuning(ContinualModule):
 
     def configure_optimizers(self) -> Any:
         """Fresh optimisers per task: keys + LayerNorms at ``lr``, then (rectification) ``head``."""
-        kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
-        if self.optimizer_name == "sgd":
-            kwargs["momentum"] = self.momentum
-        optimizer_class = OPTIMIZERS[self.optimizer_name]
-        optimizers = [optimizer_class(self.param_groups(), lr=self.lr, **kwargs)]
+        optimizers = [self.make_optimizer()]
         if self.fake_head is not None:
             head = [p for p in self.head.parameters() if p.requires_grad]
-            optimizers.append(optimizer_class(head, lr=self.rectification_lr, **kwargs))
+            optimizers.append(self.make_optimizer([{"params": head, "lr": self.rectification_lr}]))
         return optimizers

@@ -229,14 +229,11 @@ class SAFE(ContinualModule):
         return torch.cat(feats), torch.cat(labels)
 
     # ----------------------------------------------------------------- training
-    def configure_optimizers(self) -> Any:
-        """The base SGD; the cosine period is session 1's epochs in every session (``T_max=tuned_epoch``)."""
-        config = super().configure_optimizers()
-        if isinstance(config, dict):
-            config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(
-                config["optimizer"], T_max=max(1, self.first_epochs)
-            )
-        return config
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The cosine period is session 1's epochs in every session (the code's ``T_max=tuned_epoch``)."""
+        if self.scheduler_name == "none":
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.first_epochs))
 
     @torch.no_grad()
     def _pretrained_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import OPTIMIZERS, ContinualModule, TaskContext
+from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.modules.class_statistics import ClassStatistics
 from cl_bench.modules.classifier_alignment import ClassifierAlignment, FeatureScaler, slca_mean_scales
 
@@ -248,24 +248,14 @@ class SLCA(ContinualModule):
         )
 
     # ----------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> Any:
-        groups = self.param_groups()
-        if not groups:
-            raise ConfigError(
-                f"{type(self).__name__} has no trainable parameters but method.epochs={self.epochs}"
-            )
-        kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
-        if self.optimizer_name == "sgd":
-            kwargs["momentum"] = self.momentum
-        optimizer = OPTIMIZERS[self.optimizer_name](groups, lr=self.lr, **kwargs)
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """``multistep`` (the code's ``MultiStepLR``) or ``cosine`` down to ``eta_min``, per epoch."""
         if self.scheduler_name == "none":
-            return optimizer
+            return None
         if self.scheduler_name == "multistep":
-            scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.MultiStepLR(
+            return torch.optim.lr_scheduler.MultiStepLR(
                 optimizer, milestones=self.milestones, gamma=self.lr_decay
             )
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, self.epochs), eta_min=self.eta_min
-            )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, self.epochs), eta_min=self.eta_min
+        )
