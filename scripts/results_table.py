@@ -68,18 +68,28 @@ def table(methods: list[str], seeds: list[int], sweep_dir: Path, command: str) -
     return "\n".join(out) + "\n"
 
 
+def extras(doc: dict) -> str:
+    """Each extra matrix's last row, averaged over tasks (e.g. ``task_selection_acc 91.2``)."""
+    parts = []
+    for name, matrix in sorted(doc.get("extra_matrices", {}).items()):
+        row = [v for v in matrix[len(doc["acc_matrix"]) - 1] if v is not None] if doc["acc_matrix"] else []
+        if row:
+            parts.append(f"{name} {sum(row) / len(row):.2f}")
+    return ", ".join(parts)
+
+
 def runs_table(labelled_runs: list[str], title: str) -> str:
     """One row per ``LABEL=RUN_DIR`` (single runs, e.g. ablations), read from each ``results.json``."""
     lines = [
         f"| {title} | last acc (%) | avg incremental acc (%) | avg forgetting (pt) | BWT (pt) | time (s) "
-        "| status |",
-        "|---|---|---|---|---|---|---|",
+        "| status | extra metrics after the last task (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for item in labelled_runs:
         label, _, folder = item.rpartition("=")  # labels may contain "=" (e.g. an override)
         doc = read_results(Path(folder))
         if doc is None:
-            lines.append(f"| {label} | | | | | | missing ({Path(folder) / 'results.json'}) |")
+            lines.append(f"| {label} | | | | | | missing ({Path(folder) / 'results.json'}) | |")
             continue
 
         def num(value: float | None) -> str:
@@ -87,7 +97,7 @@ def runs_table(labelled_runs: list[str], title: str) -> str:
 
         lines.append(
             f"| {label} | {num(doc['last_acc'])} | {num(doc['avg_inc_acc'])} | {num(doc['avg_forgetting'])} "
-            f"| {num(doc['bwt'])} | {sum(doc['task_time_s']):.0f} | {doc['status']} |"
+            f"| {num(doc['bwt'])} | {sum(doc['task_time_s']):.0f} | {doc['status']} | {extras(doc)} |"
         )
     return "\n".join(lines) + "\n"
 
