@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -196,14 +197,18 @@ class ContinualModule(pl.LightningModule):
         return {}
 
     @torch.no_grad()
-    def extract_features(self, ctx: TaskContext, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and labels of ``dataset`` (one pass, eval mode, on the module's device, kept on CPU)."""
+    def extract_features(
+        self, ctx: TaskContext, dataset: Dataset, embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (``embed``, default :meth:`embed`) and labels of ``dataset``: one pass, eval mode, on
+        the module's device, kept on CPU."""
+        embed = self.embed if embed is None else embed
         was_training = self.training
         self.eval()
         feats, labels = [], []
         for x, y in ctx.loader(dataset, ctx.eval_batch_size, shuffle=False):
             with autocast(self.device, ctx.autocast_dtype):
-                feats.append(self.embed(x.to(self.device)).float().cpu())
+                feats.append(embed(x.to(self.device)).float().cpu())
             labels.append(torch.as_tensor(y))
         self.train(was_training)
         return torch.cat(feats), torch.cat(labels)

@@ -55,7 +55,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext, autocast
+from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.modules.analytic_heads import CosineLinear, RandomProjectionRidgeHead, ridge_grid
 from cl_bench.modules.peft import attach_peft, freeze_all_but_peft, independent_copy, peft_disabled
 
@@ -208,7 +208,11 @@ class SAFE(ContinualModule):
             self.slow_cosine = independent_copy(self.cosine_head, trainable=False)  # type: ignore[assignment]
         assert self.slow_backbone is not None and self.slow_cosine is not None
         fast, labels = self.extract_features(ctx, ctx.train_eval_set)
-        slow, _ = self._slow_features(ctx)
+        # at the end of session 1 the slow learner is an exact copy: its features are the fast ones
+        if ctx.task.index == 0:
+            slow = fast
+        else:
+            slow, _ = self.extract_features(ctx, ctx.train_eval_set, self.slow_backbone)
         if self.imprint_slow_protos and ctx.task.index > 0:
             with torch.no_grad():
                 for c in torch.unique(labels):
@@ -217,16 +221,6 @@ class SAFE(ContinualModule):
         self.head.fit(fast, labels, generator=generator)
         shared = self.head if self.ridge_stats == "shared" else None
         self.slow_head.fit(slow, labels, statistics=shared, generator=generator)
-
-    @torch.no_grad()
-    def _slow_features(self, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.slow_backbone is not None
-        feats, labels = [], []
-        for x, y in ctx.loader(ctx.train_eval_set, ctx.eval_batch_size, shuffle=False):
-            with autocast(self.device, ctx.autocast_dtype):
-                feats.append(self.slow_backbone(x.to(self.device)).float().cpu())
-            labels.append(torch.as_tensor(y))
-        return torch.cat(feats), torch.cat(labels)
 
     # ----------------------------------------------------------------- training
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
