@@ -169,23 +169,26 @@ def release_lock(run_dir: Path) -> None:
     (run_dir / LOCK_FILE).unlink(missing_ok=True)
 
 
-def is_resumable(run_dir: Path, config: dict[str, Any]) -> bool:
-    """``run_dir`` holds an interrupted run of ``config`` (same config up to :data:`VOLATILE_KEYS`)."""
+def is_resumable(run_dir: Path, config: dict[str, Any], ignore_lock: bool = False) -> bool:
+    """``run_dir`` holds an interrupted run of ``config`` (same config up to :data:`VOLATILE_KEYS`) that no
+    live process is running (``ignore_lock``: DDP ranks > 0, which follow rank 0 into the run it holds)."""
     config_file = run_dir / "config.yaml"
-    if not (run_dir / CHECKPOINT_FILE).is_file() or not config_file.is_file() or _lock_is_live(run_dir):
+    if not (run_dir / CHECKPOINT_FILE).is_file() or not config_file.is_file():
+        return False
+    if not ignore_lock and _lock_is_live(run_dir):
         return False
     saved = yaml.safe_load(config_file.read_text())
     return isinstance(saved, dict) and comparable(saved) == comparable(config)
 
 
-def find_resumable(roots: Iterable[Path], config: dict[str, Any]) -> Path | None:
+def find_resumable(roots: Iterable[Path], config: dict[str, Any], ignore_lock: bool = False) -> Path | None:
     """The most recently checkpointed interrupted run of ``config`` under ``roots``, if any."""
     candidates = {
         ckpt.parent
         for root in roots
         if root.is_dir()
         for ckpt in root.rglob(CHECKPOINT_FILE)
-        if is_resumable(ckpt.parent, config)
+        if is_resumable(ckpt.parent, config, ignore_lock)
     }
     if not candidates:
         return None

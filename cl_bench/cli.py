@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 import cl_bench.config  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
+from cl_bench import distributed
 from cl_bench.errors import ClBenchError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -60,5 +61,6 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             raise  # the sweep goes on with its other jobs and reports this one as failed
         print(f"cl-bench: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(format_report(doc, str(resolve_run_dir(cfg))))
+    if distributed.is_main_process():
+        print(format_report(doc, str(resolve_run_dir(cfg))))
     return doc

@@ -86,6 +86,12 @@ class TrainerConfig:
 
     accelerator: str = "auto"
     devices: Any = 1
+    #: Machines (DDP over SLURM nodes); processes in all = ``devices * num_nodes``.
+    num_nodes: int = 1
+    #: Lightning strategy: ``auto`` (one device), ``ddp``, ``ddp_find_unused_parameters_true``.
+    strategy: str = "auto"
+    #: DDP: BatchNorm statistics over the global batch instead of each process's share.
+    sync_batchnorm: bool = False
     precision: str = "32-true"
     deterministic: bool = True
     num_workers: int = 0

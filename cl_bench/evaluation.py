@@ -11,6 +11,9 @@ task, so the backbone sees each test image once per run instead of once per eval
 Methods that choose task-specific parameters per image (``ContinualModule.predict`` returns the chosen
 task) also get a task-selection accuracy: the percentage of task ``j``'s test images for which task ``j``
 was chosen.
+
+Under DDP every process evaluates its share of the test batches and the counts are summed, so every
+process gets the whole test set's accuracies (:mod:`cl_bench.distributed`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cl_bench import distributed
 from cl_bench.methods.base import ContinualModule, autocast
 from cl_bench.scenario import Scenario
 
@@ -66,9 +70,13 @@ class Evaluator:
         self._features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _loader(self, j: int) -> DataLoader:
-        return DataLoader(
-            self.test_sets[j], batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
+        """Task ``j``'s test images in order; under DDP this process's share of the batches."""
+        batches = distributed.batch_shard(self.test_sets[j], self.batch_size)
+        if batches is None:
+            return DataLoader(
+                self.test_sets[j], batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+            )
+        return DataLoader(self.test_sets[j], batch_sampler=batches, num_workers=self.num_workers)
 
     def _cached_features(self, module: ContinualModule, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         if any(p.requires_grad for p in module.backbone.parameters()):
@@ -76,12 +84,12 @@ class Evaluator:
                 f"{type(module).__name__} sets frozen_backbone but its backbone has trainable parameters"
             )
         if j not in self._features:
-            feats, labels = [], []
+            batches = []
             for x, y in self._loader(j):
                 with autocast(module.device, self.autocast_dtype):
-                    feats.append(module.embed(x.to(module.device)).float().cpu())
-                labels.append(y)
-            self._features[j] = (torch.cat(feats), torch.cat(labels))
+                    batches.append((module.embed(x.to(module.device)).float().cpu(), y))
+            batches = distributed.gather_batches(batches)
+            self._features[j] = (torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches]))
         return self._features[j]
 
     def _batches(
@@ -92,7 +100,8 @@ class Evaluator:
         device = module.device
         if module.frozen_backbone:
             feats, labels = self._cached_features(module, j)
-            for k in range(0, len(labels), self.batch_size):
+            starts = range(0, len(labels), self.batch_size)  # under DDP: this process's share
+            for k in starts[distributed.rank() :: distributed.world_size()]:
                 f = feats[k : k + self.batch_size].to(device)
                 with autocast(device, self.autocast_dtype):
                     cil = module.classify(f).float()
@@ -140,10 +149,14 @@ class Evaluator:
                 if chosen is not None:
                     selected += int((chosen == j).sum())
                 total += len(y)
+            counts = {"cil": cil_correct, "til": til_correct, "selected": selected, "total": total}
+            counts = distributed.sum_counts(counts)
+            cil_correct, til_correct, selected, total = counts.values()
+            alternative_correct = distributed.sum_counts(alternative_correct)
             rows.cil.append(100.0 * cil_correct / max(total, 1))
             rows.til.append(100.0 * til_correct / max(total, 1))
             selection_row.append(100.0 * selected / max(total, 1))
-            for name, hits in alternative_correct.items():
+            for name, hits in sorted(alternative_correct.items()):
                 row = alternative_rows.setdefault(name, [float("nan")] * j)  # nan: absent on earlier tasks
                 row.append(100.0 * hits / max(total, 1))
         if module.selects_task and not module.frozen_backbone:  # frozen: cached features, no predict

@@ -3,12 +3,16 @@
 After each task the method is evaluated on every seen task's test set and ``results.json`` is rewritten
 (``status: incomplete``), so an error or a kill never loses the finished tasks; ``checkpoint.pt`` then lets
 the same command resume at the next task (:mod:`cl_bench.checkpointing`).
+
+Under DDP (``trainer=ddp``) every process runs this loop; only rank 0 writes files and logs to W&B
+(:mod:`cl_bench.distributed`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -23,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cl_bench import distributed
 from cl_bench.checkpointing import (
     CHECKPOINT_FILE,
     RunCheckpoint,
@@ -53,6 +58,9 @@ for _name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# DDP: per-process epoch losses are logged as they are (rank 0's), and timm's class token gets a strided grad
+warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
 
 
 #: Metrics stored in the W&B run summary.
@@ -83,15 +91,16 @@ class EpochLossLogger(pl.Callback):
 
 
 def select_device(accelerator: str) -> torch.device:
-    """The device for task-end work and evaluation (Lightning places the model itself during ``fit``)."""
+    """The device for task-end work and evaluation (Lightning places the model itself during ``fit``);
+    under DDP each process's own GPU."""
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer=cpu"
             )
-        return torch.device("cuda")
+        return torch.device("cuda", distributed.local_rank())
     if accelerator == "auto" and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", distributed.local_rank())
     if accelerator in ("auto", "cpu"):
         return torch.device("cpu")
     raise ConfigError(f"trainer.accelerator={accelerator!r}: use auto, cpu or gpu")
@@ -170,6 +179,9 @@ def make_trainer(
         max_epochs=method.epochs,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        sync_batchnorm=cfg.trainer.sync_batchnorm,
         precision=cfg.trainer.precision,
         deterministic=cfg.trainer.deterministic,
         logger=False,
@@ -206,28 +218,52 @@ def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def resume_folder(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Path | None:
+def resume_folder(
+    cfg: DictConfig, run_dir: Path, config: dict[str, Any], ignore_lock: bool = False
+) -> Path | None:
     """The interrupted run to continue (``resume``), or ``None`` to start afresh in ``run_dir``."""
     if cfg.resume == "never":
         return None
     if cfg.resume != "auto":
         folder = Path(cfg.resume)
-        if not is_resumable(folder, config):
+        if not is_resumable(folder, config, ignore_lock):
             raise ConfigError(
                 f"resume={folder}: no interrupted run of this config there (it needs {CHECKPOINT_FILE} and "
                 "the same config.yaml, and no live process running in it). Use resume=auto or resume=never."
             )
         return folder
-    if is_resumable(run_dir, config):
+    if is_resumable(run_dir, config, ignore_lock):
         return run_dir
     if cfg.paths.run_dir:  # an explicit folder: resume only there
         return None
-    return find_resumable([Path(cfg.paths.output_dir)], config)
+    return find_resumable([Path(cfg.paths.output_dir)], config, ignore_lock)
+
+
+def check_process_layout(cfg: DictConfig) -> None:
+    """Refuse several processes per run inside a local ``-m`` sweep: Lightning would relaunch the whole
+    command, sweep included, for every extra process."""
+    devices = cfg.trainer.devices
+    n_devices = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    if not (isinstance(n_devices, int) and n_devices * cfg.trainer.num_nodes > 1):
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if not distributed.launched_externally():
+            raise ConfigError(
+                f"trainer.devices={devices} in a local -m sweep: Lightning would start every extra process "
+                "by rerunning the whole sweep. Run each experiment on its own (no -m), or submit the sweep "
+                "with launcher=slurm and hydra.launcher.tasks_per_node equal to trainer.devices."
+            )
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
     validate_config(cfg)
+    check_process_layout(cfg)
+    if not distributed.is_main_process():
+        return _follow(cfg)
     run_dir = resolve_run_dir(cfg)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(config, dict)
@@ -245,14 +281,36 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     acquire_lock(run_dir)
+    # the processes Lightning starts at the first fit inherit these and follow this run
+    os.environ[distributed.RUN_DIR_VARIABLE] = str(run_dir.resolve())
+    os.environ[distributed.RESUMED_VARIABLE] = str(int(resumed is not None))
     try:
         return _run(cfg, run_dir, config, resumed is not None)
     finally:
+        os.environ.pop(distributed.RUN_DIR_VARIABLE, None)
+        os.environ.pop(distributed.RESUMED_VARIABLE, None)
         release_lock(run_dir)
 
 
+def _follow(cfg: DictConfig) -> dict[str, Any]:
+    """A DDP process of rank > 0: the same experiment as rank 0, in rank 0's run folder, writing nothing."""
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(config, dict)
+    if distributed.RUN_DIR_VARIABLE in os.environ:  # started by rank 0 (Lightning's launcher)
+        run_dir = Path(os.environ[distributed.RUN_DIR_VARIABLE])
+        resume = os.environ.get(distributed.RESUMED_VARIABLE) == "1"
+    else:  # started beside rank 0 (SLURM, torchrun): make rank 0's choice from the same files
+        run_dir = resolve_run_dir(cfg)
+        resumed = resume_folder(cfg, run_dir, config, ignore_lock=True)
+        run_dir, resume = (resumed, True) if resumed is not None else (run_dir, False)
+    log.info("DDP process of rank %d follows the run in %s", distributed.launch_rank(), run_dir)
+    logging.getLogger("cl_bench").setLevel(logging.WARNING)  # rank 0 reports progress
+    return _run(cfg, run_dir, config, resume)
+
+
 def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any]:
-    if not resume:
+    main = distributed.is_main_process()
+    if main and not resume:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -277,7 +335,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         autocast_dtype=amp_dtype,
         til_tasks=split,
     )
-    write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
+    if main:
+        write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
     #: Objects a checkpoint refers to by name: the resuming run rebuilds them from the same config.
     external: dict[str, Any] = {"data": data, "data.train": data.train, "data.test": data.test}
     external.update({"train_transform": train_tf, "eval_transform": eval_tf})
@@ -304,7 +363,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         run_dir,
     )
 
-    tracker = WandbTracker(cfg.logger, run_dir, tracker_config(cfg, config), run_id=wandb_id)
+    logger_cfg = cfg.logger if main else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
+    tracker = WandbTracker(logger_cfg, run_dir, tracker_config(cfg, config), run_id=wandb_id)
 
     def document(status: str) -> dict[str, Any]:
         return build_results(
@@ -339,7 +399,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
             for name, row in rows.extra.items():
                 state.extra_rows.setdefault(name, []).append(row)
             doc = document("incomplete")
-            write_results(run_dir, doc)
+            if main:
+                write_results(run_dir, doc)
             task_acc = doc["acc_matrix"][-1][task.index]
             log.info(
                 "task %d/%d: acc on this task %.2f, on all seen tasks %.2f, %.1fs",
@@ -362,16 +423,18 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
                     **{name: sum(row) / len(row) for name, row in rows.extra.items()},
                 },
             )
-            if cfg.save_checkpoints and task.index + 1 < len(scenario.tasks):
+            if main and cfg.save_checkpoints and task.index + 1 < len(scenario.tasks):
                 checkpoint_run(run_dir, method, state, tracker, config, external)
-        if cfg.save_model:
+        if main and cfg.save_model:
             save_model(run_dir / "final_model.pt", method, scenario, config)
         status = "complete"
-        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        if main:
+            (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     finally:
         doc = document(status)
-        write_results(run_dir, doc)
-        if status != "complete":
+        if main:
+            write_results(run_dir, doc)
+        if main and status != "complete":
             log.error(
                 "run stopped after %d finished task(s); their results are in %s",
                 len(state.acc_rows),
@@ -418,14 +481,24 @@ def learn_task(
     tracker: WandbTracker,
     state: RunState,
 ) -> None:
-    """Task start hook, Lightning fit (if the method trains on this task), task end hook; times them."""
+    """Task start hook, Lightning fit (if the method trains on this task), task end hook; times them.
+
+    ``method.batch_size`` is the global batch: under DDP each of the ``N`` processes trains on ``1/N`` of it.
+    """
     start = time.perf_counter()
     method.on_task_start(ctx)
     method.to(device)  # after on_task_start: parameters it created move too
     train_set = method.train_dataset(ctx)
     if train_set is not None and method.epochs > 0 and len(train_set) > 0:
         trainer = make_trainer(cfg, method, run_dir, [EpochLossLogger(tracker, ctx.task.index)])
-        trainer.fit(method, train_dataloaders=ctx.loader(train_set, method.batch_size, shuffle=True))
+        processes = trainer.world_size
+        if method.batch_size % processes:
+            raise ConfigError(
+                f"method.batch_size={method.batch_size} is the global batch and must divide evenly among the "
+                f"{processes} DDP processes: choose a multiple of {processes}"
+            )
+        loader = ctx.loader(train_set, method.batch_size // processes, shuffle=True)
+        trainer.fit(method, train_dataloaders=loader)
         method.to(device)
     method.on_task_end(ctx)
     state.task_time_s.append(time.perf_counter() - start)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from cl_bench import distributed
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError, TrainingDivergedError
 from cl_bench.modules.heads import IncrementalLinearHead
@@ -75,6 +76,19 @@ class TaskContext:
             num_workers=self.num_workers,
             generator=generator,
             persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def shard_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """An unshuffled loader over this process's share of the batches (all of them in a one-process run;
+        :mod:`cl_bench.distributed`): gather or sum what it yields across the processes."""
+        batches = distributed.batch_shard(dataset, batch_size)
+        if batches is None:
+            return self.loader(dataset, batch_size, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -201,17 +215,18 @@ class ContinualModule(pl.LightningModule):
         self, ctx: TaskContext, dataset: Dataset, embed: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (``embed``, default :meth:`embed`) and labels of ``dataset``: one pass, eval mode, on
-        the module's device, kept on CPU."""
+        the module's device, kept on CPU. Under DDP each process embeds its share of the batches and all
+        of them receive every embedding, in dataset order."""
         embed = self.embed if embed is None else embed
         was_training = self.training
         self.eval()
-        feats, labels = [], []
-        for x, y in ctx.loader(dataset, ctx.eval_batch_size, shuffle=False):
+        batches = []
+        for x, y in ctx.shard_loader(dataset, ctx.eval_batch_size):
             with autocast(self.device, ctx.autocast_dtype):
-                feats.append(embed(x.to(self.device)).float().cpu())
-            labels.append(torch.as_tensor(y))
+                batches.append((embed(x.to(self.device)).float().cpu(), torch.as_tensor(y)))
         self.train(was_training)
-        return torch.cat(feats), torch.cat(labels)
+        batches = distributed.gather_batches(batches)
+        return torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches])
 
     @staticmethod
     def features_dataset(features: torch.Tensor, labels: torch.Tensor) -> TensorDataset:

@@ -101,7 +101,7 @@ class EWC(ContinualModule):
                 logits, targets = self.task_logits(self(x.to(self.device)), y.to(self.device))
             return F.cross_entropy(logits.float(), targets)
 
-        loader = ctx.loader(ctx.train_eval_set, self.batch_size, shuffle=False)
+        loader = ctx.shard_loader(ctx.train_eval_set, self.batch_size)
         fisher = gradient_importance(trainable_parameters(self), loader, batch_loss, torch.square)
         self.train(was_training)
         return fisher

@@ -83,7 +83,7 @@ class MAS(ContinualModule):
                 logits, _ = self.task_logits(self(x.to(self.device)), y.to(self.device))
             return logits.float().pow(2).sum(dim=1).mean()
 
-        loader = ctx.loader(ctx.train_eval_set, self.batch_size, shuffle=False)
+        loader = ctx.shard_loader(ctx.train_eval_set, self.batch_size)
         importance = gradient_importance(trainable_parameters(self), loader, batch_norm_sq, torch.abs)
         self.train(was_training)
         return importance

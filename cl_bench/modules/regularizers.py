@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_bench import distributed
+
 TensorDict = dict[str, torch.Tensor]
 
 
@@ -95,6 +97,8 @@ def gradient_importance(
 
     EWC's Fisher uses ``reduce = square`` on the mini-batch cross-entropy, MAS ``reduce = abs`` on the
     squared output norm. Gradients come from :func:`torch.autograd.grad`, so ``.grad`` is left untouched.
+    Under DDP each process passes its share of the batches (``TaskContext.shard_loader``): sums and batch
+    counts are added up across the processes, giving the one-process mean.
     """
     names, tensors = list(params), list(params.values())
     importance = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -106,4 +110,8 @@ def gradient_importance(
                 if grad is not None:
                     importance[name] += reduce(grad.float())
             n_batches += 1
-    return {name: value / max(n_batches, 1) for name, value in importance.items()}
+    count = torch.tensor(float(n_batches), device=tensors[0].device if tensors else None)
+    distributed.all_reduce_sum(count)
+    for value in importance.values():
+        distributed.all_reduce_sum(value)
+    return {name: value / max(float(count), 1.0) for name, value in importance.items()}
