@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from torch.utils.data import TensorDataset
 
 from cl_bench import distributed
 from cl_bench.backbones.base import Backbone, DataConfig
+from cl_bench.checkpointing import CHECKPOINT_FILE
 from cl_bench.config import ScenarioType
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import TaskContext
@@ -191,3 +194,41 @@ def test_local_sweep_refuses_several_processes_per_run(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "in a local -m sweep" in result.stdout + result.stderr
+
+
+def test_killed_ddp_run_resumes_on_every_process(tmp_path: Path) -> None:
+    """Both processes of a DDP run are killed after the first checkpoint; rerunning the command resumes the
+    run on both (rank 1 loads rank 0's checkpoint) and ends with the uninterrupted run's results."""
+    seq_ft = ("method=seq_ft", "method.epochs=2", "method.lr=0.05", "scenario.n_tasks=5", "trainer=ddp")
+    full = _cl_bench(tmp_path, *seq_ft, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    for name in (*distributed.RANK_VARIABLES, distributed.RUN_DIR_VARIABLE, "SLURM_NTASKS"):
+        env.pop(name, None)
+    overrides = [*TINY_DDP, *seq_ft, "trainer.devices=2", f"hydra.run.dir={killed_dir}"]
+    command = [sys.executable, "-m", "cl_bench", *overrides]
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # rank 0 and the rank Lightning starts share this process group
+    )
+    deadline = time.monotonic() + 240
+    while not (killed_dir / CHECKPOINT_FILE).exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert json.loads((killed_dir / "results.json").read_text())["status"] == "incomplete"
+
+    rerun = _cl_bench(tmp_path, *seq_ft, "trainer.devices=2", f"hydra.run.dir={killed_dir}")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming after task" in rerun.stderr + rerun.stdout
+    docs = [json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "full", killed_dir)]
+    assert docs[1]["status"] == "complete"
+    assert docs[1]["acc_matrix"] == docs[0]["acc_matrix"]
