@@ -7,6 +7,9 @@
 * DomainNet (Peng et al. 2019): ``<domain>_{train,test}.txt`` lists of ``<domain>/<class>/<image> <label>``.
 * Oxford Flowers-102: ``jpg/``, ``imagelabels.mat``, ``setid.mat`` (official or a stratified split).
 * Stanford Cars-196: the devkit's annotation ``.mat`` files (official split).
+* ImageNet-R with the fixed 80/20 split files of CODA-Prompt (``imagenet-r_{train,test}.yaml``: ``data``,
+  a list of ``data/imagenet-r/<wnid>/<image>`` paths, and ``targets``), the files Mammoth ships and
+  prompt-based CL code loads; any dataset split by such a pair of files loads the same way.
 
 Every loader takes ``cache_size``/``cache_dir``: decode once into a memory-mapped resized copy
 (:func:`cl_bench.data.folders.with_cache`).
@@ -257,4 +260,52 @@ def load_stanford_cars(
     data = ClassificationData(
         "stanford_cars", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant
     )
+    return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")
+
+
+def load_yaml_split(
+    root: str,
+    name: str = "imagenet_r_coda",
+    train_file: str = "imagenet-r_train.yaml",
+    test_file: str = "imagenet-r_test.yaml",
+    path_prefix: str = "data/imagenet-r/",
+    hflip_invariant: bool = True,
+    get_it_from: str = "CODA-Prompt's dataloaders/splits/ or Mammoth's datasets/imagenet_r_utils/",
+    cache_size: int | None = None,
+    cache_dir: str | None = None,
+) -> ClassificationData:
+    """A dataset split by two YAML files ``{data: [path, ...], targets: [label, ...]}`` (CODA-Prompt's
+    ImageNet-R split). Paths start with ``path_prefix``, which is replaced by ``root``; labels are the files'
+    own (they are not the sorted folder order); a class's name is its folder (the WordNet id)."""
+    import yaml
+
+    base = Path(root).expanduser()
+    _require([base / train_file, base / test_file], f"{name} split files", get_it_from)
+    splits, folder_of = [], {}
+    for file in (train_file, test_file):
+        listing = yaml.safe_load((base / file).read_text())
+        if not isinstance(listing, dict) or len(listing.get("data", [])) != len(listing.get("targets", [1])):
+            raise DataError(
+                f"{base / file}: expected equally long lists 'data' (paths) and 'targets' (labels)"
+            )
+        paths = []
+        for path, label in zip(listing["data"], listing["targets"]):
+            if not path.startswith(path_prefix):
+                raise DataError(f"{base / file}: {path} does not start with path_prefix {path_prefix!r}")
+            relative = Path(path[len(path_prefix) :])
+            if folder_of.setdefault(int(label), relative.parent.as_posix()) != relative.parent.as_posix():
+                raise DataError(f"{base / file}: label {label} is given to images of two folders")
+            paths.append(str(base / relative))
+        missing = [q for q in paths[:: max(1, len(paths) // 50)] if not Path(q).is_file()]
+        if missing:
+            raise DataError(
+                f"{name}: images listed in {base / file} are missing, e.g. {missing[0]}; unpack the dataset "
+                f"so that {base}/<class folder>/<image> holds them (ImageNet-R: "
+                "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar)"
+            )
+        splits.append(FileImages(paths, np.array(listing["targets"], dtype=np.int64), str(base)))
+    if sorted(folder_of) != list(range(len(folder_of))):
+        raise DataError(f"{name}: the labels in the split files are not 0..{len(folder_of) - 1}")
+    class_names = [folder_of[k] for k in range(len(folder_of))]
+    data = ClassificationData(name, splits[0], splits[1], class_names, hflip_invariant=hflip_invariant)
     return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torchvision.io import encode_jpeg, encode_png
 
-from cl_bench.data.listed import load_cub, load_tiny_imagenet
+from cl_bench.data.listed import load_cub, load_tiny_imagenet, load_yaml_split
 from cl_bench.errors import DataError
 
 
@@ -190,3 +191,54 @@ def test_stanford_cars_from_devkit_annotations(tmp_path: Path) -> None:
     assert data.class_names == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
     assert data.train.labels.tolist() == [1, 0] and data.test.labels.tolist() == [0, 1, 1]
     assert data.test.paths[2].endswith("cars_test/00003.jpg")
+
+
+def _coda_tree(tmp_path: Path) -> Path:
+    """ImageNet-R unpacked under imagenet-r/<wnid>/ with CODA-Prompt's two split files beside it; the files'
+    labels are not the sorted folder order (n02 is 0, n01 is 1), as in the real files."""
+    root = tmp_path / "imagenet-r"
+    lists = {"train": ([], []), "test": ([], [])}
+    for label, wnid in enumerate(["n02", "n01"]):
+        for k in range(5):
+            jpeg(root / wnid / f"art_{k}.jpg", 30 * label + 10 * k)
+            paths, targets = lists["train" if k < 4 else "test"]
+            paths.append(f"data/imagenet-r/{wnid}/art_{k}.jpg")
+            targets.append(label)
+    for split, (paths, targets) in lists.items():
+        (root / f"imagenet-r_{split}.yaml").write_text(yaml.safe_dump({"data": paths, "targets": targets}))
+    return root
+
+
+def test_imagenet_r_coda_split_files(tmp_path: Path) -> None:
+    root = _coda_tree(tmp_path)
+    data = load_yaml_split(str(root))
+    assert data.num_classes == 2 and data.class_names == ["n02", "n01"]
+    assert len(data.train) == 8 and len(data.test) == 2
+    assert data.train.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and data.test.labels.tolist() == [0, 1]
+    assert [Path(p).relative_to(root).as_posix() for p in data.test.paths] == [
+        "n02/art_4.jpg",
+        "n01/art_4.jpg",
+    ]
+    assert abs(int(data.test.image(1).float().mean()) - 70) <= 1  # n01/art_4: 30 + 40
+
+    from conftest import compose_config
+
+    from cl_bench.config import build_from_config
+
+    cfg = compose_config("dataset=imagenet_r_coda", f"paths.data_dir={tmp_path}")
+    assert build_from_config("dataset", cfg.dataset).class_names == ["n02", "n01"]
+
+
+def test_imagenet_r_coda_bad_files_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="imagenet-r_train.yaml.*CODA-Prompt"):
+        load_yaml_split(str(tmp_path / "imagenet-r"), get_it_from="CODA-Prompt's dataloaders/splits/")
+    root = _coda_tree(tmp_path)
+    (root / "n01" / "art_0.jpg").unlink()
+    with pytest.raises(DataError, match="missing, e.g. .*n01/art_0.jpg"):
+        load_yaml_split(str(root))
+    jpeg(root / "n01" / "art_0.jpg", 0)
+    listing = yaml.safe_load((root / "imagenet-r_test.yaml").read_text())
+    listing["targets"] = [1, 1]  # n02's image labelled as n01's class
+    (root / "imagenet-r_test.yaml").write_text(yaml.safe_dump(listing))
+    with pytest.raises(DataError, match="label 1 is given to images of two folders"):
+        load_yaml_split(str(root))
