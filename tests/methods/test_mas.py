@@ -130,7 +130,7 @@ def test_mas_runs_task_incrementally_on_real_digits(run_tiny) -> None:
         "method=mas",
         "method.epochs=1",
         "method.batch_size=16",
-        "method.lr=0.02",
+        "method.lr=0.01",
         "scenario=til",
         "scenario.n_tasks=2",
         "scenario.order_seed=0",
