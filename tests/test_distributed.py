@@ -1,5 +1,5 @@
 """DDP: task-end passes (features, prototypes, EWC Fisher) and evaluation split among two gloo processes give
-what one process computes; a real ``cl-bench trainer=ddp`` run on CPU equals the one-process run; bad process
+what one process computes; a real ``cl-bench trainer=ddp_cpu`` run equals the one-process run; bad process
 layouts fail with a clear message."""
 
 from __future__ import annotations
@@ -142,9 +142,6 @@ TINY_DDP = (
     "method.epochs=1",
     "method.lr=0",
     "method.batch_size=16",
-    "trainer.accelerator=cpu",
-    "trainer.precision=32-true",
-    "trainer.num_workers=0",
     "trainer.eval_batch_size=64",
 )
 
@@ -158,9 +155,9 @@ def _cl_bench(tmp_path: Path, *overrides: str, multirun: bool = False) -> subpro
 
 
 def test_ddp_run_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
-    one = _cl_bench(tmp_path, f"hydra.run.dir={tmp_path / 'one'}")
+    one = _cl_bench(tmp_path, "trainer=cpu", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    two = _cl_bench(tmp_path, "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}")
+    two = _cl_bench(tmp_path, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
     assert (tmp_path / "two" / "train_ddp_process_1.log").is_file()  # Lightning started rank 1
     assert "follows the run in" in (tmp_path / "two" / "train_ddp_process_1.log").read_text()
@@ -177,7 +174,11 @@ def test_ddp_run_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None
 
 def test_global_batch_must_divide_among_processes(tmp_path: Path) -> None:
     result = _cl_bench(
-        tmp_path, "trainer=ddp", "trainer.devices=2", "method.batch_size=15", f"hydra.run.dir={tmp_path}/r"
+        tmp_path,
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "method.batch_size=15",
+        f"hydra.run.dir={tmp_path}/r",
     )
     assert result.returncode == 2
     assert "must divide evenly among the 2 DDP processes" in result.stderr
@@ -186,7 +187,7 @@ def test_global_batch_must_divide_among_processes(tmp_path: Path) -> None:
 def test_local_sweep_refuses_several_processes_per_run(tmp_path: Path) -> None:
     result = _cl_bench(
         tmp_path,
-        "trainer=ddp",
+        "trainer=ddp_cpu",
         "seed=0,1",
         f"hydra.sweep.dir={tmp_path}/sweep",
         "hydra.sweep.subdir=job${hydra.job.num}",
@@ -199,7 +200,7 @@ def test_local_sweep_refuses_several_processes_per_run(tmp_path: Path) -> None:
 def test_killed_ddp_run_resumes_on_every_process(tmp_path: Path) -> None:
     """Both processes of a DDP run are killed after the first checkpoint; rerunning the command resumes the
     run on both (rank 1 loads rank 0's checkpoint) and ends with the uninterrupted run's results."""
-    seq_ft = ("method=seq_ft", "method.epochs=2", "method.lr=0.05", "scenario.n_tasks=5", "trainer=ddp")
+    seq_ft = ("method=seq_ft", "method.epochs=2", "method.lr=0.05", "scenario.n_tasks=5", "trainer=ddp_cpu")
     full = _cl_bench(tmp_path, *seq_ft, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr
 
