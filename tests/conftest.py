@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from cl_bench.backbones.base import Backbone, DataConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -74,3 +78,24 @@ def run_tiny(tmp_path: Path, caplog: pytest.LogCaptureFixture):
             assert not failed, failed
 
     return _run
+
+
+class LinearBackbone(Backbone):
+    """``f = A x + a`` with ``A`` 3x4: small enough to differentiate by hand (unit tests of the maths)."""
+
+    feat_dim = 3
+    data_config = DataConfig(input_size=1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class TinyBackbone(LinearBackbone):
+    """``f = tanh(A x + a)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))

@@ -16,11 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
+from conftest import TINY, TinyBackbone
 from torch.utils.data import TensorDataset
 
 from cl_bench import distributed
-from cl_bench.backbones.base import Backbone, DataConfig
 from cl_bench.checkpointing import CHECKPOINT_FILE
 from cl_bench.config import ScenarioType
 from cl_bench.evaluation import Evaluator
@@ -35,25 +34,10 @@ TASK = Task(0, 0, 3, (0, 1, 2))
 BATCH = 8  # 37 images: 5 batches, 3 on rank 0 and 2 on rank 1
 
 
-class Toy(Backbone):
-    feat_dim = 4
-    data_config = DataConfig(input_size=1)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 4)
-
-    def blocks(self) -> list[nn.Module]:
-        return [self.fc]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
-
-
 def _context() -> TaskContext:
     gen = torch.Generator().manual_seed(3)
     labels = torch.arange(37) % 3
-    data = TensorDataset(torch.randn(37, 6, generator=gen) + labels[:, None].float(), labels)
+    data = TensorDataset(torch.randn(37, 4, generator=gen) + labels[:, None].float(), labels)
     scenario = Scenario(ScenarioType.cil, (0, 1, 2), (TASK,))
     return TaskContext(TASK, scenario, data, data, eval_batch_size=BATCH)
 
@@ -62,11 +46,11 @@ def _compute() -> dict[str, object]:
     """Features, SimpleCIL prototypes, a Fisher estimate and both evaluator paths, in this process."""
     torch.manual_seed(0)
     ctx = _context()
-    prototypes = SimpleCIL(Toy())
+    prototypes = SimpleCIL(TinyBackbone())
     prototypes.on_task_start(ctx)
     features, labels = prototypes.extract_features(ctx, ctx.train_eval_set)
     prototypes.on_task_end(ctx)
-    trained = SequentialFineTuning(Toy())
+    trained = SequentialFineTuning(TinyBackbone())
     trained.on_task_start(ctx)
 
     def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -128,12 +112,7 @@ def test_batch_shard_covers_every_batch_once() -> None:
 # A tiny ViT without BatchNorm, APER with learning rate 0: training leaves the weights as they are, so the
 # two-process run must reproduce the one-process run exactly (prototypes from gathered features).
 TINY_DDP = (
-    "dataset=digits",
-    "dataset.size=16",
-    "transform.input_size=16",
-    "scenario.n_tasks=2",
-    "scenario.order_seed=0",
-    "logger.mode=disabled",
+    *(o for o in TINY if not o.startswith(("trainer.", "save_model"))),
     "backbone=timm",
     "backbone.name=vit_tiny_patch16_224",
     "backbone.pretrained=false",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LinearBackbone
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cl_bench.backbones.base import Backbone, DataConfig
 from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
@@ -18,20 +18,6 @@ from cl_bench.modules.regularizers import trainable_parameters
 from cl_bench.scenario import Scenario, Task
 
 TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)))
-
-
-class LinearBackbone(Backbone):
-    """``f = A x + a``: small enough to differentiate by hand."""
-
-    feat_dim = 3
-    data_config = DataConfig(input_size=1)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
 
 
 def _ctx(task: int, til: bool = False, seed: int = 0) -> TaskContext:

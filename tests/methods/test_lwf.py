@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import TinyBackbone
 from torch.utils.data import TensorDataset
 
-from cl_bench.backbones.base import Backbone, DataConfig
 from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
@@ -20,18 +19,6 @@ from cl_bench.methods.lwf import LwF, distillation
 from cl_bench.scenario import Scenario, Task
 
 TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)), Task(2, 4, 6, (4, 5)))
-
-
-class TinyBackbone(Backbone):
-    feat_dim = 3
-    data_config = DataConfig(input_size=1)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
 
 
 def _ctx(task: int, til: bool = False) -> TaskContext:
