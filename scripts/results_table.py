@@ -81,22 +81,25 @@ def extras(doc: dict) -> str:
 def runs_table(labelled_runs: list[str], title: str) -> str:
     """One row per ``LABEL=RUN_DIR`` (single runs, e.g. ablations), read from each ``results.json``."""
     lines = [
-        f"| {title} | last acc (%) | avg incremental acc (%) | avg forgetting (pt) | BWT (pt) | time (s) "
-        "| status | extra metrics after the last task (%) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| {title} | last acc (%) | last acc given the task id (%) | avg incremental acc (%) "
+        "| avg forgetting (pt) | BWT (pt) | time (s) | status | extra metrics after the last task (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for item in labelled_runs:
         label, _, folder = item.rpartition("=")  # labels may contain "=" (e.g. an override)
         doc = read_results(Path(folder))
         if doc is None:
-            lines.append(f"| {label} | | | | | | missing ({Path(folder) / 'results.json'}) | |")
+            lines.append(f"| {label} | | | | | | | missing ({Path(folder) / 'results.json'}) | |")
             continue
 
         def num(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.2f}"
 
+        til = doc["til_acc_matrix"][-1] if doc["til_acc_matrix"] else []
+        til_last = sum(til) / len(til) if til else None
         lines.append(
-            f"| {label} | {num(doc['last_acc'])} | {num(doc['avg_inc_acc'])} | {num(doc['avg_forgetting'])} "
+            f"| {label} | {num(doc['last_acc'])} | {num(til_last)} | {num(doc['avg_inc_acc'])} "
+            f"| {num(doc['avg_forgetting'])} "
             f"| {num(doc['bwt'])} | {sum(doc['task_time_s']):.0f} | {doc['status']} | {extras(doc)} |"
         )
     return "\n".join(lines) + "\n"

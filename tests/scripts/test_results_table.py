@@ -35,6 +35,6 @@ def test_runs_table_rows_extras_and_missing_runs(tmp_path: Path) -> None:
     write_results(run, doc)
     text = _results_table().runs_table([f"lnt lr=0.1={run}", f"gone={tmp_path / 'gone'}"], "method")
     rows = text.splitlines()
-    assert rows[2].startswith("| lnt lr=0.1 | 65.00 | 72.50 | 20.00 |")
+    assert rows[2].startswith("| lnt lr=0.1 | 65.00 | 73.50 | 72.50 | 20.00 |")  # task id given: 73.50
     assert rows[2].endswith("| complete | task_selection_acc 85.00 |")
     assert rows[3].startswith("| gone |") and "missing" in rows[3]
