@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, Dataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 T = TypeVar("T")
 
@@ -79,6 +79,18 @@ def batch_shard(dataset: Dataset, batch_size: int) -> list[list[int]] | None:
         return None
     batches = list(BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False))
     return batches[rank() :: world_size()]
+
+
+def shard_loader(
+    dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """An unshuffled loader over this process's :func:`batch_shard` (every batch in a one-process run)."""
+    batches = batch_shard(dataset, batch_size)
+    if batches is None:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory
+        )
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def gather_batches(local: list[T]) -> list[T]:

@@ -71,12 +71,7 @@ class Evaluator:
 
     def _loader(self, j: int) -> DataLoader:
         """Task ``j``'s test images in order; under DDP this process's share of the batches."""
-        batches = distributed.batch_shard(self.test_sets[j], self.batch_size)
-        if batches is None:
-            return DataLoader(
-                self.test_sets[j], batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-            )
-        return DataLoader(self.test_sets[j], batch_sampler=batches, num_workers=self.num_workers)
+        return distributed.shard_loader(self.test_sets[j], self.batch_size, self.num_workers)
 
     def _cached_features(self, module: ContinualModule, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         if any(p.requires_grad for p in module.backbone.parameters()):

@@ -82,15 +82,7 @@ class TaskContext:
     def shard_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         """An unshuffled loader over this process's share of the batches (all of them in a one-process run;
         :mod:`cl_bench.distributed`): gather or sum what it yields across the processes."""
-        batches = distributed.batch_shard(dataset, batch_size)
-        if batches is None:
-            return self.loader(dataset, batch_size, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return distributed.shard_loader(dataset, batch_size, self.num_workers, torch.cuda.is_available())
 
 
 class ContinualModule(pl.LightningModule):
