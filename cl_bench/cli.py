@@ -14,7 +14,7 @@ import cl_bench.config  # noqa: F401  (registers the schemas with Hydra's Config
 from cl_bench import distributed
 from cl_bench.errors import ClBenchError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 log = logging.getLogger("cl_bench")
 
 

@@ -3,7 +3,7 @@
 Two kinds of config group exist:
 
 * *Schema groups* (``scenario``, ``trainer``, ``logger``, ``paths``, ``transform``) are typed dataclasses
-  registered in Hydra's ConfigStore as the base of ``conf/config.yaml``: a misspelt key or a wrongly typed
+  registered in Hydra's ConfigStore as the base of ``cl_bench/conf/config.yaml``: a misspelt key or a wrongly typed
   value fails while Hydra composes the config, with a message naming the key.
 * *Target groups* (``dataset``, ``backbone``, ``method``) name the Python callable that builds them with
   ``_target_`` and carry its keyword arguments. :func:`validate_config` checks every key against the
@@ -156,7 +156,7 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (``conf/config.yaml`` lists ``base_config`` first)."""
+    """Register the schemas with Hydra's ConfigStore (``cl_bench/conf/config.yaml`` lists ``base_config`` first)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
 

@@ -28,7 +28,7 @@ from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule
 from cl_bench.runner import run_experiment
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "cl_bench" / "conf"
 
 
 def run_once(overrides: list[str], cache: bool) -> dict:

@@ -2,7 +2,7 @@
 
 Marullo et al. (arXiv 2306.02947) claim input-space tuning is cheap enough for the edge. For the first task
 of a config this measures, for ``input_tuning`` with each transformation family, ``seq_ft`` and
-``linear_probe`` (each with its ``conf/method`` defaults, batch size included):
+``linear_probe`` (each with its ``cl_bench/conf/method`` defaults, batch size included):
 
 * ``trainable_params``: parameters with ``requires_grad`` once the task's head (and transformation) exist;
 * ``setup_s``: the task-start work before the first step (``train_dataset``: linear_probe embeds the
@@ -55,7 +55,7 @@ from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.runner import select_device, task_datasets
 from cl_bench.scenario import build_scenario
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "cl_bench" / "conf"
 #: Label -> method overrides of the compared variants.
 VARIANTS: dict[str, list[str]] = {
     "input_tuning/additive": ["method=input_tuning", "method.transform=additive"],

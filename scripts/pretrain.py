@@ -37,7 +37,7 @@ from cl_bench.methods.base import TaskContext
 from cl_bench.runner import make_trainer, select_device, task_datasets
 from cl_bench.scenario import Scenario, Task, class_order
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "cl_bench" / "conf"
 
 
 def pretrain(overrides: list[str], n_classes: int | None, out: Path) -> dict:

@@ -16,7 +16,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
+CONF_DIR = REPO_ROOT / "cl_bench" / "conf"
 SHARED = REPO_ROOT.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights"
 SHARED_DATA = SHARED / "data"
@@ -33,7 +33,7 @@ def shared_weights() -> Path:
 
 
 def compose_config(*overrides: str):
-    """Compose ``conf/config.yaml`` with command-line style overrides, as ``cl-bench`` would."""
+    """Compose ``cl_bench/conf/config.yaml`` with command-line style overrides, as ``cl-bench`` would."""
     from hydra import compose, initialize_config_dir
 
     import cl_bench.config  # noqa: F401  (registers the schemas)

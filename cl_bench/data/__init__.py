@@ -1,6 +1,6 @@
 """Datasets: each loader returns a :class:`ClassificationData` (train/test images, labels, class names).
 
-A new dataset is one loader function (any module) plus one ``conf/dataset/NAME.yaml`` naming it with
+A new dataset is one loader function (any module) plus one ``cl_bench/conf/dataset/NAME.yaml`` naming it with
 ``_target_``.
 """
 

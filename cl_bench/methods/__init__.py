@@ -1,4 +1,4 @@
-"""Continual methods: one LightningModule file each, selected by ``conf/method/NAME.yaml`` (``_target_``)."""
+"""Continual methods: one LightningModule file each, selected by ``cl_bench/conf/method/NAME.yaml`` (``_target_``)."""
 
 from cl_bench.methods.base import ContinualModule, TaskContext
 

@@ -19,7 +19,7 @@ follow :meth:`ExperienceReplay.scoped_cross_entropy`: over all seen classes in t
 over each example's own task block in the task-incremental one (or with ``loss_scope=task``); the MSE is on
 all stored columns in both (old blocks included, as Mammoth does in task-IL).
 
-Defaults (``conf/method/derpp.yaml``): Mammoth's seq-cifar100 ``derpp`` configuration with a 500-example
+Defaults (``cl_bench/conf/method/derpp.yaml``): Mammoth's seq-cifar100 ``derpp`` configuration with a 500-example
 buffer, ``alpha`` 0.3 and ``beta`` 0.5; ``replay_batch_size`` = ``batch_size`` (Mammoth's
 ``--minibatch_size`` default); the optimiser settings are the repository's ``seq_ft`` protocol.
 """

@@ -13,7 +13,7 @@ of the joint batch (as Mammoth's ``models/er.py``):
 * task-incremental, or ``loss_scope=task``: each example over its own task's classes (its task's head
   block), old or current, so replayed examples keep training their own task's block.
 
-Defaults (``conf/method/er.yaml``): ``buffer_size`` 500 and ``replay_batch_size`` = ``batch_size`` as
+Defaults (``cl_bench/conf/method/er.yaml``): ``buffer_size`` 500 and ``replay_batch_size`` = ``batch_size`` as
 Mammoth's seq-cifar10 ``er`` configuration (``--minibatch_size`` defaults to the batch size); the optimiser
 settings are the repository's ``seq_ft`` protocol so the baselines differ only by their method.
 """

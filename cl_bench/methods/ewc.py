@@ -28,7 +28,7 @@ cross-entropy (their logits are pushed down), and the penalty holds them in prop
 the task-incremental setting the current task's loss does not reach old blocks: only weight decay moves
 them (as for ``seq_ft``), and their penalty resists that.
 
-Defaults (``conf/method/ewc.yaml``): ``mode`` separate (Avalanche's default), ``gamma`` 1 (Mammoth
+Defaults (``cl_bench/conf/method/ewc.yaml``): ``mode`` separate (Avalanche's default), ``gamma`` 1 (Mammoth
 ``ewc_on`` seq-cifar10; Avalanche has no default ``decay_factor``), ``ewc_lambda`` 100 (ours: Avalanche has
 no default and the papers tune it per benchmark; tune it on held-out data of the first tasks); the
 optimiser settings are the repository's ``seq_ft`` protocol.

@@ -25,7 +25,7 @@ backbone (eval mode) with plain SGD at ``lr`` (no momentum or weight decay), as 
 ``begin_task`` and Li & Hoiem's warm-up step. Unlike Mammoth, which runs the backbone on augmented images
 every warm-up epoch, the features of the task's training images (evaluation transform) are computed once.
 
-Defaults (``conf/method/lwf.yaml``): ``alpha`` 1 and ``temperature`` 2 (Avalanche; Li & Hoiem's
+Defaults (``cl_bench/conf/method/lwf.yaml``): ``alpha`` 1 and ``temperature`` 2 (Avalanche; Li & Hoiem's
 ``lambda_o = 1``, ``T = 2``), no warm-up (Avalanche; Mammoth warms up for its ``n_epochs``); the optimiser
 settings are the repository's ``seq_ft`` protocol.
 """

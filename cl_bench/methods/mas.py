@@ -22,7 +22,7 @@ blocks so far); later blocks are free until their own task ends. In the task-inc
 norm of the current block does not depend on the old blocks, so they get no new importance (``alpha``
 decays their old one).
 
-Defaults (``conf/method/mas.yaml``): ``lambda_reg`` 1 and ``alpha`` 0.5 (Avalanche's ``MASPlugin``);
+Defaults (``cl_bench/conf/method/mas.yaml``): ``lambda_reg`` 1 and ``alpha`` 0.5 (Avalanche's ``MASPlugin``);
 the optimiser settings are the repository's ``seq_ft`` protocol.
 """
 

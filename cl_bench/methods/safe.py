@@ -42,7 +42,7 @@ Ablation switches: each loss weight (0 turns it off), ``aggregation`` (``entropy
 code's second forward pass (faster; differs through the adapter's dropout).
 
 Defaults are the released CIFAR-100 config (``args/cifar224_publish.csv``); the ImageNet-A one
-(``imageneta_publish.csv``) is in ``conf/experiment/safe/imagenet_a.yaml``.
+(``imageneta_publish.csv``) is in ``cl_bench/conf/experiment/safe/imagenet_a.yaml``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The whole network (backbone and a linear head grown by one block per task) is tr
 each task in turn, with no measure against forgetting ("Finetune" in PyCIL/LAMDA-PILOT, "Seq FT" in SLCA,
 Zhang et al. 2023, Table 1). It is :class:`~cl_bench.methods.base.ContinualModule` as it stands; the
 defaults (SGD, momentum 0.9, weight decay 5e-4, cosine schedule, ``loss_scope=seen`` as PyCIL's Finetune)
-are in ``conf/method/seq_ft.yaml``.
+are in ``cl_bench/conf/method/seq_ft.yaml``.
 """
 
 from __future__ import annotations
