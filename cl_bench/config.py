@@ -131,6 +131,9 @@ class TransformConfig:
     input_size: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    #: ``false``: feed images scaled to [0, 1] without mean/std normalisation (the official RanPAC, APER and
+    #: SimpleCIL ViT code does so), whatever ``mean``/``std`` say.
+    normalize: bool = True
 
 
 @dataclass

@@ -32,11 +32,13 @@ def resolve_data_config(backbone_cfg: DataConfig, cfg: TransformConfig) -> DataC
     )
 
 
-def _to_model_input(dc: DataConfig) -> list[T.Transform]:
-    return [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(dc.mean), std=list(dc.std))]
+def _to_model_input(dc: DataConfig, normalize: bool = True) -> list[T.Transform]:
+    """uint8 -> float in [0, 1], then (``normalize``) the mean/std normalisation."""
+    scale = [T.ToDtype(torch.float32, scale=True)]
+    return [*scale, T.Normalize(mean=list(dc.mean), std=list(dc.std))] if normalize else scale
 
 
-def eval_transform(dc: DataConfig) -> Transform:
+def eval_transform(dc: DataConfig, normalize: bool = True) -> Transform:
     """Resize to ``size / crop_pct`` then centre-crop ``size`` (timm's eval transform)."""
     interp = InterpolationMode(dc.interpolation)
     resize = math.floor(dc.input_size / dc.crop_pct)
@@ -44,17 +46,17 @@ def eval_transform(dc: DataConfig) -> Transform:
         [
             T.Resize(resize, interpolation=interp, antialias=True),
             T.CenterCrop(dc.input_size),
-            *_to_model_input(dc),
+            *_to_model_input(dc, normalize),
         ]
     )
 
 
-def train_transform(dc: DataConfig, augment: TrainAugment, hflip: bool) -> Transform:
+def train_transform(dc: DataConfig, augment: TrainAugment, hflip: bool, normalize: bool = True) -> Transform:
     """Train-time transform for ``augment`` (see :class:`~cl_bench.config.TrainAugment`)."""
     if augment == TrainAugment.auto:
         augment = TrainAugment.crop_flip if dc.input_size <= SMALL_INPUT_MAX else TrainAugment.rrc_flip
     if augment == TrainAugment.none:
-        return eval_transform(dc)
+        return eval_transform(dc, normalize)
     interp = InterpolationMode(dc.interpolation)
     flip = [T.RandomHorizontalFlip()] if hflip else []
     if augment == TrainAugment.crop_flip:
@@ -65,7 +67,7 @@ def train_transform(dc: DataConfig, augment: TrainAugment, hflip: bool) -> Trans
         ]
     else:
         steps = [T.RandomResizedCrop(dc.input_size, interpolation=interp, antialias=True)]
-    return T.Compose([*steps, *flip, *_to_model_input(dc)])
+    return T.Compose([*steps, *flip, *_to_model_input(dc, normalize)])
 
 
 def build_transforms(
@@ -74,4 +76,7 @@ def build_transforms(
     """``(train, eval)`` transforms for a backbone, honouring ``transform.*`` overrides."""
     dc = resolve_data_config(backbone_cfg, cfg)
     hflip = dataset_hflip_invariant if cfg.hflip is None else cfg.hflip
-    return train_transform(dc, TrainAugment(cfg.train), hflip), eval_transform(dc)
+    return (
+        train_transform(dc, TrainAugment(cfg.train), hflip, cfg.normalize),
+        eval_transform(dc, cfg.normalize),
+    )

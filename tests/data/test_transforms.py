@@ -174,3 +174,13 @@ def test_build_transforms_string_augment() -> None:
     train, _ = build_transforms(CIFAR, TransformConfig(train="rrc_flip"), dataset_hflip_invariant=True)  # type: ignore[arg-type]
     assert T.RandomResizedCrop in _steps(train)
     assert train(_constant(3)).shape == (3, 32, 32)
+
+
+def test_normalize_false_feeds_unit_range_inputs() -> None:
+    """transform.normalize=false (the official RanPAC/APER/SimpleCIL ViT input): v/255 in every pixel, for
+    the eval pipeline and the train pipeline alike, whatever mean/std say."""
+    cfg = TransformConfig(train=TrainAugment.crop_flip, normalize=False, mean=[0.5, 0.5, 0.5])
+    train, evaluate = build_transforms(CIFAR, cfg, dataset_hflip_invariant=False)
+    torch.testing.assert_close(evaluate(_constant(51)), torch.full((3, 32, 32), 0.2), rtol=0, atol=1e-6)
+    assert T.Normalize not in _steps(train) and T.Normalize not in _steps(evaluate)
+    assert float(train(_constant(255)).max()) == 1.0
