@@ -1,32 +1,31 @@
-"""Resume after preemption: the whole run state after each finished task, and finding a run to resume.
+"""Run checkpoints that cannot execute code, checked before use.
 
-After task ``t`` is evaluated, the runner writes ``checkpoint.pt`` into the run folder: the method object
-itself (every parameter, buffer *and* Python attribute: prototypes, class statistics, Fisher matrices, replay
-slots, teachers, keys, per-task heads), the rows of the accuracy matrices, the task times, the W&B run id and
-every random generator's state. Pickling the method whole means a new method needs no save/load code of its
-own; the datasets it refers to (an ER buffer's image source, for instance) are not copied into the file but
-stored as references and re-attached to the resuming run's datasets, which the same config rebuilds
-identically.
+After task ``t`` is evaluated the runner writes ``checkpoint-task<t>.pt`` into the run folder and then
+``checkpoint.json``, its manifest (file name, size, SHA-256, tasks done, config hash); the previous
+checkpoint file is deleted only after that. A kill at any moment leaves the manifest naming a complete file:
+the run resumes from the last good state.
 
-A rerun of the same command (or a SLURM/submitit requeue) with ``resume=auto`` finds the newest incomplete run
-with the same config under ``paths.output_dir`` and continues it at the next task, in its own folder; the
-final metrics equal those of an uninterrupted run (same seed, CPU). ``checkpoint.pt`` is deleted once the
-run is complete (``final_model.pt`` holds the final weights).
+The checkpoint holds tensors and plain data only (``torch.load(weights_only=True)`` reads it, so a hostile
+file cannot run code): the method's state (:meth:`~cl_bench.methods.base.ContinualModule.method_state`:
+``state_dict``, the structure a freshly built method grows before loading, declared extra attributes), the
+rows of the accuracy matrices, the task times, the W&B run id and every random generator's state. A method
+is rebuilt from the run's config, as a fresh run builds it, and then restored from that state.
 
-The file is a pickle of this code's objects: it resumes runs of the same code version and is read only from
-run folders the user points the runner at (``weights_only=False`` semantics), never from downloads.
+Before loading, the file is checked against the manifest: a short file is reported as "truncated at byte
+N of M", a changed one as a checksum mismatch; an unreadable or non-conforming file likewise. A bad
+checkpoint is set aside (renamed ``*.corrupt-<time>``) with a log line, and the run starts over (its
+results so far are recomputed identically), so one broken file never blocks a config.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
+import json
 import logging
-import os
-import pickle
 import random
-import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,104 +34,29 @@ import torch
 import yaml
 
 from cl_bench.errors import CheckpointError
+from cl_bench.storage import sha256_of, write_atomic, write_text
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
-LOCK_FILE = "running.lock"
+MANIFEST_FILE = "checkpoint.json"
+FORMAT = "cl_bench.checkpoint/2"
+#: A pickled whole-method checkpoint of earlier versions: never loaded (unpickling can run code).
+LEGACY_FILE = "checkpoint.pt"
+_DATA_NAME = re.compile(r"checkpoint-task(\d{3,})\.pt")
 #: Config keys that may differ between an interrupted run and the command that resumes it.
 VOLATILE_KEYS = (("paths", "run_dir"), ("resume",), ("logger", "mode"), ("trainer", "enable_progress_bar"))
+#: Keys of a checkpoint's payload.
+PAYLOAD_KEYS = ("format", "tasks_done", "method", "run_state", "rng", "wandb_id", "config_hash")
 
 
-@dataclass
-class RunCheckpoint:
-    """What a resumed run needs: the method, the results so far and the random state after ``tasks_done``
-    tasks."""
-
-    tasks_done: int
-    method: Any
-    #: The runner's ``RunState``: accuracy rows, extra metric rows, task times.
-    state: Any
-    rng: dict[str, Any]
-    wandb_id: str | None
-    config: dict[str, Any]
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint that does not match its manifest or cannot be read."""
 
 
-def rng_state() -> dict[str, Any]:
-    """The state of Python's, NumPy's and torch's (CPU and CUDA) global generators."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _Pickler(pickle.Pickler):
-    """Stores the listed external objects (datasets, image sources) as named references."""
-
-    def __init__(self, file: io.BufferedIOBase, external: dict[str, Any]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._names = {id(obj): name for name, obj in external.items()}
-
-    def persistent_id(self, obj: Any) -> str | None:
-        return self._names.get(id(obj))
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, external: dict[str, Any]) -> None:
-        super().__init__(file)
-        self._external = external
-
-    def persistent_load(self, pid: str) -> Any:
-        if pid not in self._external:
-            raise CheckpointError(f"the checkpoint refers to {pid!r}, which this run does not have")
-        return self._external[pid]
-
-
-def save_checkpoint(path: Path, checkpoint: RunCheckpoint, external: dict[str, Any]) -> None:
-    """Pickle ``checkpoint`` to ``path`` atomically; objects in ``external`` are stored by name only."""
-    method = checkpoint.method
-    trainer = getattr(method, "_trainer", None)
-    method._trainer = None  # Lightning's trainer of the last fit: not part of the method's state
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            _Pickler(fh, external).dump(checkpoint)
-        os.replace(tmp, path)
-    finally:
-        method._trainer = trainer
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: Path, external: dict[str, Any], device: torch.device) -> RunCheckpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`, re-attaching the named external objects."""
-    try:
-        with path.open("rb") as fh:
-            checkpoint = _Unpickler(fh, external).load()
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot resume from {path} ({type(exc).__name__}: {exc}); it was probably written by another "
-            "version of cl_bench. Start afresh with resume=never, or check out the commit in the run's "
-            "environment.json."
-        ) from exc
-    if not isinstance(checkpoint, RunCheckpoint):
-        raise CheckpointError(f"{path} is not a cl_bench run checkpoint")
-    checkpoint.method.to(device)
-    return checkpoint
-
-
-def comparable(config: dict[str, Any]) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------- configs
+def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` without the keys that may change between an interrupted run and its resumption."""
-    out = yaml.safe_load(yaml.safe_dump(config))
+    out = yaml.safe_load(yaml.safe_dump(dict(config)))
     for path in VOLATILE_KEYS:
         node = out
         for key in path[:-1]:
@@ -142,54 +66,158 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _lock_is_live(run_dir: Path) -> bool:
-    """Whether another process on this host is running in ``run_dir`` now (stale locks of killed jobs, or
-    of jobs on other hosts, which cannot be checked from here, do not count)."""
-    lock = run_dir / LOCK_FILE
-    try:
-        host, pid = lock.read_text().split()
-    except (OSError, ValueError):
-        return False
-    if host != socket.gethostname() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 (hex, 16 characters) of the comparable config: one key per experiment."""
+    canonical = json.dumps(comparable(config), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def acquire_lock(run_dir: Path) -> None:
-    (run_dir / LOCK_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+def config_differences(saved: Any, current: Any, prefix: str = "", limit: int = 5) -> list[str]:
+    """Dotted keys where two configs differ (at most ``limit``)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += config_differences(saved.get(key), current.get(key), f"{prefix}{key}.", limit)
+            if len(out) >= limit:
+                return out[:limit]
+        return out
+    return [] if saved == current else [prefix.rstrip(".")]
 
 
-def release_lock(run_dir: Path) -> None:
-    (run_dir / LOCK_FILE).unlink(missing_ok=True)
-
-
-def is_resumable(run_dir: Path, config: dict[str, Any], ignore_lock: bool = False) -> bool:
-    """``run_dir`` holds an interrupted run of ``config`` (same config up to :data:`VOLATILE_KEYS`) that no
-    live process is running (``ignore_lock``: DDP ranks > 0, which follow rank 0 into the run it holds)."""
-    config_file = run_dir / "config.yaml"
-    if not (run_dir / CHECKPOINT_FILE).is_file() or not config_file.is_file():
-        return False
-    if not ignore_lock and _lock_is_live(run_dir):
-        return False
-    saved = yaml.safe_load(config_file.read_text())
-    return isinstance(saved, dict) and comparable(saved) == comparable(config)
-
-
-def find_resumable(roots: Iterable[Path], config: dict[str, Any], ignore_lock: bool = False) -> Path | None:
-    """The most recently checkpointed interrupted run of ``config`` under ``roots``, if any."""
-    candidates = {
-        ckpt.parent
-        for root in roots
-        if root.is_dir()
-        for ckpt in root.rglob(CHECKPOINT_FILE)
-        if is_resumable(ckpt.parent, config, ignore_lock)
+# --------------------------------------------------------------------------------------------- random state
+def rng_state() -> dict[str, Any]:
+    """The state of Python's, NumPy's and torch's (CPU and CUDA) global generators, as plain data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
     }
-    if not candidates:
-        return None
-    return max(candidates, key=lambda d: (d / CHECKPOINT_FILE).stat().st_mtime)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------- files
+def _data_name(tasks_done: int) -> str:
+    return f"checkpoint-task{tasks_done:03d}.pt"
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (Path(run_dir) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The manifest, checked field by field (it is untrusted input)."""
+    path = Path(run_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{path} is unreadable ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{path} is not a {FORMAT} manifest")
+    name, size, digest, tasks = (manifest.get(k) for k in ("file", "bytes", "sha256", "tasks_done"))
+    if not (isinstance(name, str) and _DATA_NAME.fullmatch(name)):
+        raise CorruptCheckpoint(f"{path} names an invalid checkpoint file {name!r}")
+    if not (isinstance(size, int) and isinstance(tasks, int) and isinstance(digest, str) and tasks >= 1):
+        raise CorruptCheckpoint(f"{path} has malformed fields")
+    return manifest
+
+
+def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
+    """Write the checkpoint file, then its manifest, then delete the older checkpoint file(s).
+
+    Raises :class:`~cl_bench.errors.StorageError` when the disk refuses the write twice (the manifest then
+    still names the previous, intact checkpoint)."""
+    run_dir = Path(run_dir)
+    missing = [k for k in PAYLOAD_KEYS if k not in payload]
+    assert not missing, missing
+    name = _data_name(payload["tasks_done"])
+    digest = write_atomic(run_dir / name, lambda fh: torch.save(payload, fh))
+    manifest = {
+        "format": FORMAT,
+        "file": name,
+        "bytes": (run_dir / name).stat().st_size,
+        "sha256": digest,
+        "tasks_done": payload["tasks_done"],
+        "config_hash": payload["config_hash"],
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_text(run_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    for old in run_dir.glob("checkpoint-task*.pt"):
+        if old.name != name and _DATA_NAME.fullmatch(old.name):
+            old.unlink(missing_ok=True)
+    return run_dir / name
+
+
+def load_checkpoint(run_dir: Path, device: torch.device | None = None) -> dict[str, Any]:
+    """The checkpoint payload of ``run_dir``, verified against its manifest and read with
+    ``weights_only=True``. Raises :class:`CorruptCheckpoint` saying precisely what is wrong."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    path = run_dir / manifest["file"]
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{path}, named by {MANIFEST_FILE}, is missing ({exc.strerror})") from exc
+    if size < manifest["bytes"]:
+        raise CorruptCheckpoint(f"{path} is truncated at byte {size} of {manifest['bytes']}")
+    if size > manifest["bytes"]:
+        raise CorruptCheckpoint(f"{path} has {size} bytes, {manifest['bytes']} expected (data appended)")
+    if sha256_of(path) != manifest["sha256"]:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch (SHA-256 differs from {MANIFEST_FILE})")
+
+    def place(storage: Any, location: str) -> Any:
+        if device is not None and device.type == "cuda" and location.startswith("cuda"):
+            return storage.cuda(device.index)
+        return storage.cpu()
+
+    try:
+        payload = torch.load(path, map_location=place, weights_only=True)
+    except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError for a bad archive
+        raise CorruptCheckpoint(
+            f"{path} cannot be read as tensors and plain data ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); it was not written by this cl_bench"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or set(payload) != set(PAYLOAD_KEYS):
+        raise CorruptCheckpoint(f"{path} is not a {FORMAT} checkpoint")
+    if payload["tasks_done"] != manifest["tasks_done"]:
+        raise CorruptCheckpoint(f"{path} holds {payload['tasks_done']} tasks, its manifest says otherwise")
+    return payload
+
+
+def set_aside(run_dir: Path, reason: str) -> list[Path]:
+    """Rename the checkpoint files of ``run_dir`` to ``*.corrupt-<time>`` and log why; returns the new
+    paths."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for path in [Path(run_dir) / MANIFEST_FILE, *Path(run_dir).glob("checkpoint-task*.pt")]:
+        if path.is_file():
+            target = path.with_name(f"{path.name}.corrupt-{stamp}")
+            path.replace(target)
+            moved.append(target)
+    log.error(
+        "checkpoint set aside: %s. Renamed to %s; the run starts over from its first task.",
+        reason,
+        ", ".join(p.name for p in moved) or "(nothing)",
+    )
+    return moved
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """Delete the checkpoint files of a finished run (``final_model.pt`` holds the final weights)."""
+    (Path(run_dir) / MANIFEST_FILE).unlink(missing_ok=True)
+    for path in Path(run_dir).glob("checkpoint-task*.pt"):
+        if _DATA_NAME.fullmatch(path.name):
+            path.unlink(missing_ok=True)

@@ -19,3 +19,11 @@ class CheckpointError(ClBenchError):
 
 class TrainingDivergedError(ClBenchError):
     """The training loss became NaN or infinite."""
+
+
+class RunLockedError(ClBenchError):
+    """Another live process holds the run folder's lock."""
+
+
+class StorageError(ClBenchError):
+    """The output folder cannot be written (permissions, full disk, quota)."""

@@ -18,7 +18,7 @@ import resource
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import distributed
+from cl_bench import distributed, signals
 from cl_bench.checkpointing import (
-    CHECKPOINT_FILE,
-    RunCheckpoint,
-    acquire_lock,
-    find_resumable,
-    is_resumable,
-    load_checkpoint,
-    release_lock,
+    FORMAT,
+    config_hash,
+    remove_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -43,13 +39,16 @@ from cl_bench.checkpointing import (
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.data.base import ClassificationData, TaskDataset
 from cl_bench.data.transforms import build_transforms
-from cl_bench.errors import ConfigError
+from cl_bench.errors import CheckpointError, ConfigError
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, build_results, write_results, write_text_atomic
+from cl_bench.run_folder import claim_run_folder, follower_folder, unregister
+from cl_bench.saved_model import MODEL_FILE, save_model
 from cl_bench.scenario import Scenario, build_scenario
 from cl_bench.tracking import WandbTracker
+from cl_bench.validation import validate_data, validate_numbers
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ def make_trainer(
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
-        callbacks=callbacks,
+        callbacks=[*callbacks, signals.StopAtStepEnd()],
     )
 
 
@@ -218,27 +217,6 @@ def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def resume_folder(
-    cfg: DictConfig, run_dir: Path, config: dict[str, Any], ignore_lock: bool = False
-) -> Path | None:
-    """The interrupted run to continue (``resume``), or ``None`` to start afresh in ``run_dir``."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        folder = Path(cfg.resume)
-        if not is_resumable(folder, config, ignore_lock):
-            raise ConfigError(
-                f"resume={folder}: no interrupted run of this config there (it needs {CHECKPOINT_FILE} and "
-                "the same config.yaml, and no live process running in it). Use resume=auto or resume=never."
-            )
-        return folder
-    if is_resumable(run_dir, config, ignore_lock):
-        return run_dir
-    if cfg.paths.run_dir:  # an explicit folder: resume only there
-        return None
-    return find_resumable([Path(cfg.paths.output_dir)], config, ignore_lock)
-
-
 def check_process_layout(cfg: DictConfig) -> None:
     """Refuse several processes per run inside a local ``-m`` sweep: Lightning would relaunch the whole
     command, sweep included, for every extra process."""
@@ -261,56 +239,59 @@ def check_process_layout(cfg: DictConfig) -> None:
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
     validate_config(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(config, dict)
+    validate_numbers(config)
     check_process_layout(cfg)
-    if not distributed.is_main_process():
-        return _follow(cfg)
-    run_dir = resolve_run_dir(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    assert isinstance(config, dict)
-    resumed = resume_folder(cfg, run_dir, config)
-    if resumed is not None:
-        if resumed != run_dir:
-            log.info(
-                "resuming the interrupted run in %s (this command's folder %s stays unused)", resumed, run_dir
-            )
-        run_dir = resumed
-    elif (run_dir / RESULTS_FILE).exists():
-        raise ConfigError(
-            f"{run_dir / RESULTS_FILE} already exists: this folder holds an earlier run. Choose another "
-            "hydra.run.dir (or paths.run_dir), or move that run away first."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    acquire_lock(run_dir)
-    # the processes Lightning starts at the first fit inherit these and follow this run
-    os.environ[distributed.RUN_DIR_VARIABLE] = str(run_dir.resolve())
-    os.environ[distributed.RESUMED_VARIABLE] = str(int(resumed is not None))
-    try:
-        return _run(cfg, run_dir, config, resumed is not None)
-    finally:
-        os.environ.pop(distributed.RUN_DIR_VARIABLE, None)
-        os.environ.pop(distributed.RESUMED_VARIABLE, None)
-        release_lock(run_dir)
+    with signals.handling():
+        if not distributed.is_main_process():
+            return _follow(cfg, config)
+        claim = claim_run_folder(cfg, resolve_run_dir(cfg), config)  # the folder's lock is held from here
+        run_dir = claim.run_dir
+        config["paths"]["run_dir"] = str(run_dir)  # the folder the results are in (resumed: the earlier one)
+        # the processes Lightning starts at the first fit inherit these and follow this run
+        os.environ[distributed.RUN_DIR_VARIABLE] = str(run_dir.resolve())
+        os.environ[distributed.RESUMED_VARIABLE] = str(int(claim.checkpoint is not None))
+        try:
+            try:
+                doc = _run(cfg, run_dir, config, claim.checkpoint)
+            except CheckpointError as exc:  # the checkpoint does not fit this method: start over
+                if claim.checkpoint is None:
+                    raise
+                from cl_bench.checkpointing import set_aside
+
+                set_aside(run_dir, str(exc))
+                os.environ[distributed.RESUMED_VARIABLE] = "0"
+                doc = _run(cfg, run_dir, config, None)
+            if doc["status"] == "complete":
+                unregister(cfg, config, run_dir)
+            return doc
+        finally:
+            os.environ.pop(distributed.RUN_DIR_VARIABLE, None)
+            os.environ.pop(distributed.RESUMED_VARIABLE, None)
+            claim.release()
 
 
-def _follow(cfg: DictConfig) -> dict[str, Any]:
+def _follow(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
     """A DDP process of rank > 0: the same experiment as rank 0, in rank 0's run folder, writing nothing."""
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    assert isinstance(config, dict)
+    device = select_device(cfg.trainer.accelerator)
     if distributed.RUN_DIR_VARIABLE in os.environ:  # started by rank 0 (Lightning's launcher)
         run_dir = Path(os.environ[distributed.RUN_DIR_VARIABLE])
-        resume = os.environ.get(distributed.RESUMED_VARIABLE) == "1"
+        resumed: bool | None = os.environ.get(distributed.RESUMED_VARIABLE) == "1"
     else:  # started beside rank 0 (SLURM, torchrun): make rank 0's choice from the same files
-        run_dir = resolve_run_dir(cfg)
-        resumed = resume_folder(cfg, run_dir, config, ignore_lock=True)
-        run_dir, resume = (resumed, True) if resumed is not None else (run_dir, False)
+        run_dir, resumed = resolve_run_dir(cfg), None
+    run_dir, checkpoint = follower_folder(cfg, run_dir, config, resumed, device)
+    config["paths"]["run_dir"] = str(run_dir)
     log.info("DDP process of rank %d follows the run in %s", distributed.launch_rank(), run_dir)
     logging.getLogger("cl_bench").setLevel(logging.WARNING)  # rank 0 reports progress
-    return _run(cfg, run_dir, config, resume)
+    return _run(cfg, run_dir, config, checkpoint)
 
 
-def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any]:
+def _run(
+    cfg: DictConfig, run_dir: Path, config: dict[str, Any], checkpoint: dict[str, Any] | None
+) -> dict[str, Any]:
     main = distributed.is_main_process()
-    if main and not resume:
+    if main and checkpoint is None:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -320,6 +301,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
     split = build_scenario(cfg.scenario, data.num_classes)
     scenario = split.merged() if method.single_task else split
+    validate_data(data, scenario)
     train_tf, eval_tf = build_transforms(backbone.data_config, cfg.transform, data.hflip_invariant)
     train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf)
 
@@ -337,20 +319,20 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
     )
     if main:
         write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
-    #: Objects a checkpoint refers to by name: the resuming run rebuilds them from the same config.
-    external: dict[str, Any] = {"data": data, "data.train": data.train, "data.test": data.test}
-    external.update({"train_transform": train_tf, "eval_transform": eval_tf})
-    for name, sets in (("train", train_sets), ("train_eval", train_eval_sets), ("test", test_sets)):
-        external.update({f"{name}_set[{i}]": ds for i, ds in enumerate(sets)})
     state = RunState()
     wandb_id = None
-    if resume:
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE, external, device)
-        method = checkpoint.method
-        state = checkpoint.state
-        wandb_id = checkpoint.wandb_id
-        set_rng_state(checkpoint.rng)
-        log.info("resuming after task %d of %d", checkpoint.tasks_done, len(scenario.tasks))
+    if checkpoint is not None:  # the freshly built method takes the saved state
+        try:
+            method.load_method_state(checkpoint["method"])
+            state = RunState(**checkpoint["run_state"])
+        except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(
+                f"the checkpoint in {run_dir} does not fit this method ({type(exc).__name__}: {exc})"
+            ) from exc
+        method.to(device)
+        wandb_id = checkpoint["wandb_id"]
+        set_rng_state(checkpoint["rng"])
+        log.info("resuming after task %d of %d", checkpoint["tasks_done"], len(scenario.tasks))
     log.info(
         "%s | %s | %s | %d classes in %d tasks (%s), order seed %s | run folder %s",
         data.name,
@@ -424,52 +406,62 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
                 },
             )
             if main and cfg.save_checkpoints and task.index + 1 < len(scenario.tasks):
-                checkpoint_run(run_dir, method, state, tracker, config, external)
-        if main and cfg.save_model:
-            save_model(run_dir / "final_model.pt", method, scenario, config)
-        status = "complete"
+                checkpoint_run(run_dir, method, state, tracker, config)
+        status = "complete"  # every row is in: nothing after this downgrades the results
         if main:
-            (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    finally:
-        doc = document(status)
-        if main:
-            write_results(run_dir, doc)
-        if main and status != "complete":
+            with signals.deferred():
+                write_results(run_dir, document(status))
+                remove_checkpoints(run_dir)
+            if cfg.save_model:
+                boundaries = [[t.start, t.stop] for t in scenario.tasks]
+                save_model(run_dir / MODEL_FILE, method, list(scenario.class_order), boundaries, config)
+    except BaseException as exc:
+        stop = signals.stop_from(exc)
+        if main and stop is not None:
             log.error(
-                "run stopped after %d finished task(s); their results are in %s",
+                "stopped by %s after %d of %d task(s); results in %s; the same command resumes the run",
+                stop.name,
                 len(state.acc_rows),
+                len(scenario.tasks),
                 run_dir / RESULTS_FILE,
             )
-        tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
+        raise
+    finally:
+        with signals.deferred():
+            doc = document(status)
+            if main:
+                try:
+                    write_results(run_dir, doc)
+                except OSError as exc:  # a full disk: the last results.json written stays as it is
+                    log.error("could not write %s (%s)", run_dir / RESULTS_FILE, exc)
+            if main and status != "complete":
+                log.error(
+                    "run stopped after %d finished task(s); their results are in %s",
+                    len(state.acc_rows),
+                    run_dir / RESULTS_FILE,
+                )
+            tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
     return doc
 
 
 def checkpoint_run(
-    run_dir: Path,
-    method: ContinualModule,
-    state: RunState,
-    tracker: WandbTracker,
-    config: dict[str, Any],
-    external: dict[str, Any],
+    run_dir: Path, method: ContinualModule, state: RunState, tracker: WandbTracker, config: dict[str, Any]
 ) -> None:
-    """Write ``checkpoint.pt`` for the tasks finished so far (a failure costs resumability, not the run)."""
-    checkpoint = RunCheckpoint(
-        tasks_done=len(state.acc_rows),
-        method=method,
-        state=state,
-        rng=rng_state(),
-        wandb_id=tracker.run_id,
-        config=config,
-    )
-    try:
-        save_checkpoint(run_dir / CHECKPOINT_FILE, checkpoint, external)
-    except Exception as exc:  # e.g. an unpicklable attribute of a new method
-        log.error(
-            "could not write %s (%s: %s); this run cannot resume if interrupted",
-            run_dir / CHECKPOINT_FILE,
-            type(exc).__name__,
-            exc,
-        )
+    """Write the checkpoint of the tasks finished so far (:mod:`cl_bench.checkpointing`). A disk that
+    refuses it twice stops the run with :class:`~cl_bench.errors.StorageError` (the results so far stay)
+    rather than training on without a way to resume."""
+    payload = {
+        "format": FORMAT,
+        "tasks_done": len(state.acc_rows),
+        "method": method.method_state(),
+        "run_state": asdict(state),
+        "rng": rng_state(),
+        "wandb_id": tracker.run_id,
+        "config_hash": config_hash(config),
+    }
+    with signals.deferred():
+        save_checkpoint(run_dir, payload)
+    signals.check()
 
 
 def learn_task(
@@ -502,30 +494,3 @@ def learn_task(
         method.to(device)
     method.on_task_end(ctx)
     state.task_time_s.append(time.perf_counter() - start)
-
-
-def _to_cpu(value: Any) -> Any:
-    """Tensors (also inside a module's extra state: lists and dicts of tensors) detached and on the CPU."""
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def save_model(path: Path, method: ContinualModule, scenario: Scenario, config: dict[str, Any]) -> None:
-    """Save the final method state (``torch.load(path, weights_only=True)`` reads it back)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "state_dict": {k: _to_cpu(v) for k, v in method.state_dict().items()},
-            "class_order": list(scenario.class_order),
-            "task_boundaries": [[t.start, t.stop] for t in scenario.tasks],
-            "method": config["method"].get("_target_"),
-            "backbone": config["backbone"],
-        },
-        tmp,
-    )
-    tmp.replace(path)

@@ -20,7 +20,7 @@ from conftest import TINY, TinyBackbone
 from torch.utils.data import TensorDataset
 
 from cl_bench import distributed
-from cl_bench.checkpointing import CHECKPOINT_FILE
+from cl_bench.checkpointing import MANIFEST_FILE
 from cl_bench.config import ScenarioType
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import TaskContext
@@ -198,7 +198,7 @@ def test_killed_ddp_run_resumes_on_every_process(tmp_path: Path) -> None:
         start_new_session=True,  # rank 0 and the rank Lightning starts share this process group
     )
     deadline = time.monotonic() + 240
-    while not (killed_dir / CHECKPOINT_FILE).exists():
+    while not (killed_dir / MANIFEST_FILE).exists():
         assert process.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint after 240 s"
         time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""Resume after preemption: a run killed between tasks and rerun gives the uninterrupted run's results."""
+"""Resume after preemption: every method, killed between tasks and rerun, ends with the uninterrupted run's
+accuracy matrices and final weights; the checkpoint is tensors and plain data (``weights_only``)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,50 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_ROOT, TINY
 
 import cl_bench.runner as runner
-from cl_bench.checkpointing import CHECKPOINT_FILE, LOCK_FILE
+from cl_bench.checkpointing import MANIFEST_FILE, load_checkpoint
 from cl_bench.errors import ConfigError
+from cl_bench.locking import LOCK_FILE
 
-METRICS = ("acc_matrix", "til_acc_matrix", "last_acc", "avg_inc_acc", "avg_forgetting", "bwt")
-#: One method per kind of state a checkpoint must carry.
+METRICS = ("acc_matrix", "til_acc_matrix", "extra_matrices", "last_acc", "avg_inc_acc", "avg_forgetting", "bwt")
+THREE_TASKS = ("scenario.init_classes=4", "scenario.increment=3", "save_model=true")
+CNN = ("method.epochs=1", "method.batch_size=32")
+#: A one-block ViT on 8 px digits (the methods built for pre-trained transformers).
+TINY_VIT = (
+    "dataset.size=8",
+    "transform.input_size=8",
+    "backbone=timm",
+    "backbone.name=vit_tiny_patch16_224",
+    "backbone.pretrained=false",
+    "+backbone.model_kwargs={img_size:8,patch_size:4,depth:1,embed_dim:32,num_heads:2}",
+    "method.epochs=1",
+    "method.batch_size=64",
+)
+#: Every method, with what its checkpoint must carry.
 METHODS = {
-    "seq_ft": ("method=seq_ft",),  # weights and growing heads
-    "er": ("method=er", "method.buffer_size=20"),  # replay slots that point into the training images
-    "ewc": ("method=ewc",),  # Fisher matrices and anchor weights (penalty state)
-    "lwf": ("method=lwf",),  # the previous model as a teacher
-    "simplecil": ("method=simplecil",),  # prototypes, frozen backbone
-    "confit": ("method=confit", "scenario=til"),  # per-task BN snapshots (extra state) and trackers
+    "seq_ft": ("method=seq_ft", *CNN),  # weights and growing heads
+    "joint": ("method=joint", *CNN),  # one task: a killed run starts over
+    "linear_probe": ("method=linear_probe", *CNN),  # frozen backbone in eval mode
+    "simplecil": ("method=simplecil",),  # prototypes that size themselves
+    "er": ("method=er", "method.buffer_size=20", *CNN),  # replay slots pointing into the training images
+    "derpp": ("method=derpp", "method.buffer_size=20", *CNN),  # and their stored logits
+    "ewc": ("method=ewc", *CNN),  # Fisher matrices and anchors (a declared attribute)
+    "mas": ("method=mas", *CNN),  # importance and anchors
+    "si": ("method=si", *CNN),  # Omega and anchors
+    "lwf": ("method=lwf", *CNN),  # the teacher is rebuilt at the next task start
+    "confit": ("method=confit", "scenario=til", *CNN),  # per-task BN snapshots (extra state)
+    "input_tuning": ("method=input_tuning", "method.sharing=per_task", *CNN),  # one transform per task
+    "aper": ("method=aper", *TINY_VIT, "method.adapter_bottleneck=4"),  # first-session head, frozen backbone
+    "ranpac": ("method=ranpac", *TINY_VIT, "method.adapter_bottleneck=4", "method.rp_dim=16"),  # ridge stats
+    "safe": ("method=safe", *TINY_VIT, "method.adapter_bottleneck=4", "method.rp_dim=16", "method.later_epochs=1"),
+    "slca": ("method=slca", *TINY_VIT, "method.ca_epochs=1", "method.ca_samples_per_class=4"),  # class Gaussians
+    "slca_pp": ("method=slca_pp", *TINY_VIT, "method.ca_epochs=1", "method.ca_samples_per_class=4"),  # LoRA
+    "lnt": ("method=lnt", *TINY_VIT, "method.rectification_epochs=1"),  # keys and LayerNorm sets
 }
-THREE_TASKS = ("scenario.init_classes=4", "scenario.increment=3", "method.epochs=1", "method.batch_size=32")
+SLOW = {"aper", "ranpac", "safe", "slca", "slca_pp", "lnt", "confit", "input_tuning", "derpp"}
 
 
 class Killed(BaseException):
@@ -45,39 +73,61 @@ def kill_before_task(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     monkeypatch.setattr(runner, "learn_task", learn_or_die)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_killed_run_resumes_with_the_same_results(
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
+
+
+def assert_same_run(resumed: dict, resumed_dir: Path, uninterrupted: dict, uninterrupted_dir: Path) -> None:
+    for key in METRICS:
+        assert resumed[key] == uninterrupted[key], key
+    weights, reference = final_weights(resumed_dir), final_weights(uninterrupted_dir)
+    assert weights.keys() == reference.keys()
+    for name, tensor in reference.items():
+        if torch.is_tensor(tensor):
+            assert torch.equal(weights[name], tensor), name
+        else:
+            assert weights[name] == tensor, name
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in METHODS]
+)
+def test_killed_run_resumes_with_the_same_results_and_weights(
     run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     overrides = [*METHODS[method], *THREE_TASKS]
-    if method == "simplecil":
-        overrides = [o for o in overrides if not o.startswith("method.")]
-    uninterrupted, _ = run_tiny(*overrides)
+    uninterrupted, full_dir = run_tiny(*overrides)
+    assert uninterrupted["status"] == "complete"
+    kill_at = 0 if method == "joint" else 2
 
     run_dir = tmp_path / "preempted"
     with monkeypatch.context() as patch:
-        kill_before_task(patch, 2)
+        kill_before_task(patch, kill_at)
         with pytest.raises(Killed):
             run_tiny(*overrides, run_dir=run_dir)
-    partial = json.loads((run_dir / "results.json").read_text())
-    assert partial["status"] == "incomplete" and len(partial["acc_matrix"]) == 2
-    assert (run_dir / CHECKPOINT_FILE).is_file()
+    if method != "joint":
+        partial = json.loads((run_dir / "results.json").read_text())
+        assert partial["status"] == "incomplete" and len(partial["acc_matrix"]) == 2
+        checkpoint = load_checkpoint(run_dir)  # weights_only: tensors and plain data
+        assert checkpoint["tasks_done"] == 2
 
     resumed, _ = run_tiny(*overrides, run_dir=run_dir)  # the same command again
     assert resumed["status"] == "complete"
-    for key in METRICS:
-        assert resumed[key] == uninterrupted[key], key
-    assert not (run_dir / CHECKPOINT_FILE).exists() and not (run_dir / LOCK_FILE).exists()
+    assert_same_run(resumed, run_dir, uninterrupted, full_dir)
+    assert not (run_dir / MANIFEST_FILE).exists() and not (run_dir / LOCK_FILE).exists()
+    assert not list(run_dir.glob("checkpoint-task*.pt")) and not list(run_dir.glob(".*.tmp"))
 
 
 def test_checkpoint_refers_to_the_images_instead_of_copying_them(
     run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An ER buffer points into the training images; the checkpoint stores a reference, not the images."""
+    """An ER buffer points into the training images; the checkpoint stores indices, not the images."""
     overrides = (
         "method=er",
         "method.buffer_size=20",
-        *THREE_TASKS,
+        *CNN,
+        "scenario.init_classes=4",
+        "scenario.increment=3",
         "dataset.size=64",
         "transform.input_size=64",
     )
@@ -86,7 +136,8 @@ def test_checkpoint_refers_to_the_images_instead_of_copying_them(
     with pytest.raises(Killed):
         run_tiny(*overrides, run_dir=run_dir)
     images_bytes = 1797 * 64 * 64  # digits at 64 px, uint8, grey: what a copy would add at least
-    assert (run_dir / CHECKPOINT_FILE).stat().st_size < images_bytes
+    (data_file,) = run_dir.glob("checkpoint-task*.pt")
+    assert data_file.stat().st_size < images_bytes
 
 
 def test_resume_never_and_a_changed_config_start_no_resume(
@@ -97,17 +148,22 @@ def test_resume_never_and_a_changed_config_start_no_resume(
         kill_before_task(patch, 1)
         with pytest.raises(Killed):
             run_tiny("method=simplecil", run_dir=run_dir)
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="resume=never, but .* holds an interrupted run of this config"):
         run_tiny("method=simplecil", "resume=never", run_dir=run_dir)
-    with pytest.raises(ConfigError, match="already exists"):  # another seed is another experiment
+    with pytest.raises(ConfigError, match=r"results of another config \(differing in: .*seed"):
         run_tiny("method=simplecil", "seed=1", run_dir=run_dir)
-    with pytest.raises(ConfigError, match="no interrupted run of this config"):
+    with pytest.raises(ConfigError, match="no run of this config there"):
         run_tiny("method=simplecil", "seed=1", f"resume={run_dir}", run_dir=tmp_path / "other")
+    done, _ = run_tiny("method=simplecil", run_dir=run_dir)
+    assert done["status"] == "complete"
+    with pytest.raises(ConfigError, match="already holds a complete run of this config"):
+        run_tiny("method=simplecil", run_dir=run_dir)
 
 
 def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     """A real ``cl-bench`` process killed with SIGKILL after its first task; the same command, run again
-    (Hydra makes a new timestamped folder), finds the interrupted run and finishes it in its own folder."""
+    (Hydra makes a new timestamped folder), finds the interrupted run through the resume index and finishes
+    it in its own folder; the final report names that folder."""
     command = [
         sys.executable,
         "-m",
@@ -123,7 +179,7 @@ def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "outputs").rglob(CHECKPOINT_FILE)):
+    while not list((tmp_path / "outputs" / "runs").rglob(MANIFEST_FILE)):
         assert process.poll() is None, process.stdout.read().decode()
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
         time.sleep(0.05)
@@ -135,6 +191,8 @@ def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming the interrupted run in {killed_dir}" in rerun.stderr + rerun.stdout
+    assert f"run folder             {killed_dir}" in rerun.stdout
     doc = json.loads((killed_dir / "results.json").read_text())
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 5
     assert len({p.parent for p in (tmp_path / "outputs").rglob("results.json")}) == 1
+    assert not list((tmp_path / "outputs" / ".cl_bench" / "resume").rglob("*.json"))  # unregistered

@@ -300,3 +300,82 @@ class ContinualModule(pl.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ================================================================= state: checkpoints and saved models
+    # A method's state is tensors and plain data only (``torch.load(weights_only=True)`` reads it back): its
+    # ``state_dict()``, the structure a freshly built method of the same config grows before loading
+    # (:meth:`structure` / :meth:`restore_structure`), every parameter's ``requires_grad`` and every
+    # submodule's train/eval mode, and (for resuming) the attributes listed in ``training_state_attributes``.
+
+    #: Attributes outside ``state_dict()`` that a resumed run needs (not a saved model): tensors, plain data
+    #: (numbers, strings, lists, dicts, None) or objects with ``state_dict()`` and ``load_state_dict()``.
+    training_state_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def structure(self) -> dict[str, Any]:
+        """Plain data from which :meth:`restore_structure` rebuilds what this method has grown (heads that
+        size themselves from the saved tensors need nothing here). Subclasses extend the dict."""
+        task = self.task
+        return {
+            "task": None
+            if task is None
+            else [task.index, task.start, task.stop, list(task.original_classes)],
+            "task_incremental": self.task_incremental,
+        }
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        """Grow a freshly built method to ``structure`` (before its ``state_dict`` is loaded)."""
+        task = structure["task"]
+        self.task = None if task is None else Task(task[0], task[1], task[2], tuple(task[3]))
+        self.task_incremental = bool(structure["task_incremental"])
+
+    def method_state(self, training: bool = True) -> dict[str, Any]:
+        """The method's state; ``training=False``: what prediction needs (``final_model.pt``)."""
+        state: dict[str, Any] = {
+            "structure": self.structure(),
+            "state_dict": {k: _detached(v, cpu=True) for k, v in self.state_dict().items()},
+            "requires_grad": {name: p.requires_grad for name, p in self.named_parameters()},
+            "training": {name: m.training for name, m in self.named_modules()},
+        }
+        if training:
+            state["attributes"] = {
+                name: _export_attribute(getattr(self, name)) for name in self.training_state_attributes
+            }
+        return state
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`method_state` into this freshly built method (of the same config)."""
+        self.restore_structure(state["structure"])
+        self.load_state_dict(state["state_dict"])
+        parameters = dict(self.named_parameters())
+        for name, flag in state["requires_grad"].items():
+            parameters[name].requires_grad_(bool(flag))
+        modules = dict(self.named_modules())
+        for name, flag in state["training"].items():
+            modules[name].training = bool(flag)
+        for name, value in state.get("attributes", {}).items():
+            if name not in self.training_state_attributes:
+                raise KeyError(f"{type(self).__name__} does not declare the attribute {name!r}")
+            current = getattr(self, name, None)
+            if hasattr(current, "load_state_dict") and not isinstance(current, nn.Module):
+                current.load_state_dict(value)
+            else:
+                setattr(self, name, value)
+
+
+def _detached(value: Any, cpu: bool = False) -> Any:
+    """Tensors (also inside lists, tuples and dicts) detached and cloned, on the CPU if ``cpu``."""
+    if torch.is_tensor(value):
+        value = value.detach()
+        return value.cpu().clone() if cpu else value.clone()
+    if isinstance(value, dict):
+        return {k: _detached(v, cpu) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v, cpu) for v in value)
+    return value
+
+
+def _export_attribute(value: Any) -> Any:
+    """A declared attribute as tensors and plain data (objects: their ``state_dict()``)."""
+    if hasattr(value, "state_dict") and not isinstance(value, nn.Module):
+        return _detached(value.state_dict())
+    return _detached(value)

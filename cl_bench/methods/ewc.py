@@ -65,6 +65,8 @@ class EWC(ContinualModule):
         (the rest as :class:`~cl_bench.methods.base.ContinualModule`)
     """
 
+    training_state_attributes = ("penalty",)
+
     def __init__(
         self,
         backbone: Backbone,

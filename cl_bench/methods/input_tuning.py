@@ -144,6 +144,17 @@ class InputTuning(ContinualModule):
             build_input_transform(self.transform_name, channels, height, width, **self.transform_options)
         )
 
+    def structure(self) -> dict[str, Any]:
+        """Also: the image shape each input transformation was built for."""
+        return {**super().structure(), "transform_shapes": [list(g.image_shape) for g in self.transforms]}
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        super().restore_structure(structure)
+        for channels, height, width in structure["transform_shapes"]:
+            self.transforms.append(
+                build_input_transform(self.transform_name, channels, height, width, **self.transform_options)
+            )
+
     # ----------------------------------------------------------------- inference
     def transform_for(self, task: int | None) -> nn.Module:
         """``g`` (shared) or ``g_task`` (per task)."""

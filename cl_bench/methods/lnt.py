@@ -183,6 +183,23 @@ class LayerNormTuning(ContinualModule):
                 for block in head.blocks[:-1] if head is not None else ():
                     block.requires_grad_(False)
 
+    def structure(self) -> dict[str, Any]:
+        """Also: the number of tasks the keys were drawn for and the LayerNorm sets learnt so far."""
+        return {
+            **super().structure(),
+            "key_tasks": None if self.keys is None else len(self.keys.initial),
+            "sets": self.norm_sets.num_sets,
+        }
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        super().restore_structure(structure)
+        if structure["key_tasks"] is not None:
+            self.keys = TaskKeys(self.backbone.feat_dim, structure["key_tasks"], self.key_init)
+            for _ in range(structure["sets"]):
+                self.keys.add_key()
+        for _ in range(structure["sets"]):
+            self.norm_sets.add_set(None)
+
     # ----------------------------------------------------------------- inference
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen pre-trained model's embedding (pre-trained LayerNorm parameters), the keys' query."""

@@ -53,6 +53,8 @@ class MAS(ContinualModule):
         (the rest as :class:`~cl_bench.methods.base.ContinualModule`)
     """
 
+    training_state_attributes = ("penalty",)
+
     def __init__(
         self,
         backbone: Backbone,

@@ -97,6 +97,20 @@ class FirstSessionPetl(ContinualModule):
             self.frozen_backbone = True  # type: ignore[misc]  # from now on: cached features, eval mode
             self.backbone.eval()
 
+    def structure(self) -> dict[str, Any]:
+        """Also: whether the first session's cosine head exists and the backbone is frozen for good."""
+        return {
+            **super().structure(),
+            "cosine_head": self.cosine_head is not None,
+            "frozen_backbone": self.frozen_backbone,
+        }
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        super().restore_structure(structure)
+        if structure["cosine_head"]:
+            self.cosine_head = CosineLinear(self.backbone.feat_dim, self.cosine_sigma)
+        self.frozen_backbone = bool(structure["frozen_backbone"])  # type: ignore[misc]
+
     def task_generator(self, ctx: TaskContext) -> torch.Generator:
         """A generator seeded by (run seed, task) for the analytic heads' random choices."""
         return torch.Generator().manual_seed(ctx.seed * 1000 + ctx.task.index)

@@ -222,6 +222,16 @@ class SAFE(ContinualModule):
         shared = self.head if self.ridge_stats == "shared" else None
         self.slow_head.fit(slow, labels, statistics=shared, generator=generator)
 
+    def structure(self) -> dict[str, Any]:
+        """Also: whether the slow learner exists (it is copied at the end of session 1)."""
+        return {**super().structure(), "slow_learner": self.slow_backbone is not None}
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        super().restore_structure(structure)
+        if structure["slow_learner"]:
+            self.slow_backbone = independent_copy(self.backbone, trainable=False)
+            self.slow_cosine = independent_copy(self.cosine_head, trainable=False)  # type: ignore[assignment]
+
     # ----------------------------------------------------------------- training
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
         """The cosine period is session 1's epochs in every session (the code's ``T_max=tuned_epoch``)."""

@@ -46,6 +46,8 @@ class SynapticIntelligence(ContinualModule):
         (the rest as :class:`~cl_bench.methods.base.ContinualModule`)
     """
 
+    training_state_attributes = ("penalty",)
+
     def __init__(
         self,
         backbone: Backbone,

@@ -103,6 +103,8 @@ class SLCA(ContinualModule):
         official_task_index: give class ``c`` the task ``c // (current task size)`` in CA, as the code does.
     """
 
+    training_state_attributes = ("statistics", "_stage1_head")
+
     def __init__(
         self,
         backbone: Backbone,

@@ -51,6 +51,14 @@ class ClassStatistics:
     def __len__(self) -> int:
         return len(self.means)
 
+    def state_dict(self) -> dict[str, dict[int, torch.Tensor]]:
+        """Means and covariances by class (a resumed run's checkpoint)."""
+        return {"means": dict(self.means), "covariances": dict(self.covariances)}
+
+    def load_state_dict(self, state: dict[str, dict[int, torch.Tensor]]) -> None:
+        self.means = {int(c): v.cpu() for c, v in state["means"].items()}
+        self.covariances = {int(c): v.cpu() for c, v in state["covariances"].items()}
+
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
         """Compute (or overwrite) the statistics of every class present in ``labels``; returns them.

@@ -40,6 +40,14 @@ class IncrementalLinearHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([block(x) for block in self.blocks], dim=1)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        """Grow to the saved number of blocks (with their sizes) before copying."""
+        while prefix + f"blocks.{len(self.blocks)}.weight" in state_dict:
+            weight = state_dict[prefix + f"blocks.{len(self.blocks)}.weight"]
+            block = nn.Linear(self.in_features, weight.shape[0], bias=self.bias)
+            self.blocks.append(block.to(weight.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class PrototypeHead(nn.Module):
     """Cosine classifier over class prototypes: ``logit_c = scale * cos(f, mu_c)``.

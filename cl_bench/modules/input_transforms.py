@@ -112,7 +112,10 @@ INPUT_TRANSFORMS: dict[str, type[nn.Module]] = {
 
 
 def build_input_transform(name: str, channels: int, height: int, width: int, **options: int) -> nn.Module:
-    """The transformation ``name`` for ``channels x height x width`` inputs, with its ``options``."""
+    """The transformation ``name`` for ``channels x height x width`` inputs, with its ``options``; its
+    ``image_shape`` attribute records that shape (a saved method rebuilds it from there)."""
     if name not in INPUT_TRANSFORMS:
         raise ConfigError(f"method.transform={name!r}: choose one of {sorted(INPUT_TRANSFORMS)}")
-    return INPUT_TRANSFORMS[name](channels, height, width, **options)
+    transform = INPUT_TRANSFORMS[name](channels, height, width, **options)
+    transform.image_shape = (channels, height, width)
+    return transform

@@ -86,6 +86,13 @@ class QuadraticPenalty:
         }
         self.terms = [PenaltyTerm(anchor, merged)]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The terms as tensors and plain data (a resumed run's checkpoint)."""
+        return {"terms": [{"anchor": t.anchor, "importance": t.importance} for t in self.terms]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.terms = [PenaltyTerm(dict(t["anchor"]), dict(t["importance"])) for t in state["terms"]]
+
 
 def gradient_importance(
     params: Mapping[str, torch.Tensor],

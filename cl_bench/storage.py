@@ -1,0 +1,138 @@
+"""Writing run files safely: a probe that the output folder takes writes, atomic writes that retry once and
+never leave temporary files behind, and the clean-up of temporaries a killed process left.
+
+Every file goes to ``.<name>.<random>.tmp`` in the same folder, is flushed to disk (``fsync``) and then
+renamed over the target (``os.replace``), so a reader sees the old or the new file, never a torn one. A failed
+write (``ENOSPC``, ``EDQUOT``, ``EIO``...) deletes its temporary file, waits a moment and tries once more;
+a second failure raises :class:`~cl_bench.errors.StorageError` naming the file and the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from cl_bench.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+#: Bytes the writable probe writes and syncs before training.
+PROBE_BYTES = 1 << 20
+#: Seconds between a failed write and its retry.
+RETRY_DELAY_S = 1.0
+#: Name patterns of this package's temporary files in a run folder.
+TEMP_PATTERNS = (".*.tmp", ".writable-probe-*")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> str:
+    """Write ``path`` through a temporary file (``write(fh)`` fills it), fsync and rename; returns the
+    file's SHA-256. Retries once after a failure; then :class:`StorageError`."""
+    path = Path(path)
+    for attempt in (1, 2):
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                hashing = _HashingWriter(raw)
+                write(hashing)  # type: ignore[arg-type]
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            return hashing.sha256.hexdigest()
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if attempt == 2:
+                raise StorageError(
+                    f"cannot write {path}: {exc.strerror or exc} (twice). Free space on that filesystem "
+                    "(or raise the quota) and run the same command again."
+                ) from exc
+            log.warning("writing %s failed (%s); retrying once", path, exc.strerror or exc)
+            time.sleep(RETRY_DELAY_S)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    raise AssertionError("unreachable")
+
+
+class _HashingWriter:
+    """A binary file wrapper that hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def __getattr__(self, name: str):  # fileno, seek, tell, ... for writers that ask
+        return getattr(self.raw, name)
+
+
+def write_text(path: Path, text: str) -> None:
+    """:func:`write_atomic` for text (UTF-8)."""
+    write_atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_writable(folder: Path) -> None:
+    """Write, sync and delete a 1 MiB probe in ``folder``: a read-only or full filesystem is reported
+    before any training (:class:`StorageError`)."""
+    fd, name = -1, ""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".writable-probe-")
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+    except OSError as exc:
+        raise StorageError(
+            f"the run folder {folder} does not take writes ({exc.strerror or exc}): free space on that "
+            "filesystem or choose another paths.output_dir / hydra.run.dir before training"
+        ) from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if name:
+            Path(name).unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files that a killed process left in ``folder`` (call it while holding the run's
+    lock); returns them."""
+    removed = []
+    for pattern in TEMP_PATTERNS:
+        for path in Path(folder).glob(pattern):
+            if path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted write in %s", len(removed), folder)
+    return removed
