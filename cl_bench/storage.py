@@ -23,8 +23,8 @@ from cl_bench.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-#: Bytes the writable probe writes and syncs before training.
-PROBE_BYTES = 1 << 20
+#: Bytes the writable probe writes and syncs before training (a full or read-only disk refuses them).
+PROBE_BYTES = 1 << 16
 #: Seconds between a failed write and its retry.
 RETRY_DELAY_S = 1.0
 #: Name patterns of this package's temporary files in a run folder.
@@ -104,7 +104,7 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def check_writable(folder: Path) -> None:
-    """Write, sync and delete a 1 MiB probe in ``folder``: a read-only or full filesystem is reported
+    """Write, sync and delete a 64 KiB probe in ``folder``: a read-only or full filesystem is reported
     before any training (:class:`StorageError`)."""
     fd, name = -1, ""
     try:

@@ -20,7 +20,15 @@ from cl_bench.checkpointing import MANIFEST_FILE, load_checkpoint
 from cl_bench.errors import ConfigError
 from cl_bench.locking import LOCK_FILE
 
-METRICS = ("acc_matrix", "til_acc_matrix", "extra_matrices", "last_acc", "avg_inc_acc", "avg_forgetting", "bwt")
+METRICS = (
+    "acc_matrix",
+    "til_acc_matrix",
+    "extra_matrices",
+    "last_acc",
+    "avg_inc_acc",
+    "avg_forgetting",
+    "bwt",
+)
 THREE_TASKS = ("scenario.init_classes=4", "scenario.increment=3", "save_model=true")
 CNN = ("method.epochs=1", "method.batch_size=32")
 #: A one-block ViT on 8 px digits (the methods built for pre-trained transformers).
@@ -50,8 +58,19 @@ METHODS = {
     "input_tuning": ("method=input_tuning", "method.sharing=per_task", *CNN),  # one transform per task
     "aper": ("method=aper", *TINY_VIT, "method.adapter_bottleneck=4"),  # first-session head, frozen backbone
     "ranpac": ("method=ranpac", *TINY_VIT, "method.adapter_bottleneck=4", "method.rp_dim=16"),  # ridge stats
-    "safe": ("method=safe", *TINY_VIT, "method.adapter_bottleneck=4", "method.rp_dim=16", "method.later_epochs=1"),
-    "slca": ("method=slca", *TINY_VIT, "method.ca_epochs=1", "method.ca_samples_per_class=4"),  # class Gaussians
+    "safe": (
+        "method=safe",
+        *TINY_VIT,
+        "method.adapter_bottleneck=4",
+        "method.rp_dim=16",
+        "method.later_epochs=1",
+    ),
+    "slca": (
+        "method=slca",
+        *TINY_VIT,
+        "method.ca_epochs=1",
+        "method.ca_samples_per_class=4",
+    ),  # class Gaussians
     "slca_pp": ("method=slca_pp", *TINY_VIT, "method.ca_epochs=1", "method.ca_samples_per_class=4"),  # LoRA
     "lnt": ("method=lnt", *TINY_VIT, "method.rectification_epochs=1"),  # keys and LayerNorm sets
 }
