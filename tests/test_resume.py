@@ -96,16 +96,24 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
 
 
+def equal(a: object, b: object) -> bool:
+    """Exact equality of tensors, also inside lists, tuples and dicts (a module's extra state)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def assert_same_run(resumed: dict, resumed_dir: Path, uninterrupted: dict, uninterrupted_dir: Path) -> None:
     for key in METRICS:
         assert resumed[key] == uninterrupted[key], key
     weights, reference = final_weights(resumed_dir), final_weights(uninterrupted_dir)
     assert weights.keys() == reference.keys()
     for name, tensor in reference.items():
-        if torch.is_tensor(tensor):
-            assert torch.equal(weights[name], tensor), name
-        else:
-            assert weights[name] == tensor, name
+        assert equal(weights[name], tensor), name
 
 
 @pytest.mark.parametrize(
