@@ -47,6 +47,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> str:
     for attempt in (1, 2):
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         tmp = Path(tmp_name)
+        hashing: _HashingWriter | None = None
         try:
             with os.fdopen(fd, "wb") as raw:
                 hashing = _HashingWriter(raw)
@@ -57,31 +58,38 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> str:
             os.replace(tmp, path)
             _fsync_dir(path.parent)
             return hashing.sha256.hexdigest()
-        except OSError as exc:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            # a writer may turn the file's OSError into its own error (torch.save: RuntimeError)
+            error = hashing.error if hashing is not None and hashing.error is not None else exc
+            if not isinstance(error, OSError):
+                raise
             if attempt == 2:
                 raise StorageError(
-                    f"cannot write {path}: {exc.strerror or exc} (twice). Free space on that filesystem "
+                    f"cannot write {path}: {error.strerror or error} (twice). Free space on that filesystem "
                     "(or raise the quota) and run the same command again."
                 ) from exc
-            log.warning("writing %s failed (%s); retrying once", path, exc.strerror or exc)
+            log.warning("writing %s failed (%s); retrying once", path, error.strerror or error)
             time.sleep(RETRY_DELAY_S)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     raise AssertionError("unreachable")
 
 
 class _HashingWriter:
-    """A binary file wrapper that hashes what passes through it."""
+    """A binary file wrapper that hashes what passes through it and keeps the first write error."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self.raw = raw
         self.sha256 = hashlib.sha256()
+        #: The first OSError of a write, kept in case the caller's writer replaces it by another error.
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
-        return self.raw.write(data)
+        try:
+            return self.raw.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
     def flush(self) -> None:
         self.raw.flush()
@@ -109,7 +117,9 @@ def check_writable(folder: Path) -> None:
     fd, name = -1, ""
     try:
         fd, name = tempfile.mkstemp(dir=folder, prefix=".writable-probe-")
-        os.write(fd, b"\0" * PROBE_BYTES)
+        block = memoryview(b"\0" * PROBE_BYTES)
+        while block:  # a short write (a size limit) is followed by one that fails
+            block = block[os.write(fd, block) :]
         os.fsync(fd)
     except OSError as exc:
         raise StorageError(

@@ -72,16 +72,19 @@ def validate_data(data: ClassificationData, scenario: Scenario) -> None:
                 f"are {n} classes; labels must lie in 0..{n - 1}"
             )
         counts[split_name] = np.bincount(labels.astype(np.int64), minlength=n) if len(labels) else np.zeros(n)
-    used = [int(c) for c in scenario.class_order]
+    used = sorted(int(c) for c in scenario.class_order)
     no_train = [c for c in used if counts["train"][c] == 0]
     no_test = [c for c in used if counts["test"][c] == 0]
     if no_train or no_test:
-        present = sorted(set(np.flatnonzero(counts["train"] + counts["test"]).tolist()))
-        parts = []
-        if no_train:
-            parts.append(f"classes {_ranges(no_train)} have no training images")
-        if no_test:
-            parts.append(f"classes {_ranges(no_test)} have no test images")
+        present = np.flatnonzero(counts["train"] + counts["test"]).tolist()
+        neither = [c for c in no_train if c in no_test]
+        parts = [f"classes {_ranges(neither)} have no images at all"] if neither else []
+        if [c for c in no_train if c not in neither]:
+            parts.append(
+                f"classes {_ranges([c for c in no_train if c not in neither])} have no training images"
+            )
+        if [c for c in no_test if c not in neither]:
+            parts.append(f"classes {_ranges([c for c in no_test if c not in neither])} have no test images")
         raise DataError(
             f"dataset {data.name} ({n} classes): {'; '.join(parts)}. The labels present are "
             f"{_ranges(present)}. Labels must be 0..C-1 without gaps, every class in both splits: relabel "

@@ -63,9 +63,9 @@ def test_a_stop_signal_keeps_everything_finished_and_the_rerun_continues(
     assert doc["acc_matrix"][0] == reference["acc_matrix"][0]
     assert json.loads((run_dir / MANIFEST_FILE).read_text())["tasks_done"] == 1
     assert not (run_dir / LOCK_FILE).exists() and not list(run_dir.glob(".*.tmp"))
-    if logger == "offline":  # the W&B run was closed with the run's status
-        (summary,) = run_dir.glob("wandb/offline-run-*/files/wandb-summary.json")
-        assert json.loads(summary.read_text())["status"] == "incomplete"
+    if logger == "offline":  # the W&B run was finished, as failed (exit code 1)
+        (debug_log,) = run_dir.glob("wandb/offline-run-*/logs/debug.log")
+        assert "finishing run" in debug_log.read_text() and "got exitcode: 1" in debug_log.read_text()
 
     log = _rerun_completes(tmp_path, run_dir, reference, f"logger.mode={logger}")
     assert "resuming" in log and "after task 1" in log
