@@ -62,5 +62,5 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         print(f"cl-bench: error: {exc}", file=sys.stderr)
         sys.exit(2)
     if distributed.is_main_process():
-        print(format_report(doc, str(resolve_run_dir(cfg))))
+        print(format_report(doc, str(doc["config"]["paths"]["run_dir"] or resolve_run_dir(cfg))))
     return doc

@@ -91,7 +91,7 @@ def test_existing_results_are_never_overwritten(run_tiny, tmp_path: Path) -> Non
     run_dir = tmp_path / "same"
     run_tiny("method=simplecil", run_dir=run_dir)
     before = (run_dir / "results.json").read_text()
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds a complete run of this config"):
         run_tiny("method=simplecil", run_dir=run_dir)
     assert (run_dir / "results.json").read_text() == before
 
