@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 
 def load_model(run_dir: str | Path, device: str = "cpu") -> Any:
-    """The final model of the run in ``run_dir``, ready to predict (:func:`cl_bench.saved_model.load_model`)."""
+    """The final model of the run in ``run_dir``, ready to predict (:mod:`cl_bench.saved_model`)."""
     from cl_bench.saved_model import load_model as _load_model
 
     return _load_model(run_dir, device)
