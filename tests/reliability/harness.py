@@ -14,15 +14,15 @@ from typing import Any
 from conftest import REPO_ROOT, TINY
 
 HERE = Path(__file__).resolve().parent
-#: Three tasks of two epochs: a run of about 10 s on one busy core.
-RUN = (
-    *TINY,
+#: Three tasks (4 + 3 + 3 classes) of two epochs: a run of about 10 s on one busy core.
+STEPS = (
     "scenario.init_classes=4",
     "scenario.increment=3",
     "method=seq_ft",
     "method.epochs=2",
     "method.batch_size=32",
 )
+RUN = (*TINY, *STEPS)
 METRICS = ("acc_matrix", "til_acc_matrix", "last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "class_order")
 
 
@@ -80,3 +80,29 @@ def leftovers(run_dir: Path) -> list[str]:
     """Temporary files, lock files and checkpoints that a finished run must not leave behind."""
     patterns = (".*.tmp", "running.lock*", ".writable-probe-*", "checkpoint.json", "checkpoint-task*.pt")
     return sorted(p.name for pattern in patterns for p in run_dir.glob(pattern))
+
+
+class RequeueableRun:
+    """A run as a submitit job that checkpoints and requeues itself on preemption, as
+    hydra-submitit-launcher's jobs do (``checkpoint`` returns the same call)."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        self.overrides = overrides
+
+    def __call__(self) -> dict[str, Any]:
+        from conftest import compose_config
+
+        from cl_bench.runner import run_experiment
+
+        return run_experiment(compose_config(*self.overrides))
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(RequeueableRun(self.overrides))
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux ``/proc``)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
