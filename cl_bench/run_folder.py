@@ -5,8 +5,8 @@
 
 * the run folder itself (``paths.run_dir``, or a fixed ``hydra.run.dir`` as on a SLURM requeue);
 * otherwise (Hydra's timestamped folders) the runs of this config listed in the resume index,
-  ``<paths.output_dir>/.cl_bench/resume/<config hash>/``: every run registers its folder there when it
-  starts and removes it when it completes. Nothing else under ``paths.output_dir`` is looked at.
+  ``<paths.output_dir>/.cl_bench/resume/<config hash>/``: every run in a Hydra folder registers it there
+  when it starts and removes it when it completes. Nothing else under ``paths.output_dir`` is looked at.
 
 The candidate folder is locked (:mod:`cl_bench.locking`) before anything is read or written, and checked
 again under the lock. A checkpoint that fails its checks is set aside (:func:`~cl_bench.checkpointing.
@@ -74,7 +74,10 @@ def _index_entry(cfg: DictConfig, config: dict[str, Any], run_dir: Path) -> Path
 
 
 def register(cfg: DictConfig, config: dict[str, Any], run_dir: Path) -> None:
-    """List ``run_dir`` among this config's runs (a failure costs only automatic resumption)."""
+    """List ``run_dir`` among this config's runs (a failure costs only automatic resumption). Runs in a
+    folder named by ``paths.run_dir`` are found there and need no entry."""
+    if cfg.paths.run_dir:
+        return
     entry = _index_entry(cfg, config, run_dir)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,8 @@ def register(cfg: DictConfig, config: dict[str, Any], run_dir: Path) -> None:
 
 
 def unregister(cfg: DictConfig, config: dict[str, Any], run_dir: Path) -> None:
+    if cfg.paths.run_dir:
+        return
     try:
         _index_entry(cfg, config, run_dir).unlink(missing_ok=True)
     except OSError:
