@@ -30,16 +30,18 @@ from omegaconf import DictConfig, OmegaConf
 from cl_bench import distributed, signals
 from cl_bench.checkpointing import (
     FORMAT,
+    CorruptCheckpoint,
     config_hash,
     remove_checkpoints,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.data.base import ClassificationData, TaskDataset
 from cl_bench.data.transforms import build_transforms
-from cl_bench.errors import CheckpointError, ConfigError
+from cl_bench.errors import ConfigError
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.metrics import mean_task_accuracy
@@ -255,11 +257,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         try:
             try:
                 doc = _run(cfg, run_dir, config, claim.checkpoint)
-            except CheckpointError as exc:  # the checkpoint does not fit this method: start over
-                if claim.checkpoint is None:
-                    raise
-                from cl_bench.checkpointing import set_aside
-
+            except CorruptCheckpoint as exc:  # the checkpoint does not fit this method: start over
                 set_aside(run_dir, str(exc))
                 os.environ[distributed.RESUMED_VARIABLE] = "0"
                 doc = _run(cfg, run_dir, config, None)
@@ -326,7 +324,7 @@ def _run(
             method.load_method_state(checkpoint["method"])
             state = RunState(**checkpoint["run_state"])
         except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as exc:
-            raise CheckpointError(
+            raise CorruptCheckpoint(
                 f"the checkpoint in {run_dir} does not fit this method ({type(exc).__name__}: {exc})"
             ) from exc
         method.to(device)

@@ -4,12 +4,14 @@ starts over to the uninterrupted run's results."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 from pathlib import Path
 
 import pytest
+import torch
 from reliability.harness import RUN, cl_bench, leftovers, results, same_results
 
 import cl_bench.runner as runner
@@ -88,6 +90,16 @@ def garbage(run_dir: Path) -> str:
     return "cannot be read as tensors and plain data"
 
 
+def foreign_state(run_dir: Path) -> str:
+    """A well-formed checkpoint whose method state does not fit (another code version's parameters)."""
+    payload = torch.load(data_file(run_dir), weights_only=True)
+    payload["method"]["state_dict"]["head.blocks.0.weight"] = torch.zeros(3, 3)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    plant(run_dir, buffer.getvalue())
+    return "does not fit this method"
+
+
 def bad_manifest(run_dir: Path) -> str:
     (run_dir / MANIFEST_FILE).write_text('{"format": "cl_bench.checkpoint/2", "file": "../../etc/passwd"}')
     return "names an invalid checkpoint file"
@@ -99,7 +111,9 @@ def reference(run_tiny) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("damage", [truncate, flip_a_byte, garbage, bad_manifest], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "damage", [truncate, flip_a_byte, garbage, foreign_state, bad_manifest], ids=lambda f: f.__name__
+)
 def test_a_damaged_checkpoint_is_reported_set_aside_and_the_run_starts_over(
     run_tiny, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, damage
 ) -> None:
