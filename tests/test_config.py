@@ -18,7 +18,7 @@ REQUIRED = {
     ("backbone", "timm"): ["backbone.name=vit_tiny_patch16_224"],
     ("dataset", "image_folder"): ["dataset.root=/tmp/x"],
 }
-GROUPS = ("dataset", "backbone", "method", "scenario", "trainer", "logger", "paths", "experiment")
+GROUPS = ("dataset", "backbone", "method", "scenario", "trainer", "logger", "paths", "protocol", "experiment")
 
 
 def options(group: str) -> list[str]:

@@ -29,7 +29,7 @@ sequential fine-tuning is run with "a parameter-efficient strategy". The rest fo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -93,6 +93,13 @@ class SLCAPlusPlus(SLCA):
         feature_scale_mu: ``mu`` of CA's random shrink of old samples and of the old heads' input scales.
         feature_scale_jitter: width of the uniform jitter of the random shrink (code: 0.02).
     """
+
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # LoRA on attn.qkv, mlp.fc1/fc2
+
+    @classmethod
+    def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """``hybrid=false`` (no LoRA) runs on any backbone."""
+        return cls.backbone_needs if settings["hybrid"] else frozenset()
 
     def __init__(
         self,
