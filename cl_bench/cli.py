@@ -65,7 +65,7 @@ def format_report(doc: dict[str, Any], run_dir: str) -> str:
 
 
 def _record(name: str, text: str) -> None:
-    """Write ``name`` (:data:`sweeps.ERROR_FILE` or :data:`sweeps.SKIPPED_FILE`) in this sweep job's folder."""
+    """Write ``name`` (``error.txt`` or ``skipped.txt``) in this sweep job's folder."""
     from hydra.core.hydra_config import HydraConfig
 
     from cl_bench import distributed
@@ -182,8 +182,55 @@ def explain(exc: Exception) -> str | None:
     return None
 
 
+#: The groups ``--help`` lists, in this order.
+HELP_GROUPS = (
+    "protocol",
+    "experiment",
+    "method",
+    "dataset",
+    "backbone",
+    "scenario",
+    "trainer",
+    "logger",
+    "paths",
+    "launcher",
+    "sweep",
+)
+
+
+def help_text() -> str:
+    """``cl-bench --help``: the shipped options of every group, read from the config folder (Hydra's own help
+    builds a config repository per group and takes seconds)."""
+    lines = [
+        "cl-bench: one continual experiment; -m runs a sweep.",
+        "usage: cl-bench [GROUP=OPTION] [KEY=VALUE] ...   e.g. cl-bench protocol=slca/cifar100 method=seq_ft",
+        "",
+        f"== Configuration groups == (files in {CONFIG_DIR}/<group>/; add your own with --config-dir DIR)",
+    ]
+    root = Path(CONFIG_DIR)
+    for group in HELP_GROUPS:
+        names = sorted(
+            p.relative_to(root / group).with_suffix("").as_posix() for p in (root / group).rglob("*.yaml")
+        )
+        lines.append(f"{group}: {', '.join(names)}")
+    lines += [
+        "tuned: the values a paper tuned for its method in a protocol (tuned/<method>/<protocol>.yaml),",
+        "       applied automatically when that method runs in that protocol",
+        "",
+        "== Other flags ==",
+        "--cfg job [--resolve]   print the composed config instead of running (with the overrides given)",
+        "--config-dir DIR        add a folder of your own presets (same layout as above)",
+        "-m / --multirun         sweep: comma-separated values, glob(...), sweep=all_methods|seeds_x_orders",
+        "--hydra-help            Hydra's own options (launchers, logging, output folders)",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     """The ``cl-bench`` command."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
     from hydra.errors import CompactHydraException
 
     # Hydra then raises composition errors here instead of printing them, so they can be explained.

@@ -1,7 +1,7 @@
 """Which backbones a method can run on.
 
-A method declares the backbone traits it cannot run without (``ContinualModule.backbone_needs``, narrowed by its
-settings in ``ContinualModule.needs``); a backbone has the traits its module structure shows
+A method declares the backbone traits it cannot run without (``ContinualModule.backbone_needs``, narrowed
+by its settings in ``ContinualModule.needs``); a backbone has the traits its module structure shows
 (:func:`traits_of`). :func:`check_method_fits_backbone` compares the two before any data is loaded, from the
 backbone's architecture built without weights on PyTorch's meta device: a single run stops with
 :class:`UnsupportedBackboneError`, a sweep records the job as skipped (:mod:`cl_bench.sweeps`).
@@ -22,7 +22,7 @@ from cl_bench.errors import ConfigError
 BACKBONE_TRAITS: dict[str, str] = {
     "conv_batchnorm": "convolutions followed by BatchNorm layers (a CNN such as a ResNet)",
     "layernorm": "LayerNorm layers with a scale and a bias (a transformer)",
-    "vit_blocks": "timm ViT blocks (patch embedding; norm1/attn/norm2/mlp) to insert adapters, SSF, prompts or LoRA",
+    "vit_blocks": "timm ViT blocks (patch embedding; norm1/attn/norm2/mlp) for adapters, SSF, prompts, LoRA",
 }
 
 

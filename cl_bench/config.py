@@ -2,9 +2,9 @@
 
 Two kinds of config group exist:
 
-* *Schema groups* (``scenario``, ``trainer``, ``logger``, ``paths``, ``transform``) are typed dataclasses
-  registered in Hydra's ConfigStore as the base of ``cl_bench/conf/config.yaml``: a misspelt key or a wrongly typed
-  value fails while Hydra composes the config, with a message naming the key.
+* *Schema groups* (``scenario``, ``trainer``, ``logger``, ``paths``, ``transform``, ``budget``) are typed
+  dataclasses registered in Hydra's ConfigStore as the base of ``cl_bench/conf/config.yaml``: a misspelt key
+  or a wrongly typed value fails while Hydra composes the config, with a message naming the key.
 * *Target groups* (``dataset``, ``backbone``, ``method``) name the Python callable that builds them with
   ``_target_`` and carry its keyword arguments. :func:`validate_config` checks every key against the
   callable's signature and type hints before any data is loaded, so a typo in a YAML file or a ``+key=``
@@ -185,8 +185,8 @@ def budget_value(key: str, default: Any, *, _root_: DictConfig) -> Any:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (``cl_bench/conf/config.yaml`` lists ``base_config`` first)
-    and the ``budget`` resolver that method configs use."""
+    """Register the schemas with Hydra's ConfigStore (``cl_bench/conf/config.yaml`` lists ``base_config``
+    first) and the ``budget`` resolver that method configs use."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     OmegaConf.register_new_resolver("budget", budget_value, replace=True)
@@ -312,7 +312,7 @@ def validate_target_group(group: str, section: DictConfig) -> None:
 
 
 def options_with_key(group: str, key: str) -> list[str]:
-    """The shipped options of ``group`` whose config file has ``key`` (``method.epochs``: the methods that train)."""
+    """The shipped options of ``group`` whose config file has ``key``."""
     return sorted(name for name, keys in _group_keys(group).items() if key in keys)
 
 
@@ -337,7 +337,8 @@ def unknown_key_message(group: str, key: str, section: DictConfig, valid: list[s
     close = difflib.get_close_matches(key, valid, n=3)
     hint = f" Did you mean {' or '.join(f'{group}.{c}' for c in close)}?" if close else ""
     return (
-        f"unknown key {group}.{key} for {section._target_}; valid keys: {', '.join(valid) or '(none)'}.{hint} "
+        f"unknown key {group}.{key} for {section._target_}; valid keys: {', '.join(valid) or '(none)'}."
+        f"{hint} "
         "Check the spelling in the config file or on the command line."
     )
 

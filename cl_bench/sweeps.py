@@ -5,8 +5,8 @@
   no override nests folders. Each job's full overrides stay in its ``.hydra/overrides.yaml``.
 * Each job that fails writes ``error.txt`` (message first, then the traceback) in its folder, one whose method
   cannot run on the backbone writes ``skipped.txt`` (the reason); the sweep goes on with its other jobs.
-* When the sweep ends, :class:`SweepCallback` prints one screen: how many jobs completed, failed or were skipped,
-  the first error line of each failed job, and the ``cl-bench-report`` command that compares them.
+* When the sweep ends, :class:`SweepCallback` prints one screen: how many jobs completed, failed or were
+  skipped, the first error line of each failed job, and the ``cl-bench-report`` command that compares them.
 
 This module imports no torch: Hydra loads it for every ``cl-bench`` command.
 """
@@ -56,7 +56,7 @@ def job_slug(overrides: Iterable[str], exclude: Iterable[str]) -> str:
 
 
 def sweep_subdir(num: int, overrides: Sequence[str], exclude: Sequence[str]) -> str:
-    """``${sweep_subdir:...}`` (``hydra.sweep.subdir``): ``<num>_<slug>``, or ``<num>`` when nothing varies."""
+    """``${sweep_subdir:...}`` (``hydra.sweep.subdir``): ``<num>_<slug>``, ``<num>`` when nothing varies."""
     slug = job_slug(list(overrides), list(exclude))
     return f"{num}_{slug}" if slug else str(num)
 
@@ -115,17 +115,26 @@ def job_outcome(folder: Path) -> JobOutcome:
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:
-    """The job folders of a sweep, in job-number order."""
+    """The job folders of a sweep (named ``<num>_...`` or holding ``.hydra/``), in job-number order."""
     if not sweep_dir.is_dir():
         return []
-    jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and re.match(r"^\d+(_|$)", d.name)]
-    return sorted(jobs, key=lambda d: int(re.match(r"^\d+", d.name).group()))  # type: ignore[union-attr]
+
+    def number(folder: Path) -> float:
+        match = re.match(r"^(\d+)(_|$)", folder.name)
+        return int(match.group(1)) if match else float("inf")
+
+    jobs = [
+        d for d in sweep_dir.iterdir() if d.is_dir() and ((d / ".hydra").is_dir() or number(d) < float("inf"))
+    ]
+    return sorted(jobs, key=lambda d: (number(d), d.name))
 
 
 def summary(sweep_dir: Path, outcomes: Sequence[JobOutcome]) -> str:
     """The end-of-sweep screen."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("complete", "failed", "skipped")}
-    head = f"sweep {sweep_dir}: {len(outcomes)} jobs, {counts['complete']} complete, {counts['failed']} failed"
+    head = (
+        f"sweep {sweep_dir}: {len(outcomes)} jobs, {counts['complete']} complete, {counts['failed']} failed"
+    )
     if counts["skipped"]:
         head += f", {counts['skipped']} skipped (the method cannot run on the backbone)"
     lines = [head]
@@ -133,7 +142,9 @@ def summary(sweep_dir: Path, outcomes: Sequence[JobOutcome]) -> str:
     for o in listed[:MAX_LISTED]:
         lines.append(f"  {o.status:8s}{o.folder.name}: {o.detail}")
     if len(listed) > MAX_LISTED:
-        lines.append(f"  ... and {len(listed) - MAX_LISTED} more (see {ERROR_FILE} / {SKIPPED_FILE} in the job folders)")
+        lines.append(
+            f"  ... and {len(listed) - MAX_LISTED} more ({ERROR_FILE} / {SKIPPED_FILE} in the job folders)"
+        )
     lines.append(f"compare them: cl-bench-report {sweep_dir} --out {sweep_dir / 'report'}")
     return "\n".join(lines)
 
@@ -143,7 +154,7 @@ last_outcomes: list[JobOutcome] = []
 
 
 class SweepCallback(Callback):
-    """Hydra callback (``hydra.callbacks.sweep``): job folder names from the varied values, and the summary."""
+    """Hydra callback (``hydra.callbacks.sweep``): job folder names from the varied values; the summary."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Exclude every override the sweep does not vary from the job folder names: the jobs re-compose their

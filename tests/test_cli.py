@@ -125,8 +125,10 @@ def test_help_imports_no_torch(tmp_path: Path) -> None:
         "import sys\nsys.argv = ['cl-bench', '--help']\nfrom cl_bench.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert "== Configuration groups ==" in out.stdout and "protocol:" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert "== Configuration groups ==" in out.stdout and "protocol: cifar100_b50_vit_tiny" in out.stdout
     assert out.stdout.strip().endswith("TORCH False"), out.stdout[-500:] + out.stderr[-2000:]
 
 
@@ -140,7 +142,10 @@ def test_a_misspelt_preset_fails_at_once_with_close_matches(tmp_path: Path) -> N
 def test_a_method_key_swept_for_a_method_without_it_names_the_methods_that_have_it(tmp_path: Path) -> None:
     out = cl_bench("-m", "method=seq_ft,simplecil", "method.epochs=2", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "method.epochs: the method of this run (or of some jobs of the sweep) has no key 'epochs'" in out.stderr
+    assert (
+        "method.epochs: the method of this run (or of some jobs of the sweep) has no key 'epochs'"
+        in out.stderr
+    )
     assert "seq_ft" in out.stderr and "simplecil" not in out.stderr.split("have it:")[1]
     assert "budget.epochs=VALUE" in out.stderr
 

@@ -15,7 +15,9 @@ from conftest import REPO_ROOT
 
 
 def run(*args: str | Path, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, f"{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -25,8 +27,19 @@ def test_a_wheel_in_a_fresh_environment_runs_the_quickstart_with_user_presets(tm
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     wheels = tmp_path / "wheels"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, REPO_ROOT,
-        cwd=tmp_path, env=env)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        wheels,
+        REPO_ROOT,
+        cwd=tmp_path,
+        env=env,
+    )
     (wheel,) = wheels.glob("cl_bench-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n for n in names if n.startswith("cl_bench/conf/") and n.endswith(".yaml")}
@@ -38,8 +51,11 @@ def test_a_wheel_in_a_fresh_environment_runs_the_quickstart_with_user_presets(tm
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path, env=env)
     python = venv / "bin" / "python"
-    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                    cwd=tmp_path, env=env).stdout.strip())
+    site = Path(
+        run(
+            python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path, env=env
+        ).stdout.strip()
+    )
     (site / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     run(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel, cwd=tmp_path, env=env)
     where = run(python, "-c", "import cl_bench; print(cl_bench.__file__)", cwd=tmp_path, env=env).stdout
@@ -53,8 +69,17 @@ def test_a_wheel_in_a_fresh_environment_runs_the_quickstart_with_user_presets(tm
     )
     elsewhere = tmp_path / "somewhere_else"
     elsewhere.mkdir()
-    out = run(venv / "bin" / "cl-bench", "--config-dir", user, "protocol=digits_2tasks", "logger.mode=disabled",
-              "save_model=false", f"hydra.run.dir={elsewhere / 'run'}", cwd=elsewhere, env=env)
+    out = run(
+        venv / "bin" / "cl-bench",
+        "--config-dir",
+        user,
+        "protocol=digits_2tasks",
+        "logger.mode=disabled",
+        "save_model=false",
+        f"hydra.run.dir={elsewhere / 'run'}",
+        cwd=elsewhere,
+        env=env,
+    )
     assert "last accuracy" in out.stdout
     assert (elsewhere / "run" / "results.json").is_file()
     assert "protocol:" in run(venv / "bin" / "cl-bench", "--help", cwd=elsewhere, env=env).stdout

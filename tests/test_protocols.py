@@ -1,6 +1,6 @@
-"""Every method in every protocol: ``protocol=P method=M`` composes and validates (no training) unless the method
-declares it cannot run on P's backbone; paper presets are protocol + method; tuned values and the shared budget
-reach exactly the methods they are meant for."""
+"""Every method in every protocol: ``protocol=P method=M`` composes and validates (no training) unless the
+method declares it cannot run on P's backbone; paper presets are protocol + method; tuned values and the
+shared budget reach exactly the methods they are meant for."""
 
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ def test_every_method_composes_and_validates_in_the_protocol(protocol: str) -> N
 
 
 def test_peft_none_and_no_lora_run_on_a_cnn() -> None:
-    for overrides in (["method=ranpac", "method.peft=none"], ["method=aper", "method.peft=none"],
-                      ["method=slca_pp", "method.hybrid=false"]):
+    for overrides in (
+        ["method=ranpac", "method.peft=none"],
+        ["method=aper", "method.peft=none"],
+        ["method=slca_pp", "method.hybrid=false"],
+    ):
         (cfg,) = compose_many(["protocol=cifar100_resnet32", *overrides])
         validate_config(cfg)
 
@@ -67,7 +70,9 @@ def test_an_experiment_is_its_protocol_and_method(experiment: str) -> None:
     defaults = OmegaConf.create(text).defaults
     choices = {k.removeprefix("override /"): v for entry in defaults for k, v in entry.items()}
     protocol, method = choices["protocol"], choices.get("method", "seq_ft")
-    from_preset, from_parts = compose_many([f"experiment={experiment}"], [f"protocol={protocol}", f"method={method}"])
+    from_preset, from_parts = compose_many(
+        [f"experiment={experiment}"], [f"protocol={protocol}", f"method={method}"]
+    )
     resolved = [OmegaConf.to_container(c, resolve=True) for c in (from_preset, from_parts)]
     assert resolved[0] == resolved[1]
 
@@ -114,11 +119,12 @@ def test_budget_reaches_every_method_and_a_method_key_wins() -> None:
 
 
 def test_user_presets_from_another_folder(tmp_path: Path) -> None:
-    """``hydra.searchpath`` (or ``--config-dir``) adds a user's protocols and tuned values to the shipped ones."""
+    """``hydra.searchpath`` (or ``--config-dir``) adds a user's protocols and tuned values to the shipped."""
     (tmp_path / "protocol").mkdir()
     (tmp_path / "tuned" / "lwf").mkdir(parents=True)
     (tmp_path / "protocol" / "my_digits.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /dataset: digits\nbudget:\n  epochs: 2\nscenario:\n  n_tasks: 2\n"
+        "# @package _global_\ndefaults:\n  - override /dataset: digits\n"
+        "budget:\n  epochs: 2\nscenario:\n  n_tasks: 2\n"
     )
     (tmp_path / "tuned" / "lwf" / "my_digits.yaml").write_text("alpha: 0.5\n")
     lwf, er = compose_many(

@@ -86,17 +86,21 @@ def test_a_sweeps_runs_share_one_wandb_group() -> None:
         HydraConfig.instance().cfg = None
 
 
-# ----------------------------------------------------------------------------------------- job folders, summary
+# ------------------------------------------------------------------------------ job folders, summary
 
 
 def test_job_folder_names_hold_only_the_varied_values_without_nesting() -> None:
     from cl_bench.sweeps import MAX_SLUG, sweep_subdir, swept_keys
 
     overrides = ["method=lwf", "seed=1", "backbone.checkpoint=/data/weights/vit.pth", "dataset=fake"]
-    varied, fixed = swept_keys(["method=seq_ft,lwf", "seed=0,1", "dataset=fake", "backbone.checkpoint=/a/b"], {})
+    varied, fixed = swept_keys(
+        ["method=seq_ft,lwf", "seed=0,1", "dataset=fake", "backbone.checkpoint=/a/b"], {}
+    )
     assert varied == {"method", "seed"} and fixed == {"dataset", "backbone.checkpoint"}
     assert sweep_subdir(3, overrides, list(fixed)) == "3_method=lwf,seed=1"
-    assert sweep_subdir(4, overrides, ["dataset"]) == "4_backbone.checkpoint=weights-vit.pth,method=lwf,seed=1"
+    assert (
+        sweep_subdir(4, overrides, ["dataset"]) == "4_backbone.checkpoint=weights-vit.pth,method=lwf,seed=1"
+    )
     assert sweep_subdir(0, overrides, ["dataset", "method", "seed", "backbone.checkpoint"]) == "0"
     long = sweep_subdir(7, [f"method.k{i}={'x' * 20}" for i in range(5)], [])
     assert "/" not in long and len(long) <= len("7_") + MAX_SLUG and long.count("~") == 1
@@ -128,7 +132,9 @@ def test_summary_counts_complete_failed_and_skipped_jobs(tmp_path: Path) -> None
     folders = job_folders(tmp_path)
     assert [f.name.split("_")[0] for f in folders] == ["0", "1", "2", "10", "11", "12"]
     text = summary(tmp_path, [job_outcome(f) for f in folders])
-    assert text.splitlines()[0].endswith("6 jobs, 1 complete, 4 failed, 1 skipped (the method cannot run on the backbone)")
+    assert text.splitlines()[0].endswith(
+        "6 jobs, 1 complete, 4 failed, 1 skipped (the method cannot run on the backbone)"
+    )
     assert "1_method=lwf: the training loss became nan at task 1" in text and "Traceback" not in text
     assert "stopped after 1 task(s)" in text and "no results.json" in text and "unreadable" in text
     assert text.splitlines()[-1] == f"compare them: cl-bench-report {tmp_path} --out {tmp_path / 'report'}"
@@ -179,10 +185,25 @@ def test_all_methods_sweep_finishes_every_job_the_backbone_allows(tmp_path: Path
         (user / "tuned" / method).mkdir(parents=True)
         (user / "tuned" / method / "tiny_vit.yaml").write_text(text)
     out = subprocess.run(
-        [sys.executable, "-m", "cl_bench", "-m", "sweep=all_methods", "protocol=tiny_vit",
-         f"hydra.searchpath=[file://{user}]", "logger.mode=disabled", "save_model=false",
-         "save_checkpoints=false", "trainer.accelerator=cpu", f"paths.output_dir={tmp_path / 'out'}"],
-        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "cl_bench",
+            "-m",
+            "sweep=all_methods",
+            "protocol=tiny_vit",
+            f"hydra.searchpath=[file://{user}]",
+            "logger.mode=disabled",
+            "save_model=false",
+            "save_checkpoints=false",
+            "trainer.accelerator=cpu",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "out" / "multiruns").iterdir()
