@@ -4,6 +4,7 @@ with the user's own presets from ``--config-dir``."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +27,11 @@ def run(*args: str | Path, cwd: Path, env: dict[str, str]) -> subprocess.Complet
 def test_a_wheel_in_a_fresh_environment_runs_the_quickstart_with_user_presets(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "cl_bench", source / "cl_bench", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     run(
         sys.executable,
@@ -36,7 +42,7 @@ def test_a_wheel_in_a_fresh_environment_runs_the_quickstart_with_user_presets(tm
         "--no-build-isolation",
         "-w",
         wheels,
-        REPO_ROOT,
+        source,
         cwd=tmp_path,
         env=env,
     )
