@@ -171,10 +171,11 @@ class RunConfig:
     seed: int = 0
     #: Save the final model state (``final_model.pt``) in the run folder.
     save_model: bool = True
-    #: Write ``checkpoint.pt`` after every task so that an interrupted run can resume (deleted at the end).
+    #: Write a checkpoint after every task so that an interrupted run can resume (deleted at the end).
     save_checkpoints: bool = True
     #: ``auto``: continue an interrupted run of the same config if there is one (this run folder, else the
-    #: newest under ``paths.output_dir``); ``never``: always start afresh; or the path of a run folder.
+    #: newest one listed in the resume index under ``paths.output_dir``, :mod:`cl_bench.run_folder`);
+    #: ``never``: always start afresh; or the path of a run folder.
     resume: str = "auto"
 
 
