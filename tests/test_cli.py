@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import SHARED_WEIGHTS
+from helpers import SHARED_WEIGHTS
 
 
 def cl_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:

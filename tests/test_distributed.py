@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TINY, TinyBackbone
+from helpers import TINY, TinyBackbone
 from torch.utils.data import TensorDataset
 
 from cl_bench import distributed

@@ -183,8 +183,7 @@ class SLCAPlusPlus(SLCA):
         current, mu, jitter = ctx.task.index, self.feature_scale_mu, self.feature_scale_jitter
         return lambda labels: random_feature_scales(class_tasks[labels], current, mu, jitter, generator)
 
-    def align_classifier(self, ctx: TaskContext) -> None:
-        """SLCA's CA with SLCA++'s sample scaling, then the old heads' input scales for evaluation."""
-        super().align_classifier(ctx)
+    def on_alignment_end(self, ctx: TaskContext) -> None:
+        """After CA with SLCA++'s sample scaling: the old heads' input scales for evaluation."""
         assert isinstance(self.head, ScaledIncrementalLinearHead)
         self.head.scale_old_tasks(self.feature_scale_mu)

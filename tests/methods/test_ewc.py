@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearBackbone
+from helpers import LinearBackbone
 from torch import nn
 from torch.utils.data import TensorDataset
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearBackbone
+from helpers import LinearBackbone
 from torch.utils.data import TensorDataset
 
 from cl_bench.config import ScenarioType

@@ -55,7 +55,9 @@ def test_first_task_trains_pet_then_everything_is_frozen_and_the_head_is_ridge()
     trained = {id(p) for g in module.param_groups() for p in g["params"]}
     assert trained == {id(p) for p in [*peft_parameters(module.backbone), *module.cosine_head.parameters()]}
     module.on_task_end(ctx0)
-    assert module.frozen_backbone and not any(p.requires_grad for p in module.backbone.parameters())
+    assert module.capabilities.frozen_backbone and not any(
+        p.requires_grad for p in module.backbone.parameters()
+    )
     ctx1 = _ctx(1)
     module.on_task_start(ctx1)
     assert module.train_dataset(ctx1) is None
