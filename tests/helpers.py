@@ -77,6 +77,15 @@ def fit_phase(method: ContinualModule, phase: Phase, ctx: TaskContext) -> None:
     run_phase(method, phase, ctx, TrainerConfig(accelerator="cpu"), Path("."), [])
 
 
+def end_task(method: ContinualModule, ctx: TaskContext, skip: tuple[str, ...] = ("train",)) -> None:
+    """Run the task's phases except those named in ``skip`` (a test stands in for them), then
+    ``on_task_end``: e.g. SLCA's statistics and classifier alignment after a hand-made ``train``."""
+    for phase in method.phases(ctx):
+        if phase.name not in skip and phase.trains:
+            fit_phase(method, phase, ctx)
+    method.on_task_end(ctx)
+
+
 class LinearBackbone(Backbone):
     """``f = A x + a`` with ``A`` 3x4: small enough to differentiate by hand (unit tests of the maths)."""
 

@@ -105,6 +105,7 @@ def test_resume_never_and_a_changed_config_start_no_resume(
         run_tiny("method=simplecil", "seed=1", f"resume={run_dir}", run_dir=tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     """A real ``cl-bench`` process killed with SIGKILL after its first task; the same command, run again
     (Hydra makes a new timestamped folder), finds the interrupted run and finishes it in its own folder."""

@@ -10,7 +10,7 @@ The paper's body was not readable here; everything beyond its abstract follows t
   augmentation (presets set ``transform.train=none``).
 * **Per-task BN** (``task_bn``, ``main.py`` l.101-132): after each task every BatchNorm's weight, bias,
   running mean and variance, and the pre-conv means, are stored; testing task ``i`` restores task ``i``'s.
-* **Xconv BN** (``xconv_bn``, :mod:`cl_bench.modules.xconv_bn`): for an old task ``i < T`` the running
+* **Xconv BN** (``xconv_bn``, :mod:`cl_bench.methods.xconv_bn`): for an old task ``i < T`` the running
   means of BNs fed by a convolution are recomputed from task ``i``'s stored pre-conv means through the
   *current* conv weights; the current task keeps its tracked means (``main.py`` l.133-134).
 * **Hierarchical fine-tuning** (``hierarchical``, ``main.py`` l.78-90): epochs ``[0, E//5)`` train the
@@ -43,7 +43,7 @@ from torch import nn
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import Capabilities, ContinualModule, Phase, TaskContext
-from cl_bench.modules.xconv_bn import BATCH_NORMS, XconvBatchNorm
+from cl_bench.methods.xconv_bn import BATCH_NORMS, XconvBatchNorm
 
 CIL_BN_MODES = ("shared", "predicted_task")
 STAGES = ("head", "bn", "all")

@@ -9,7 +9,7 @@ cross-entropy through the frozen backbone into ``g`` and the head.
 
 Everything the abstract leaves open is a config choice, and every default is ours:
 
-* ``transform``: the family of ``g`` (:mod:`cl_bench.modules.input_transforms`): ``additive`` (default),
+* ``transform``: the family of ``g`` (:mod:`cl_bench.methods.input_transforms`): ``additive`` (default),
   ``padding`` or ``residual_conv``, all the identity at init, so training starts from a linear probe.
   ``additive`` is the default because it is the simplest literal reading of "learnable parameters that
   transform the input", applies unchanged to CNNs and ViTs at any resolution, and has a parameter count
@@ -45,7 +45,7 @@ from torch import nn
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import Capabilities, ContinualModule, TaskContext, freeze
-from cl_bench.modules.input_transforms import INPUT_TRANSFORMS, build_input_transform
+from cl_bench.methods.input_transforms import INPUT_TRANSFORMS, build_input_transform
 
 SHARING = ("shared", "per_task")
 

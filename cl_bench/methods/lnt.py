@@ -6,9 +6,9 @@ read; everything below follows the official code ``tdemin16/Continual-LayerNorm-
 ``train_two.sh``) as specified in ``shared/research/methods_vit.md`` §4 (section numbers below refer to it).
 
 Model (§4.2): the pre-trained backbone is frozen except for one set of LayerNorm scales and biases per task
-(:class:`~cl_bench.modules.norm_sets.NormSets`: every ``nn.LayerNorm`` of the backbone, 25 in ViT-B/16);
+(:class:`~cl_bench.methods.norm_sets.NormSets`: every ``nn.LayerNorm`` of the backbone, 25 in ViT-B/16);
 set ``t`` starts as a copy of set ``t-1`` (task 0: the pre-trained values). Each task also has a key
-(:class:`~cl_bench.modules.task_keys.TaskKeys`, orthogonal initialisation, ``--new_key``). Two linear heads
+(:class:`~cl_bench.methods.task_keys.TaskKeys`, orthogonal initialisation, ``--new_key``). Two linear heads
 grow with the tasks: ``fake_head`` is trained with the LayerNorm sets, ``head`` (the one evaluated) only in
 the classifier rectification (official ``--unbiased``).
 
@@ -61,9 +61,9 @@ from torch import nn
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import Capabilities, ContinualModule, Phase, Prediction, TaskContext, freeze
+from cl_bench.methods.norm_sets import NormSets
+from cl_bench.methods.task_keys import KEY_INITS, TaskKeys
 from cl_bench.modules.heads import IncrementalLinearHead
-from cl_bench.modules.norm_sets import NormSets
-from cl_bench.modules.task_keys import KEY_INITS, TaskKeys
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,28 @@ class LayerNormTuning(ContinualModule):
 
     # ----------------------------------------------------------------- training
     def phases(self, ctx: TaskContext) -> list[Phase]:
-        """``keys``, ``norms``, ``rectify`` (module docstring, steps 1-3), all on the task's images."""
-        return [Phase(name, self.stage_epochs[name], ctx.train_set, self.batch_size) for name in STAGES]
+        """``keys``, ``norms``, ``rectify`` (module docstring, steps 1-3), all on the task's images, each
+        training only its own parameters (:meth:`param_groups`)."""
+        return [
+            Phase(
+                name,
+                self.stage_epochs[name],
+                ctx.train_set,
+                self.batch_size,
+                trainable=self.stage_parameters(name),
+            )
+            for name in STAGES
+        ]
+
+    def stage_parameters(self, stage: str) -> tuple[nn.Parameter, ...]:
+        """What ``stage`` trains: task ``c``'s key; task ``c``'s LayerNorm set and the trained head's block
+        (``fake_head`` if the head is rectified afterwards); ``head``'s trainable blocks."""
+        assert self.task is not None and self.keys is not None
+        if stage == "keys":
+            return (self.keys.keys[self.task.index],)
+        head = self.head if self.fake_head is None or stage == "rectify" else self.fake_head
+        trained = tuple(p for p in head.parameters() if p.requires_grad)
+        return trained if stage == "rectify" else (*self.norm_sets.parameters_of(self.task.index), *trained)
 
     def stage_loss(self, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of one training batch in ``stage`` (module docstring, steps 1-3)."""
@@ -240,19 +260,6 @@ class LayerNormTuning(ContinualModule):
         return loss
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Keys: task ``c``'s key; LayerNorms: task ``c``'s set and the trained head (``fake_head`` if the
-        head is rectified afterwards); rectification: ``head`` at ``rectification_lr``."""
-        assert self.task is not None and self.keys is not None
-        if self.phase_name == "keys":
-            return [{"params": [self.keys.keys[self.task.index]], "lr": self.lr, "name": "keys"}]
-        head = self.head if self.fake_head is None or self.phase_name == "rectify" else self.fake_head
-        trained = [p for p in head.parameters() if p.requires_grad]
-        if self.phase_name == "rectify":
-            return [{"params": trained, "lr": self.rectification_lr, "name": "head"}]
-        return [
-            {
-                "params": [*self.norm_sets.parameters_of(self.task.index), *trained],
-                "lr": self.lr,
-                "name": "norms_head",
-            }
-        ]
+        """The phase's :meth:`stage_parameters`, at ``rectification_lr`` when rectifying, else at ``lr``."""
+        lr = self.rectification_lr if self.phase_name == "rectify" else self.lr
+        return [{"params": list(self.stage_parameters(self.phase_name)), "lr": lr, "name": self.phase_name}]

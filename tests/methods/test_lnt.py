@@ -7,17 +7,16 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import learn
+from helpers import learn, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.cifar_resnet import CifarResNet
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation import TASK_SELECTION, Evaluator
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lnt import LayerNormTuning
-from cl_bench.scenario import Scenario, Task
+from cl_bench.scenario import Scenario
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*the `self.trainer` reference is not registered")
 TINY_VIT = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -30,11 +29,7 @@ def _tiny_vit() -> TimmBackbone:
 
 
 def _scenario(sizes: tuple[int, ...] = SIZES) -> Scenario:
-    tasks, start = [], 0
-    for index, size in enumerate(sizes):
-        tasks.append(Task(index, start, start + size, tuple(range(start, start + size))))
-        start += size
-    return Scenario(ScenarioType.cil, tuple(range(start)), tuple(tasks))
+    return toy_scenario(sizes)
 
 
 def _task_data(task: int, n_per_class: int = 16, seed: int = 0) -> TensorDataset:
@@ -51,7 +46,7 @@ def _task_data(task: int, n_per_class: int = 16, seed: int = 0) -> TensorDataset
 
 
 def _ctx(task: int, scenario: Scenario, data: TensorDataset) -> TaskContext:
-    return TaskContext(scenario.tasks[task], scenario, data, data, seed=0)
+    return task_context(scenario, task, data)
 
 
 def _snapshot(tensors) -> list[torch.Tensor]:

@@ -9,25 +9,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyBackbone, fit_phase
+from helpers import TinyBackbone, fit_phase, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lwf import LwF, distillation
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)), Task(2, 4, 6, (4, 5)))
+SIZES = (2, 2, 2)
+TASKS = toy_scenario(SIZES).tasks
 
 
 def _ctx(task: int, til: bool = False) -> TaskContext:
-    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, tuple(range(6)), TASKS)
     gen = torch.Generator().manual_seed(task)
     data = TensorDataset(
         torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen) + 2 * task
     )
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+    return task_context(toy_scenario(SIZES, til), task, data)
 
 
 def _module(**kwargs) -> LwF:
