@@ -14,6 +14,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole in-process experiments (the ``run_tiny`` fixture) of the methods and of resuming belong to the
+    slow lane (``make test-all``); the runner's own (tests/test_runner.py) stay in the fast one."""
+    for item in items:
+        if "run_tiny" in getattr(item, "fixturenames", ()) and item.path.name != "test_runner.py":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def shared_weights() -> Path:
     """The real CIFAR-10 ResNet checkpoints beside the repository (skipped where absent)."""

@@ -22,8 +22,9 @@ Old head blocks:
 
 ``warmup_epochs > 0`` first trains only the new task's head block for that many epochs on the frozen
 backbone (eval mode) with plain SGD at ``lr`` (no momentum or weight decay), as Mammoth's ``lwf``
-``begin_task`` and Li & Hoiem's warm-up step. Unlike Mammoth, which runs the backbone on augmented images
-every warm-up epoch, the features of the task's training images (evaluation transform) are computed once.
+``begin_task`` and Li & Hoiem's warm-up step: a head-only phase ``warmup`` before the phase ``train``. Unlike
+Mammoth, which runs the backbone on augmented images every warm-up epoch, the features of the task's training
+images (evaluation transform) are computed once; each warm-up epoch draws a new order of them.
 
 Defaults (``cl_bench/conf/method/lwf.yaml``): ``alpha`` 1 and ``temperature`` 2 (Avalanche; Li & Hoiem's
 ``lambda_o = 1``, ``T = 2``), no warm-up (Avalanche; Mammoth warms up for its ``n_epochs``); the optimiser
