@@ -137,10 +137,9 @@ def run_phase(
     run_dir: Path,
     callbacks: list[pl.Callback],
 ) -> None:
-    """Fit ``phase`` with Lightning (the method itself, or a :class:`HeadFit` for head-only phases).
-
-    A head-only fast path (``phase.head_training`` set: a head on in-memory features) plugs in here.
-    """
+    """Fit ``phase`` with Lightning: the method itself, or a :class:`HeadFit` for a head-only phase
+    (``phase.head_only``: a head on in-memory features; a head-only fast path without Lightning plugs in
+    here, in place of that fit)."""
     trainer = make_trainer(trainer_cfg, phase.epochs, run_dir, callbacks)
     processes = trainer.world_size
     batch_size = phase.batch_size
@@ -153,8 +152,8 @@ def run_phase(
             )
         batch_size //= processes
     assert phase.data is not None
-    loader = ctx.loader(phase.data, batch_size, phase.shuffle, in_memory=phase.head_training is not None)
-    module = method if phase.head_training is None else HeadFit(phase, phase.head_training)
+    loader = ctx.loader(phase.data, batch_size, phase.shuffle, in_memory=phase.head_only)
+    module = HeadFit(phase, phase.head_training) if phase.head_training is not None else method
     method.phase = phase
     try:
         with trainable_only(method, phase), warnings.catch_warnings():

@@ -117,6 +117,12 @@ class Phase:
     shuffle: bool = True
 
     @property
+    def head_only(self) -> bool:
+        """The phase trains one head alone on in-memory features (``head_training``): the runner may fit it
+        by a head-only fast path instead of a Lightning fit."""
+        return self.head_training is not None
+
+    @property
     def trains(self) -> bool:
         """Whether there is anything to fit (epochs, and data that is not empty)."""
         return self.data is not None and self.epochs > 0 and len(self.data) > 0  # type: ignore[arg-type]
