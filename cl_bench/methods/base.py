@@ -199,6 +199,14 @@ class ContinualModule(pl.LightningModule):
     #: What the method's inference depends on (:class:`Capabilities`); methods whose capabilities change
     #: with their state (RanPAC's backbone freezes after task 0) override :attr:`capabilities` instead.
     CAPABILITIES: ClassVar[Capabilities] = Capabilities()
+    #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
+    #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
+    backbone_needs: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """The backbone traits needed with these keyword arguments (default: :attr:`backbone_needs`)."""
+        return cls.backbone_needs
 
     def __init__(
         self,

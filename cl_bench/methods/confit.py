@@ -35,7 +35,7 @@ and SGD (also with momentum or weight decay) skips them, so they stay bit-identi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,6 +61,7 @@ class ConFiT(ContinualModule):
     """
 
     CAPABILITIES = Capabilities(task_conditioned=True)
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"conv_batchnorm"})  # Xconv BN, per-task BN
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,7 @@ class LayerNormTuning(ContinualModule):
     """
 
     CAPABILITIES = Capabilities(task_conditioned=True, selects_task=True)
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"layernorm"})  # one LayerNorm set per task
 
     def __init__(
         self,
