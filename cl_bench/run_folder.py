@@ -1,4 +1,10 @@
-"""Which folder a run writes to, and taking it: resume or start afresh, under the folder's exclusive lock.
+"""The run folder: which one a run writes to (resume or start afresh, under the folder's exclusive lock),
+its config and environment facts.
+
+Files: ``config.yaml`` (the resolved config), ``environment.json`` (versions and machine),
+``results.json`` and the matrix CSVs (:mod:`cl_bench.results`), ``checkpoint.json`` with
+``checkpoint-task<t>.pt`` while a run is unfinished (:mod:`cl_bench.checkpointing`), ``running.lock`` while
+a process runs it (:mod:`cl_bench.locking`) and ``final_model.pt`` at the end (:mod:`cl_bench.saved_model`).
 
 ``resume=auto`` (the default) continues an interrupted run of the same config (same config up to
 :data:`~cl_bench.checkpointing.VOLATILE_KEYS`) if there is one:
@@ -18,15 +24,18 @@ same config that has no usable checkpoint (it starts over and recomputes the sam
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
+import platform
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cl_bench.checkpointing import (
     LEGACY_FILE,
@@ -41,12 +50,67 @@ from cl_bench.checkpointing import (
 )
 from cl_bench.errors import ConfigError, RunLockedError
 from cl_bench.locking import RunLock
+from cl_bench.results import RESULTS_FILE, write_text_atomic
 from cl_bench.storage import check_writable, remove_temporaries, write_text
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
+ENVIRONMENT_FILE = "environment.json"
+CONFIG_FILE = "config.yaml"
 INDEX_DIR = Path(".cl_bench") / "resume"
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """``paths.run_dir``, else the folder Hydra made for this run."""
+    if cfg.paths.run_dir:
+        return Path(cfg.paths.run_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("paths.run_dir is not set and no Hydra run is active: set paths.run_dir=DIR")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / CONFIG_FILE, OmegaConf.to_yaml(config))
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    """Versions and machine facts stored beside the results for reproducibility."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        commit = out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "pytorch_lightning": _version("pytorch-lightning"),
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def write_environment(run_dir: Path, device: torch.device) -> None:
+    write_text_atomic(run_dir / ENVIRONMENT_FILE, json.dumps(environment_info(device), indent=2) + "\n")
 
 
 @dataclass
@@ -113,7 +177,7 @@ def indexed_runs(cfg: DictConfig, config: dict[str, Any]) -> list[Path]:
 # --------------------------------------------------------------------------------------------- checks
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
     except (OSError, yaml.YAMLError):
         return None
     return saved if isinstance(saved, dict) else None
@@ -221,7 +285,7 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> 
     run_dir = Path(run_dir)
     if resume not in ("auto", "never"):
         folder = Path(resume)
-        if not (folder / "config.yaml").is_file() or not same_config(folder, config):
+        if not (folder / CONFIG_FILE).is_file() or not same_config(folder, config):
             raise ConfigError(
                 f"resume={folder}: no run of this config there (its config.yaml must equal this command's). "
                 "Use resume=auto or resume=never."

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY
+from helpers import REPO_ROOT, TINY
 
 import cl_bench.runner as runner
 from cl_bench.checkpointing import MANIFEST_FILE, load_checkpoint
@@ -74,7 +74,6 @@ METHODS = {
     "slca_pp": ("method=slca_pp", *TINY_VIT, "method.ca_epochs=1", "method.ca_samples_per_class=4"),  # LoRA
     "lnt": ("method=lnt", *TINY_VIT, "method.rectification_epochs=1"),  # keys and LayerNorm sets
 }
-SLOW = {"aper", "ranpac", "safe", "slca", "slca_pp", "lnt", "confit", "input_tuning", "derpp"}
 
 
 class Killed(BaseException):
@@ -84,10 +83,10 @@ class Killed(BaseException):
 def kill_before_task(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     learn_task = runner.learn_task
 
-    def learn_or_die(cfg, method, ctx, *args, **kwargs):
+    def learn_or_die(method, ctx, *args, **kwargs):
         if ctx.task.index == index:
             raise Killed
-        return learn_task(cfg, method, ctx, *args, **kwargs)
+        return learn_task(method, ctx, *args, **kwargs)
 
     monkeypatch.setattr(runner, "learn_task", learn_or_die)
 
@@ -116,9 +115,7 @@ def assert_same_run(resumed: dict, resumed_dir: Path, uninterrupted: dict, unint
         assert equal(weights[name], tensor), name
 
 
-@pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in METHODS]
-)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_killed_run_resumes_with_the_same_results_and_weights(
     run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
@@ -187,6 +184,7 @@ def test_resume_never_and_a_changed_config_start_no_resume(
         run_tiny("method=simplecil", run_dir=run_dir)
 
 
+@pytest.mark.slow
 def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     """A real ``cl-bench`` process killed with SIGKILL after its first task; the same command, run again
     (Hydra makes a new timestamped folder), finds the interrupted run through the resume index and finishes

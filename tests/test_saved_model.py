@@ -15,7 +15,7 @@ from cl_bench.config import build_from_config
 from cl_bench.data.transforms import build_transforms
 from cl_bench.errors import CheckpointError
 from cl_bench.evaluation import Evaluator
-from cl_bench.runner import task_datasets
+from cl_bench.experiment import task_datasets
 from cl_bench.scenario import build_scenario
 
 TINY_VIT = (

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import REPO_ROOT, TINY
+from helpers import REPO_ROOT, TINY
 
 HERE = Path(__file__).resolve().parent
 #: Three tasks (4 + 3 + 3 classes) of two epochs: a run of about 10 s on one busy core.
@@ -90,7 +90,7 @@ class RequeueableRun:
         self.overrides = overrides
 
     def __call__(self) -> dict[str, Any]:
-        from conftest import compose_config
+        from helpers import compose_config
 
         from cl_bench.runner import run_experiment
 

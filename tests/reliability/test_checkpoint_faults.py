@@ -33,10 +33,10 @@ class Killed(BaseException):
 def killed_run(run_tiny, run_dir: Path, monkeypatch: pytest.MonkeyPatch, before_task: int = 2) -> None:
     learn_task = runner.learn_task
 
-    def learn_or_die(cfg, method, ctx, *args, **kwargs):
+    def learn_or_die(method, ctx, *args, **kwargs):
         if ctx.task.index == before_task:
             raise Killed
-        return learn_task(cfg, method, ctx, *args, **kwargs)
+        return learn_task(method, ctx, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(runner, "learn_task", learn_or_die)

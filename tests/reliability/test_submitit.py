@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from reliability.harness import RUN, STEPS, RequeueableRun, child_pids, same_results
 
 from cl_bench.checkpointing import MANIFEST_FILE
