@@ -74,5 +74,5 @@ def test_bad_learning_rates_and_batch_sizes_fail_before_anything_is_written(
 
 
 def test_a_nan_learning_rate_of_a_method_option_is_named(run_tiny, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^method.rectification_lr=nan"):
-        run_tiny("method=lnt", "method.rectification_lr=nan", run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^method.transform_lr=nan"):
+        run_tiny("method=input_tuning", "method.transform_lr=nan", run_dir=tmp_path / "run")
