@@ -65,6 +65,8 @@ class TrainAugment(_StrEnum):
     auto = "auto"
     crop_flip = "crop_flip"  # pad 4 + random crop + horizontal flip (CIFAR recipe, He et al. 2016)
     rrc_flip = "rrc_flip"  # RandomResizedCrop + horizontal flip (ImageNet recipe; SLCA/PILOT use it)
+    #: square resize to ``transform.train_resize`` + random crop + flip (SLCA on CUB/Cars: 300 -> 224)
+    resize_crop_flip = "resize_crop_flip"
     none = "none"  # the evaluation transform
 
 
@@ -134,6 +136,26 @@ class TransformConfig:
     #: ``false``: feed images scaled to [0, 1] without mean/std normalisation (the official RanPAC, APER and
     #: SimpleCIL ViT code does so), whatever ``mean``/``std`` say.
     normalize: bool = True
+    #: ``rrc_flip``: RandomResizedCrop's area fraction and aspect-ratio ranges (torchvision's defaults;
+    #: SAFE/RanPAC/LN tuning use scale [0.05, 1]).
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    rrc_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    #: ``resize_crop_flip``: the side of the square resize before the random crop (SLCA CUB/Cars: 300).
+    train_resize: int | None = None
+    #: ColorJitter brightness after the flip: factor drawn from [max(0, 1 - b), 1 + b]; 0 = none (SLCA CIFAR:
+    #: 63/255).
+    brightness: float = 0.0
+    #: Evaluation: ``null`` resizes the shorter side to ``input_size / crop_pct`` (timm, the backbone's
+    #: crop_pct); ``R`` resizes it to R (``Resize(R) + CenterCrop(input_size)``, e.g. 256 or 224).
+    eval_resize: int | None = None
+    #: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``) of the train / eval pipelines; ``null``:
+    #: the backbone's.
+    train_interpolation: str | None = None
+    eval_interpolation: str | None = None
+    #: Where the train-time augmentation runs: ``true`` on whole uint8 batches on the training device
+    #: (:mod:`cl_bench.data.batch_transforms`), ``false`` image by image in the data loader, ``null`` (auto):
+    #: on the device when it is a GPU and the images have one fixed size.
+    on_device: bool | None = None
 
 
 @dataclass

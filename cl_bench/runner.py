@@ -42,7 +42,7 @@ from cl_bench.checkpointing import (
 )
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.data.base import ClassificationData, TaskDataset
-from cl_bench.data.transforms import build_transforms
+from cl_bench.data.batch_transforms import BatchAugment, build_input_pipeline
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule, TaskContext
@@ -157,7 +157,11 @@ def environment_info(device: torch.device) -> dict[str, Any]:
 
 
 def task_datasets(
-    data: ClassificationData, scenario: Scenario, train_tf: Any, eval_tf: Any
+    data: ClassificationData,
+    scenario: Scenario,
+    train_tf: Any,
+    eval_tf: Any,
+    batch_tf: BatchAugment | None = None,
 ) -> tuple[list[TaskDataset], list[TaskDataset], list[TaskDataset]]:
     """Per task: train images (train transform), the same with the eval transform, and test images."""
     label_map = scenario.label_map
@@ -166,7 +170,7 @@ def task_datasets(
         classes = np.asarray(task.original_classes)
         train_idx = np.flatnonzero(np.isin(data.train.labels, classes))
         test_idx = np.flatnonzero(np.isin(data.test.labels, classes))
-        train.append(TaskDataset(data.train, train_idx, label_map, train_tf))
+        train.append(TaskDataset(data.train, train_idx, label_map, train_tf, batch_tf))
         train_eval.append(TaskDataset(data.train, train_idx, label_map, eval_tf))
         test.append(TaskDataset(data.test, test_idx, label_map, eval_tf))
     return train, train_eval, test
@@ -320,10 +324,10 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
     split = build_scenario(cfg.scenario, data.num_classes)
     scenario = split.merged() if method.single_task else split
-    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.transform, data.hflip_invariant)
-    train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf)
-
     device = select_device(cfg.trainer.accelerator)
+    pipeline = build_input_pipeline(backbone.data_config, cfg.transform, data, device)
+    train_tf, eval_tf = pipeline.train, pipeline.eval
+    train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf, pipeline.batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     amp_dtype = autocast_dtype(cfg.trainer.precision, device)
@@ -340,6 +344,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
     #: Objects a checkpoint refers to by name: the resuming run rebuilds them from the same config.
     external: dict[str, Any] = {"data": data, "data.train": data.train, "data.test": data.test}
     external.update({"train_transform": train_tf, "eval_transform": eval_tf})
+    if pipeline.batch is not None:
+        external["batch_transform"] = pipeline.batch
     for name, sets in (("train", train_sets), ("train_eval", train_eval_sets), ("test", test_sets)):
         external.update({f"{name}_set[{i}]": ds for i, ds in enumerate(sets)})
     state = RunState()
@@ -351,6 +357,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         wandb_id = checkpoint.wandb_id
         set_rng_state(checkpoint.rng)
         log.info("resuming after task %d of %d", checkpoint.tasks_done, len(scenario.tasks))
+    method.batch_transform = pipeline.batch
     log.info(
         "%s | %s | %s | %d classes in %d tasks (%s), order seed %s | run folder %s",
         data.name,
