@@ -203,8 +203,8 @@ def augments_on_device(
     if setting and not collates:
         raise ConfigError(
             f"transform.on_device=true with transform.train=rrc_flip needs images of one size, but "
-            f"{data.name}'s are decoded from files of varying sizes: set dataset.cache_size=N (a memory-mapped "
-            "resized copy) or transform.on_device=false"
+            f"{data.name}'s are decoded from files of varying sizes: set dataset.cache_size=N (a "
+            "memory-mapped resized copy) or transform.on_device=false"
         )
     return setting
 
