@@ -49,6 +49,7 @@ from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, build_results, write_results, write_text_atomic
 from cl_bench.scenario import Scenario, build_scenario
+from cl_bench.threads import configure_threads
 from cl_bench.tracking import WandbTracker
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,9 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
     if main and not resume:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
 
+    workers = configure_threads(
+        cfg.trainer.threads, cfg.trainer.concurrent_jobs, cfg.trainer.num_workers
+    ).num_workers
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data: ClassificationData = build_from_config("dataset", cfg.dataset)
     data.name = cfg.dataset.get("name", data.name)
@@ -335,7 +339,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         scenario,
         test_sets,
         batch_size=cfg.trainer.eval_batch_size,
-        num_workers=cfg.trainer.num_workers,
+        num_workers=workers,
         autocast_dtype=amp_dtype,
         til_tasks=split,
     )
@@ -394,7 +398,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
                 scenario=scenario,
                 train_set=train_sets[task.index],
                 train_eval_set=train_eval_sets[task.index],
-                num_workers=cfg.trainer.num_workers,
+                num_workers=workers,
                 eval_batch_size=cfg.trainer.eval_batch_size,
                 seed=cfg.seed,
                 autocast_dtype=amp_dtype,
