@@ -63,12 +63,11 @@ def test_local_sweep_gives_each_job_its_share(tmp_path: Path) -> None:
     """launcher=local with n_jobs=2: every job's config says 2 concurrent jobs and it runs on cores // 2."""
     env = {k: v for k, v in os.environ.items() if k not in threads.THREAD_VARIABLES}
     sweep_dir = tmp_path / "sweep"
-    out = subprocess.run(
-        [sys.executable, "-m", "cl_bench", "-m", "launcher=local", "hydra.launcher.n_jobs=2", "dataset=fake",
-         "dataset.num_classes=4", "method=simplecil", "scenario.n_tasks=2", "seed=0,1", "logger.mode=disabled",
-         "trainer=cpu", "save_model=false", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "cl_bench", "-m", "launcher=local", "hydra.launcher.n_jobs=2"]
+    command += ["dataset=fake", "dataset.num_classes=4", "method=simplecil", "scenario.n_tasks=2", "seed=0,1"]
+    command += ["logger.mode=disabled", "trainer=cpu", "save_model=false", f"hydra.sweep.dir={sweep_dir}"]
+    env["HF_HUB_OFFLINE"] = "1"
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
     assert len(runs) == 2
