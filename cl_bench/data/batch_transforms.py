@@ -8,9 +8,12 @@ brightness jitter and normalisation to the batch where it lies (the GPU, when tr
 
 Equal parameters give equal images: pad-and-crop, square random crop, flip and the brightness jitter are
 bit-identical to torchvision's uint8 kernels, and the deterministic steps (``train=none``: the eval
-geometry, then conversion) are identical. RandomResizedCrop resizes each crop box with
-``torch.nn.functional.interpolate`` (antialiased, rounded back to uint8 as torchvision does off the CPU);
-torchvision's CPU uint8 kernels round differently by at most one grey level. The random draws come from
+geometry, then conversion) are identical. RandomResizedCrop resizes every crop box of the batch at once
+with two batched matrix products whose weights are PyTorch's antialiased interpolation kernels
+(:func:`resample_weights`), then rounds to uint8 as torchvision does off the CPU; against torchvision's
+per-image float path this differs only by float summation order (at most one grey level, rarely), against
+its CPU uint8 kernels by at most one grey level (bilinear) or one on average (bicubic, whose uint8 kernel
+clamps between its two passes). The random draws come from
 the process's global torch generator (seeded by the run, saved in checkpoints), drawn on the CPU, so a run
 is reproducible whatever the device.
 """
@@ -104,17 +107,58 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+#: Half-width of each interpolation kernel in input pixels at unit scale (PyTorch's ``interp_size / 2``).
+KERNEL_HALF_WIDTH = {"bilinear": 1.0, "bicubic": 2.0}
+
+
+def _kernel(x: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """PyTorch's antialiasing filters: triangle (bilinear) and Keys' cubic with a = -0.5 (bicubic)."""
+    x = x.abs()
+    if interpolation == "bilinear":
+        return (1 - x).clamp(min=0)
+    a = -0.5
+    inner = ((a + 2) * x - (a + 3)) * x * x + 1
+    outer = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, inner, torch.where(x < 2, outer, torch.zeros_like(x)))
+
+
+def resample_weights(
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, interpolation: str
+) -> torch.Tensor:
+    """``[B, out_size, in_size]`` matrices that resize the segment ``[start, start + length)`` of each row
+    to ``out_size`` samples as ``F.interpolate(..., antialias=True, align_corners=False)`` does (its kernel
+    support, truncation and normalisation; ``nearest``: ``floor(i * scale)``)."""
+    scale = (length.double() / out_size)[:, None]  # [B, 1]
+    i = torch.arange(out_size, dtype=torch.float64)[None, :]  # [1, out]
+    k = (
+        torch.arange(in_size, dtype=torch.float64)[None, None, :] - start.double()[:, None, None]
+    )  # crop-relative
+    inside = (k >= 0) & (k < length.double()[:, None, None])
+    if interpolation == "nearest":
+        source = torch.minimum(torch.floor(i * scale), length.double()[:, None] - 1)
+        return ((k == source[:, :, None]) & inside).float()
+    half = KERNEL_HALF_WIDTH[interpolation]
+    support = torch.where(scale >= 1, half * scale, torch.full_like(scale, half))
+    invscale = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    center = scale * (i + 0.5)  # [B, out]
+    low = torch.trunc(center - support + 0.5).clamp(min=0)
+    high = torch.minimum(torch.trunc(center + support + 0.5), length.double()[:, None])
+    window = inside & (k >= low[:, :, None]) & (k < high[:, :, None])
+    weights = _kernel((k - center[:, :, None] + 0.5) * invscale[:, :, None], interpolation) * window
+    total = weights.sum(dim=2, keepdim=True)
+    return (weights / torch.where(total == 0, torch.ones_like(total), total)).float()
+
+
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
-    """Each box of each image resized to ``size x size`` (antialiased), uint8 out, rounded as torchvision's
-    tensor kernels round."""
-    antialias = interpolation in ("bilinear", "bicubic")
-    extra = {} if interpolation == "nearest" else {"align_corners": False}
-    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8, device=images.device)
-    for k, (top, left, h, w) in enumerate(boxes.tolist()):
-        crop = images[k : k + 1, :, top : top + h, left : left + w].float()
-        resized = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=antialias, **extra)
-        out[k] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    return out
+    """Each box of each image resized to ``size x size`` (antialiased as torchvision's tensor path), uint8
+    out, rounded as torchvision rounds off the CPU; two batched matrix products (width, then height)."""
+    _, _, height, width = images.shape
+    rows = resample_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation).to(images.device)
+    cols = resample_weights(boxes[:, 1], boxes[:, 3], width, size, interpolation).to(images.device)
+    x = images.float()
+    x = torch.matmul(x, cols.transpose(1, 2)[:, None])  # [B, C, H, size]
+    x = torch.matmul(rows[:, None], x)  # [B, C, size, size]
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass
