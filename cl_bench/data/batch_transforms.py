@@ -123,42 +123,57 @@ def _kernel(x: torch.Tensor, interpolation: str) -> torch.Tensor:
 
 
 def resample_weights(
-    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, interpolation: str
+    start: torch.Tensor,
+    length: torch.Tensor,
+    in_size: int,
+    out_size: int,
+    interpolation: str,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """``[B, out_size, in_size]`` matrices that resize the segment ``[start, start + length)`` of each row
     to ``out_size`` samples as ``F.interpolate(..., antialias=True, align_corners=False)`` does (its kernel
-    support, truncation and normalisation; ``nearest``: ``floor(i * scale)``)."""
-    scale = (length.double() / out_size)[:, None]  # [B, 1]
-    i = torch.arange(out_size, dtype=torch.float64)[None, :]  # [1, out]
-    k = (
-        torch.arange(in_size, dtype=torch.float64)[None, None, :] - start.double()[:, None, None]
-    )  # crop-relative
-    inside = (k >= 0) & (k < length.double()[:, None, None])
+    support, truncation and normalisation, in float32 as its kernels compute them; ``nearest``:
+    ``floor(i * scale)``)."""
+    start = start.to(device=device, dtype=torch.float32)
+    length = length.to(device=device, dtype=torch.float32)
+    scale = (length / out_size)[:, None, None]  # [B, 1, 1]
+    i = torch.arange(out_size, dtype=torch.float32, device=device)[None, :, None]  # [1, out, 1]
+    k = torch.arange(in_size, dtype=torch.float32, device=device)[None, None, :] - start[:, None, None]
+    inside = (k >= 0) & (k < length[:, None, None])  # k: input position relative to the segment
     if interpolation == "nearest":
-        source = torch.minimum(torch.floor(i * scale), length.double()[:, None] - 1)
-        return ((k == source[:, :, None]) & inside).float()
+        source = torch.minimum(torch.floor(i * scale), length[:, None, None] - 1)
+        return ((k == source) & inside).float()
     half = KERNEL_HALF_WIDTH[interpolation]
     support = torch.where(scale >= 1, half * scale, torch.full_like(scale, half))
     invscale = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
-    center = scale * (i + 0.5)  # [B, out]
+    center = scale * (i + 0.5)  # [B, out, 1]
     low = torch.trunc(center - support + 0.5).clamp(min=0)
-    high = torch.minimum(torch.trunc(center + support + 0.5), length.double()[:, None])
-    window = inside & (k >= low[:, :, None]) & (k < high[:, :, None])
-    weights = _kernel((k - center[:, :, None] + 0.5) * invscale[:, :, None], interpolation) * window
+    high = torch.minimum(torch.trunc(center + support + 0.5), length[:, None, None])
+    window = inside & (k >= low) & (k < high)
+    weights = _kernel((k - center + 0.5) * invscale, interpolation) * window
     total = weights.sum(dim=2, keepdim=True)
-    return (weights / torch.where(total == 0, torch.ones_like(total), total)).float()
+    return weights / torch.where(total == 0, torch.ones_like(total), total)
 
 
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
-    """Each box of each image resized to ``size x size`` (antialiased as torchvision's tensor path), uint8
-    out, rounded as torchvision rounds off the CPU; two batched matrix products (width, then height)."""
+def resized_crops(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int,
+    interpolation: str,
+    flips: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each box of each uint8 image resized to ``size x size`` (antialiased as torchvision's tensor path),
+    mirrored where ``flips`` says (by reversing the column weights, for free), rounded and clamped as
+    torchvision does off the CPU; float32 holding integers 0..255. Two batched matrix products (width, then
+    height)."""
     _, _, height, width = images.shape
-    rows = resample_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation).to(images.device)
-    cols = resample_weights(boxes[:, 1], boxes[:, 3], width, size, interpolation).to(images.device)
-    x = images.float()
-    x = torch.matmul(x, cols.transpose(1, 2)[:, None])  # [B, C, H, size]
+    rows = resample_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation, images.device)
+    cols = resample_weights(boxes[:, 1], boxes[:, 3], width, size, interpolation, images.device)
+    if flips is not None:
+        cols = torch.where(flips.to(images.device)[:, None, None], cols.flip(1), cols)
+    x = torch.matmul(images.float(), cols.transpose(1, 2)[:, None])  # [B, C, H, size]
     x = torch.matmul(rows[:, None], x)  # [B, C, size, size]
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    return x.round_().clamp_(0, 255)
 
 
 @dataclass
@@ -187,23 +202,27 @@ class BatchAugment:
         return AugmentParams(boxes, flips, factors)
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """``images`` (uint8) augmented with ``params``, converted to the model input (float32)."""
+        """``images`` (uint8) augmented with ``params``, converted to the model input (float32).
+
+        Each step computes what torchvision's uint8 step computes: values stay integers 0..255 (in float32
+        after RandomResizedCrop) until the final scaling by 1/255 (``to_dtype``) and normalisation."""
         spec = self.spec
+        flips = params.flips
         if spec.train == TrainAugment.crop_flip:
             x = crop_boxes(F.pad(images, [CROP_PADDING] * 4), params.boxes)
         elif spec.train == TrainAugment.resize_crop_flip:
             x = crop_boxes(images, params.boxes)
         elif spec.train == TrainAugment.rrc_flip:
-            x = resized_crops(images, params.boxes, spec.size, spec.interpolation(train=True).value)
+            interpolation = spec.interpolation(train=True).value
+            x, flips = resized_crops(images, params.boxes, spec.size, interpolation, flips), None
         else:
             x = images
-        if params.flips is not None:
-            flips = params.flips.to(x.device)[:, None, None, None]
-            x = torch.where(flips, x.flip(-1), x)
-        if params.brightness is not None:
-            factors = params.brightness.to(x.device)[:, None, None, None]
-            x = x.mul(factors).clamp_(0, 255).to(torch.uint8)
-        x = TF.to_dtype(x, torch.float32, scale=True)
+        if flips is not None:
+            x = torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+        x = x.to(torch.float32)
+        if params.brightness is not None:  # torchvision's uint8 blend: product, clamp, truncation
+            x = x.mul_(params.brightness.to(x.device)[:, None, None, None]).clamp_(0, 255).floor_()
+        x = x.mul_(1.0 / 255)  # to_dtype(uint8 -> float32, scale=True)
         if spec.normalize:
             x = TF.normalize(x, mean=list(spec.data.mean), std=list(spec.data.std))
         return x

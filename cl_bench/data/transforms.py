@@ -176,10 +176,32 @@ def train_pipeline(spec: PipelineSpec) -> Transform:
     )
 
 
+class Unless:
+    """``transform`` except for images of ``shape`` (``H, W``), which it would return unchanged: a collated
+    dataset already at the target size skips the per-image dispatch."""
+
+    def __init__(self, transform: Transform, shape: tuple[int, int] | None) -> None:
+        self.transform = transform
+        self.shape = shape
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image if tuple(image.shape[-2:]) == self.shape else self.transform(image)
+
+
 def batch_prepare_transform(spec: PipelineSpec) -> Transform:
     """The loader's share when the augmentation runs on batches: the recipe's deterministic leading
-    geometry, uint8 out (the batch then collates and :class:`BatchAugment` does the random part)."""
-    return T.Compose(_train_geometry(spec, random=False) or [T.Identity()])
+    geometry, uint8 out (the batch then collates and ``BatchAugment`` does the random part)."""
+    steps = _train_geometry(spec, random=False)
+    if not steps:
+        return T.Identity()
+    if spec.train == TrainAugment.resize_crop_flip:
+        assert spec.train_resize is not None
+        unchanged: tuple[int, int] | None = (spec.train_resize, spec.train_resize)
+    elif spec.train == TrainAugment.none and spec.eval_resize_side != spec.size:
+        unchanged = None  # the eval resize changes even an image of the input size
+    else:  # resize + centre crop to the input size
+        unchanged = (spec.size, spec.size)
+    return Unless(T.Compose(steps), unchanged)
 
 
 def eval_transform(dc: DataConfig, normalize: bool = True) -> Transform:

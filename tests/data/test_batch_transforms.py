@@ -141,29 +141,30 @@ def test_equal_parameters_give_identical_images(keys: dict) -> None:
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_rrc_matches_torchvision_resized_crop(interpolation: str) -> None:
-    """RandomResizedCrop with the same boxes (upsampling 32 -> 64 and antialiased downsampling 96 -> 64):
+    """RandomResizedCrop + flip, same parameters (upsampling 32 -> 64, antialiased downsampling 96 -> 64):
     torchvision's float kernel rounded back to uint8 (its path on a GPU) up to float summation order (one
     grey level in at most 0.1 % of the values, where a value lies at .5); against its native
     CPU uint8 kernels within one grey level for bilinear, and for bicubic (whose uint8 kernel clamps between
     its two passes) within one grey level on average."""
     for side in (32, 96):
-        spec = _spec(
-            DataConfig(64, interpolation=interpolation), train="rrc_flip", normalize=False, hflip=False
-        )
+        spec = _spec(DataConfig(64, interpolation=interpolation), train="rrc_flip", normalize=False)
         images = _images(8, side, side, seed=side)
         augment = BatchAugment(spec)
         torch.manual_seed(0)
         params = augment.draw(8, side, side)
+        assert params.flips is not None and 0 < int(params.flips.sum()) < 8
         out = augment.apply(images, params)
         interp = InterpolationMode(interpolation)
         for k in range(8):
             top, left, h, w = (int(v) for v in params.boxes[k])
             resized = TF.resized_crop(images[k].float(), top, left, h, w, [64, 64], interp, antialias=True)
             expected = resized.clamp(0, 255).round().to(torch.uint8)
+            if params.flips[k]:  # the batch path mirrors through the resampling weights
+                expected = TF.horizontal_flip(expected)
             reference = TF.to_dtype(expected, torch.float32, scale=True)
             off = (out[k] - reference).abs()
             assert float(off.max()) <= 1 / 255 + 1e-6 and int((off > 0).sum()) <= off.numel() // 1000
-            cpu_uint8 = _reference(images[k], params.boxes[k], False, None, spec)
+            cpu_uint8 = _reference(images[k], params.boxes[k], bool(params.flips[k]), None, spec)
             difference = (out[k] - cpu_uint8).abs()
             if interpolation == "bilinear":
                 assert float(difference.max()) <= 1 / 255 + 1e-6
@@ -267,3 +268,18 @@ def test_tiny_run_with_batch_augmentation(run_tiny) -> None:
     hook), evaluates and checkpoints; replay draws go through the batch augmentation too."""
     doc, _ = run_tiny("method=er", "method.epochs=1", "method.batch_size=32", "transform.on_device=true")
     assert doc["status"] == "complete" and doc["last_acc"] > 0
+
+
+@pytest.mark.parametrize(
+    ("keys", "side"),
+    [({"train": "crop_flip"}, 32), ({"train": "resize_crop_flip", "train_resize": 40, "input_size": 32}, 40)],
+)
+def test_loader_share_skips_images_already_at_size(keys: dict, side: int) -> None:
+    """An image already at the size the deterministic geometry produces passes as it is (what the
+    torchvision steps return for it too); others go through the steps."""
+    spec = _spec(CIFAR, **keys)
+    prepare = batch_prepare_transform(spec)
+    at_size, other = _images(1, side, side)[0], _images(1, 50, 60)[0]
+    assert prepare(at_size) is at_size
+    torch.testing.assert_close(prepare(at_size), prepare.transform(at_size), rtol=0, atol=0)
+    assert prepare(other).shape[-2:] == prepare.transform(other).shape[-2:] != other.shape[-2:]
