@@ -1,6 +1,9 @@
 """Benchmark: where a cl_bench run spends its time, against a bare PyTorch loop of the same work.
 
-Writes one JSON document (``--out``, e.g. ``docs/bench/<machine>.json``) with four sections:
+Writes one JSON document (``--out``, e.g. ``docs/bench/<machine>.json``) with these sections:
+
+``startup``: the seconds each heavy import costs in a fresh interpreter (torch, torchvision,
+pytorch_lightning, Hydra, cl_bench's runner, timm, wandb, scikit-learn's datasets), in that order.
 
 ``runs``: a fixed list of experiments, each in its own ``cl-bench`` process (instrumented, not changed):
 
@@ -249,6 +252,41 @@ def measure_run(label: str, overrides: list[str], workdir: Path) -> dict[str, An
         "peak_device_mb": timers.get("peak_device_mb"),
         "last_acc": doc["last_acc"],
         "avg_inc_acc": doc["avg_inc_acc"],
+    }
+
+
+#: Imports timed one after another in a fresh process (each figure excludes what earlier ones imported).
+STARTUP_IMPORTS = (
+    "torch",
+    "torchvision",
+    "pytorch_lightning",
+    "hydra, omegaconf",
+    "cl_bench.runner",
+    "timm",
+    "wandb",
+    "sklearn.datasets",
+)
+
+
+def startup_breakdown() -> dict[str, Any]:
+    """Seconds of each import of :data:`STARTUP_IMPORTS` in a fresh interpreter, in that order, and of the
+    interpreter itself (``python -c pass``)."""
+    code = (
+        "import json, time\nout = {}\n"
+        + "".join(
+            f"t = time.perf_counter()\nimport {name}\nout[{name!r}] = time.perf_counter() - t\n"
+            for name in STARTUP_IMPORTS
+        )
+        + "print(json.dumps(out))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True, env=env)
+    interpreter = time.perf_counter() - start
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return {
+        "python_interpreter_s": interpreter,
+        "imports_s": json.loads(proc.stdout.strip().splitlines()[-1]),
     }
 
 
@@ -733,6 +771,9 @@ def main(argv: list[str]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="cl_bench_bench_") as tmp:
         workdir = Path(tmp)
+        if "startup" in args.sections:
+            doc["startup"] = startup_breakdown()
+            save()
         if "runs" in args.sections:
             doc["runs"] = {}
             for label, overrides in experiments(args).items():

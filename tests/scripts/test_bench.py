@@ -79,3 +79,10 @@ def test_a_run_is_measured_in_its_own_process(tmp_path) -> None:
     assert out["train_images"] > 0 and out["train_images_per_s"] > 0 and out["eval_images_per_s"] > 0
     assert len(out["task_time_s"]) == 2 and out["peak_host_mb"] > 0 and out["last_acc"] is not None
     json.dumps(out)
+
+
+@pytest.mark.slow
+def test_startup_breakdown_times_every_import() -> None:
+    out = bench.startup_breakdown()
+    assert list(out["imports_s"]) == list(bench.STARTUP_IMPORTS)
+    assert out["python_interpreter_s"] > 0 and all(v >= 0 for v in out["imports_s"].values())
