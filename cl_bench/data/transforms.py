@@ -176,7 +176,7 @@ def train_pipeline(spec: PipelineSpec) -> Transform:
     )
 
 
-class Unless:
+class SkipAtSize:
     """``transform`` except for images of ``shape`` (``H, W``), which it would return unchanged: a collated
     dataset already at the target size skips the per-image dispatch."""
 
@@ -201,7 +201,7 @@ def batch_prepare_transform(spec: PipelineSpec) -> Transform:
         unchanged = None  # the eval resize changes even an image of the input size
     else:  # resize + centre crop to the input size
         unchanged = (spec.size, spec.size)
-    return Unless(T.Compose(steps), unchanged)
+    return SkipAtSize(T.Compose(steps), unchanged)
 
 
 def eval_transform(dc: DataConfig, normalize: bool = True) -> Transform:
