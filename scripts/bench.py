@@ -9,8 +9,8 @@ pytorch_lightning, Hydra, cl_bench's runner, timm, wandb, scikit-learn's dataset
 
 * ``quickstart``: ``cl-bench`` with no arguments (digits, ResNet-20, seq_ft, W&B offline);
 * ``simplecil_resnet32`` and ``seq_ft_resnet32``: Split CIFAR-100 from the CIFAR-10 ResNet-32
-  (``experiment=cifar100_resnet32``, ``--data-dir``/``--weights-dir``);
-* ``slca_vit_tiny``: SLCA on the small ViT (``experiment=cifar100_b50_vit_tiny``).
+  (``protocol=cifar100_resnet32``, ``--data-dir``/``--weights-dir``);
+* ``slca_vit_tiny``: SLCA on the small ViT (``protocol=cifar100_b50_vit_tiny``).
 
 Per run: ``startup_s`` (process launch to the first task's start) and ``first_step_s`` (to the first
 training batch), ``train_images_per_s`` (images over the seconds inside ``Trainer.fit``),
@@ -85,12 +85,12 @@ def experiments(args: argparse.Namespace) -> dict[str, list[str]]:
     """The fixed list: label -> cl-bench overrides (the reduction of ``--classes/--tasks/--epochs`` added)."""
     data = f"paths.data_dir={args.data_dir}"
     resnet = [
-        "experiment=cifar100_resnet32",
+        "protocol=cifar100_resnet32",
         data,
         f"backbone.checkpoint={Path(args.weights_dir) / RESNET32_WEIGHTS}",
     ]
     vit = [
-        "experiment=cifar100_b50_vit_tiny",
+        "protocol=cifar100_b50_vit_tiny",
         data,
         f"backbone.checkpoint={Path(args.weights_dir) / VIT_TINY_WEIGHTS}",
     ]
@@ -109,7 +109,7 @@ def class_order(protocol: str) -> list[int]:
         return np.random.RandomState(1993).permutation(100).tolist()
     from omegaconf import OmegaConf
 
-    preset = OmegaConf.load(CONF_DIR / "experiment" / "cifar100_b50_vit_tiny.yaml")
+    preset = OmegaConf.load(CONF_DIR / "protocol" / "cifar100_b50_vit_tiny.yaml")
     return list(preset.scenario.class_order)
 
 

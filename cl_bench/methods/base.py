@@ -113,6 +113,14 @@ class ContinualModule(pl.LightningModule):
     selects_task: ClassVar[bool] = False
     #: Augmentation of uint8 image batches on the device (``transform.on_device``; the runner sets it).
     batch_transform: BatchAugment | None = None
+    #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
+    #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
+    backbone_needs: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """The backbone traits needed with these keyword arguments (default: :attr:`backbone_needs`)."""
+        return cls.backbone_needs
 
     def __init__(
         self,
