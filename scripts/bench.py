@@ -748,9 +748,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="method.epochs for the trained methods")
     p.add_argument("--pairs", type=int, default=3, help="alternated cl_bench/bare repetitions per ratio")
     p.add_argument("--only", nargs="*", default=None, help="run only these experiments of the fixed list")
-    p.add_argument(
-        "--sections", nargs="*", default=["runs", "ratios", "gpu"], choices=["runs", "ratios", "gpu"]
-    )
+    sections = ["startup", "runs", "ratios", "gpu"]
+    p.add_argument("--sections", nargs="*", default=sections, choices=sections)
     p.add_argument("--gpu-batch", type=int, default=128, help="ViT-B/16 batch in the GPU section")
     p.add_argument("--shared", action="store_true", help="record that other jobs shared the machine")
     return p.parse_args(argv)

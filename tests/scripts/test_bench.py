@@ -86,3 +86,9 @@ def test_startup_breakdown_times_every_import() -> None:
     out = bench.startup_breakdown()
     assert list(out["imports_s"]) == list(bench.STARTUP_IMPORTS)
     assert out["python_interpreter_s"] > 0 and all(v >= 0 for v in out["imports_s"].values())
+
+
+def test_every_section_can_be_chosen() -> None:
+    args = bench.parse_args(["--out", "x.json", "--sections", "startup", "runs", "ratios", "gpu"])
+    assert args.sections == ["startup", "runs", "ratios", "gpu"]
+    assert bench.parse_args(["--out", "x.json"]).sections == args.sections
