@@ -107,6 +107,9 @@ class TrainerConfig:
     threads: int | None = None
     #: Runs sharing the machine's cores at once (``launcher=local`` sets its ``n_jobs``).
     concurrent_jobs: int = 1
+    #: Head-only phases (a head on cached features) train by a plain loop with the same optimiser, schedule,
+    #: batches and result instead of a Lightning fit (:func:`cl_bench.learning.head_fast_path`).
+    head_fast_path: bool = True
     eval_batch_size: int = 256
     enable_progress_bar: bool = False
     log_every_n_steps: int = 10

@@ -324,28 +324,34 @@ def seq_ft_epoch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """One epoch of seq_ft on task 0: Lightning fit vs a bare loop (same model, loader, optimiser)."""
     import torch
     import torch.nn.functional as F
+    from omegaconf import OmegaConf
 
     from cl_bench.config import build_from_config
     from cl_bench.data.batch_transforms import build_input_pipeline
+    from cl_bench.experiment import task_datasets
+    from cl_bench.learning import run_phase
     from cl_bench.methods.base import TaskContext
-    from cl_bench.runner import make_trainer, task_datasets
     from cl_bench.scenario import build_scenario
 
     overrides = [o for o in experiments(args)["seq_ft_resnet32"] if not o.startswith("method.epochs=")]
     cfg = compose([*overrides, "method.epochs=1", "logger.mode=disabled"])
+    trainer_cfg = OmegaConf.to_object(cfg.trainer)
     data = build_from_config("dataset", cfg.dataset)
     backbone = build_from_config("backbone", cfg.backbone)
     scenario = build_scenario(cfg.scenario, data.num_classes)
     pipeline = build_input_pipeline(backbone.data_config, cfg.transform, data, torch.device("cpu"))
     train_sets, _, _ = task_datasets(data, scenario, pipeline.train, pipeline.eval)
-    ctx = TaskContext(scenario.tasks[0], scenario, train_sets[0], train_sets[0], seed=0)
+
+    def context() -> TaskContext:
+        return TaskContext(scenario.tasks[0], scenario, train_sets[0], train_sets[0], seed=0)
+
     template = build_from_config("method", cfg.method, backbone=backbone)
-    template.on_task_start(ctx)
+    template.on_task_start(context())
 
     def ours() -> None:
-        method = copy.deepcopy(template)
-        trainer = make_trainer(cfg, method, workdir / "seq_ft_epoch", [])
-        trainer.fit(method, train_dataloaders=ctx.loader(train_sets[0], method.batch_size, shuffle=True))
+        method, ctx = copy.deepcopy(template), context()
+        (phase,) = method.phases(ctx)
+        run_phase(method, phase, ctx, trainer_cfg, workdir / "seq_ft_epoch", [])
 
     def bare() -> None:
         method = copy.deepcopy(template)
@@ -353,7 +359,7 @@ def seq_ft_epoch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         optimizer = torch.optim.SGD(
             model.parameters(), lr=method.lr, momentum=method.momentum, weight_decay=method.weight_decay
         )
-        for x, y in ctx.loader(train_sets[0], method.batch_size, shuffle=True):
+        for x, y in context().loader(train_sets[0], method.batch_size, shuffle=True):
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -372,7 +378,8 @@ def simplecil_run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     from cl_bench.config import build_from_config
     from cl_bench.data.batch_transforms import build_input_pipeline
-    from cl_bench.runner import run_experiment, task_datasets
+    from cl_bench.experiment import task_datasets
+    from cl_bench.runner import run_experiment
     from cl_bench.scenario import build_scenario
 
     overrides = [*experiments(args)["simplecil_resnet32"], "logger.mode=disabled", "save_model=false"]
@@ -424,18 +431,18 @@ def simplecil_run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def head_fit(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """linear_probe's head on 64-d cached features: Lightning fit vs fit_on_features vs a bare loop."""
+    """linear_probe's head-only phase on 64-d cached features as the runner fits it, by Lightning
+    (``trainer.head_fast_path=false``) and by the fast path, each against a bare loop."""
     import torch
     import torch.nn.functional as F
     from torch import nn
     from torch.utils.data import TensorDataset
 
     from cl_bench.backbones.base import Backbone, DataConfig
-    from cl_bench.config import ScenarioType
+    from cl_bench.config import ScenarioType, TrainerConfig
+    from cl_bench.learning import run_phase
     from cl_bench.methods.base import TaskContext
     from cl_bench.methods.linear_probe import LinearProbe
-    from cl_bench.modules.feature_fit import fit_on_features
-    from cl_bench.runner import make_trainer
     from cl_bench.scenario import Scenario, Task
 
     class Features(Backbone):
@@ -455,30 +462,35 @@ def head_fit(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     data = TensorDataset(torch.randn(n, 64, generator=g) + labels[:, None] * 0.1, labels)
     task = Task(0, 0, classes, tuple(range(classes)))
     scenario = Scenario(ScenarioType.cil, tuple(range(classes)), (task,))
-    ctx = TaskContext(task, scenario, data, data)
+
+    def context() -> TaskContext:
+        return TaskContext(task, scenario, data, data)
+
     template = LinearProbe(Features())  # the method's defaults: 30 epochs, batch 128, SGD, cosine
-    template.on_task_start(ctx)
-    cfg = compose(["trainer=cpu", "logger.mode=disabled"])
+    template.on_task_start(context())
     heads: dict[str, torch.Tensor] = {}
 
+    def fit(fast_path: bool) -> None:
+        """linear_probe's head-only phase as the runner fits it, by Lightning or by the fast path."""
+        method, ctx = copy.deepcopy(template), context()
+        (phase,) = method.phases(ctx)
+        trainer_cfg = TrainerConfig(accelerator="cpu", head_fast_path=fast_path)
+        run_phase(method, phase, ctx, trainer_cfg, workdir / "head_fit", [])
+        heads["fast" if fast_path else "lightning"] = method.head.blocks[0].weight.detach().clone()
+
     def lightning() -> None:
-        method = copy.deepcopy(template)
-        make_trainer(cfg, method, workdir / "head_fit", []).fit(
-            method, train_dataloaders=ctx.loader(data, method.batch_size, shuffle=True)
-        )
-        heads["lightning"] = method.head.blocks[0].weight.detach()
+        fit(False)
 
     def fast() -> None:
-        method = copy.deepcopy(template)
-        fit_on_features(method, ctx.loader(data, method.batch_size, shuffle=True), method.epochs)
-        heads["fast"] = method.head.blocks[0].weight.detach()
+        fit(True)
 
     def bare() -> None:
         head = copy.deepcopy(template.head.blocks[0])
         optimizer = torch.optim.SGD(head.parameters(), lr=template.lr, momentum=template.momentum)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=template.epochs)
+        loader = context().loader(data, template.batch_size, shuffle=True)
         for _ in range(template.epochs):
-            for x, y in ctx.loader(data, template.batch_size, shuffle=True):
+            for x, y in loader:
                 loss = F.cross_entropy(head(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -54,7 +54,7 @@ def fit_on_features(
     loader: DataLoader,
     epochs: int,
     autocast_dtype: torch.dtype | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``module`` for ``epochs`` epochs over ``loader`` as Lightning's fit would (module docstring).
 
@@ -64,12 +64,12 @@ def fit_on_features(
         epochs: epochs to run (Lightning's ``max_epochs``).
         autocast_dtype: the trainer's mixed-precision dtype (``bf16-mixed`` -> ``torch.bfloat16``); float16
             also scales the loss as Lightning's ``16-mixed`` does.
-        on_epoch_end: called with ``(epoch, {"train/loss": mean loss})`` after each epoch.
+        on_epoch_end: called with ``(epoch, mean loss)`` after each epoch.
 
     Returns:
         the mean training loss of each epoch.
     """
-    device = module.device
+    device = next(module.parameters()).device
     optimizer, scheduler, interval = _optimizer_and_scheduler(module.configure_optimizers())
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     cast = (
@@ -103,5 +103,5 @@ def fit_on_features(
                 scheduler.step()
             epoch_losses.append(float(total) / max(count, 1))
             if on_epoch_end is not None:
-                on_epoch_end(epoch, {"train/loss": epoch_losses[-1]})
+                on_epoch_end(epoch, epoch_losses[-1])
     return epoch_losses

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_config
+from helpers import REPO_ROOT, compose_config
 
 spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "scripts" / "bench.py")
 bench = importlib.util.module_from_spec(spec)
