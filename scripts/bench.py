@@ -13,7 +13,7 @@ pytorch_lightning, Hydra, cl_bench's runner, timm, wandb, scikit-learn's dataset
 * ``slca_vit_tiny``: SLCA on the small ViT (``protocol=cifar100_b50_vit_tiny``).
 
 Per run: ``startup_s`` (process launch to the first task's start) and ``first_step_s`` (to the first
-training batch), ``train_images_per_s`` (images over the seconds inside ``Trainer.fit``),
+training batch), ``train_images_per_s`` (images over the seconds inside the Lightning fits of image phases),
 ``eval_images_per_s``, ``task_time_s`` (from results.json), ``task_end_s`` (``on_task_end``: prototypes,
 statistics, alignment), ``wall_s``, ``peak_host_mb`` (the process's peak RSS), ``peak_device_mb`` (CUDA) and
 ``last_acc``, so speed never silently costs accuracy. ``--classes``/``--tasks``/``--epochs`` reduce every
@@ -140,7 +140,9 @@ def child_main(result_file: str, overrides: list[str]) -> None:
 
     import pytorch_lightning as pl
 
+    import cl_bench.experiment as experiment
     import cl_bench.runner as runner
+    from cl_bench.evaluation import Evaluator
     from cl_bench.methods.base import ContinualModule
 
     def mark(name: str) -> None:
@@ -170,7 +172,7 @@ def child_main(result_file: str, overrides: list[str]) -> None:
 
     pl.Trainer.fit = timed_fit  # type: ignore[method-assign]
 
-    evaluate_rows = runner.Evaluator.evaluate_rows
+    evaluate_rows = Evaluator.evaluate_rows
 
     def timed_eval(self: Any, module: Any, upto: int) -> Any:
         start = time.perf_counter()
@@ -179,9 +181,9 @@ def child_main(result_file: str, overrides: list[str]) -> None:
         stats["eval_images"] += sum(self.task_sizes[: upto + 1])
         return out
 
-    runner.Evaluator.evaluate_rows = timed_eval  # type: ignore[method-assign]
+    Evaluator.evaluate_rows = timed_eval  # type: ignore[method-assign]
 
-    build = runner.build_from_config
+    build = experiment.build_from_config
 
     def timed_build(group: str, section: Any, **injected: Any) -> Any:
         obj = build(group, section, **injected)
@@ -196,7 +198,7 @@ def child_main(result_file: str, overrides: list[str]) -> None:
             obj.on_task_end = timed_task_end
         return obj
 
-    runner.build_from_config = timed_build
+    experiment.build_from_config = timed_build
 
     from cl_bench.cli import main
 
