@@ -8,9 +8,11 @@ parameter name). The methods differ in how they estimate ``Omega`` and fold a ne
 * SI: one term, ``Omega <- Omega + Omega_new``;
 * MAS: one term, ``Omega <- alpha Omega + (1 - alpha) Omega_new``.
 
-The last three are :meth:`QuadraticPenalty.consolidate` with ``(decay, scale)``. A parameter missing from
-the old term (a head block created by the last task) counts as ``Omega = 0`` there; parameters created after
-a term (the next task's head block) are not in it, so they are free until their own task ends.
+The last three are :meth:`QuadraticPenalty.consolidate` with ``(decay, scale, fresh_scale)``. A parameter
+missing from the old term (every parameter at the first task, a head block created by the last task) takes
+``fresh_scale * Omega_new`` (default ``scale``, i.e. ``Omega = 0`` before; current Avalanche's MAS takes
+``Omega_new`` itself); parameters created after a term (the next task's head block) are not in it, so they
+are free until their own task ends.
 
 The state lives in plain attributes, not in the module's ``state_dict``: it is one or more extra copies of
 every parameter, which ``final_model.pt`` should not carry.
@@ -76,12 +78,19 @@ class QuadraticPenalty:
 
     @torch.no_grad()
     def consolidate(
-        self, anchor: TensorDict, importance: TensorDict, decay: float = 1.0, scale: float = 1.0
+        self,
+        anchor: TensorDict,
+        importance: TensorDict,
+        decay: float = 1.0,
+        scale: float = 1.0,
+        fresh_scale: float | None = None,
     ) -> None:
-        """Keep one term: ``Omega <- decay * Omega + scale * importance``, anchored at ``anchor``."""
+        """Keep one term: ``Omega <- decay * Omega + scale * importance``, anchored at ``anchor``; a parameter
+        without an old ``Omega`` takes ``fresh_scale * importance`` (``None``: ``scale``)."""
         old = self.terms[0].importance if self.terms else {}
+        fresh = scale if fresh_scale is None else fresh_scale
         merged = {
-            name: scale * omega + (decay * old[name] if name in old else 0.0)
+            name: scale * omega + decay * old[name] if name in old else fresh * omega
             for name, omega in importance.items()
         }
         self.terms = [PenaltyTerm(anchor, merged)]
