@@ -23,7 +23,9 @@ Everything the abstract leaves open is a config choice, and every default is our
   block's log-softmax within its task. Their argmax is the class of highest confidence over tasks, i.e. the
   task whose own model gives the maximum softmax probability (the max-softmax score of Hendrycks & Gimpel,
   ICLR 2017, used for task selection), then the argmax within that task; after ``T`` tasks an image costs
-  ``T`` backbone passes. With a task id only ``g_task`` runs.
+  ``T`` backbone passes. With a task id only ``g_task`` runs. The chosen task is reported: results carry
+  the task-selection accuracy (``selects_task``), as for the other methods that pick task-specific
+  parameters at test time.
 * ``identity_penalty`` (``beta``, default 0) adds ``beta * MSE(g(x), x)``, the penalty of the authors'
   Neural Friendly Training (AAAI 2022), to keep the transformed input close to the original.
 
@@ -121,8 +123,10 @@ class InputTuning(ContinualModule):
         self.identity_penalty = identity_penalty
         #: ``[g]`` when shared, ``[g_0, g_1, ...]`` per task; built at the first task from its image shape.
         self.transforms = nn.ModuleList()
-        #: Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it).
+        #: Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it), and
+        #: without a task id the method picks one per image (its task-selection accuracy is reported).
         self.task_conditioned = sharing == "per_task"  # type: ignore[misc]
+        self.selects_task = sharing == "per_task"  # type: ignore[misc]
 
     def train(self, mode: bool = True) -> InputTuning:
         """The backbone stays in eval mode whatever the mode (its BatchNorm statistics never move)."""
@@ -164,6 +168,15 @@ class InputTuning(ContinualModule):
         return torch.cat(
             [F.log_softmax(block(self.embed(x, j)), dim=1) for j, block in enumerate(self.head.blocks)], dim=1
         )
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits without a task id and, ``per_task``, the task of each image's top class (the task chosen)."""
+        logits = self(x)
+        if self.sharing == "shared":
+            return logits, None
+        sizes = torch.tensor([block.out_features for block in self.head.blocks], device=logits.device)
+        class_task = torch.repeat_interleave(torch.arange(len(sizes), device=logits.device), sizes)
+        return logits, class_task[logits.argmax(dim=1)]
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
