@@ -26,8 +26,8 @@ Deviation from Mammoth: its cross-entropy runs over its head's every output (fut
 whose logits it pushes down); here it covers the seen classes only (the repository's ``loss_scope``
 convention, shared with ER).
 
-Defaults (``cl_bench/conf/method/derpp.yaml``): Mammoth's seq-cifar100 ``derpp`` configuration with a 500-example
-buffer, ``alpha`` 0.3 and ``beta`` 0.5; ``replay_batch_size`` = ``batch_size`` (Mammoth's
+Defaults (``cl_bench/conf/method/derpp.yaml``): Mammoth's seq-cifar100 ``derpp`` configuration with a
+500-example buffer, ``alpha`` 0.3 and ``beta`` 0.5; ``replay_batch_size`` = ``batch_size`` (Mammoth's
 ``--minibatch_size`` default); the optimiser settings are the repository's ``seq_ft`` protocol.
 """
 
@@ -77,7 +77,9 @@ class ReservedLinearHead(IncrementalLinearHead):
             raise RuntimeError("reserve() the scenario's task blocks before its tasks start")
         block = self.blocks[self.open_tasks]
         if block.out_features != n_classes:
-            raise ValueError(f"task block {self.open_tasks} has {block.out_features} classes, not {n_classes}")
+            raise ValueError(
+                f"task block {self.open_tasks} has {block.out_features} classes, not {n_classes}"
+            )
         self.open_tasks += 1
         return block
 

@@ -112,7 +112,7 @@ class EWC(ContinualModule):
         self.penalty = QuadraticPenalty()
 
     def fisher(self, ctx: TaskContext) -> TensorDict:
-        """Diagonal empirical Fisher of the trainable parameters on the task's training images (``fisher``)."""
+        """Diagonal empirical Fisher (``fisher``) of the trainable parameters on the training images."""
         was_training = self.training
         self.eval()
 

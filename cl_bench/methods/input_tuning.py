@@ -170,7 +170,7 @@ class InputTuning(ContinualModule):
         )
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits without a task id and, ``per_task``, the task of each image's top class (the task chosen)."""
+        """Logits without a task id and, ``per_task``, each image's chosen task (that of its top class)."""
         logits = self(x)
         if self.sharing == "shared":
             return logits, None

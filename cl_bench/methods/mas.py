@@ -49,7 +49,6 @@ from cl_bench.modules.regularizers import (
     trainable_parameters,
 )
 
-
 CONVENTIONS = ("avalanche", "facil")
 
 
@@ -116,8 +115,8 @@ class MAS(ContinualModule):
         )
 
     def regularizer(self) -> torch.Tensor | None:
-        """``lambda_reg`` (``facil``: ``lambda_reg / 2``) times the quadratic penalty (nothing before the first
-        task ends)."""
+        """``lambda_reg`` (``facil``: ``lambda_reg / 2``) times the quadratic penalty (nothing before the
+        first task ends)."""
         if not len(self.penalty):
             return None
         weight = self.lambda_reg / 2 if self.convention == "facil" else self.lambda_reg

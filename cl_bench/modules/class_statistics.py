@@ -14,8 +14,9 @@ and later samples pseudo-features from ``N(mu_c, Sigma_c)``. Following the offic
 
 Statistics are computed in float64 and samples drawn in float32 whatever the trainer's autocast
 (:mod:`cl_bench.modules.precision`). Sampling draws ``mean + z @ L^T`` with ``L`` the Cholesky factor of
-``Sigma_c`` and ``z ~ N(0, I)`` from the caller's ``torch.Generator``, so it is repeatable (``torch.distributions.MultivariateNormal``, which the
-code uses, samples the same distribution the same way but only from the global RNG).
+``Sigma_c`` and ``z ~ N(0, I)`` from the caller's ``torch.Generator``, so it is repeatable
+(``torch.distributions.MultivariateNormal``, which the code uses, samples the same distribution the same way
+but only from the global RNG).
 
 The statistics are plain tensors, not module state: they are not part of a saved model (a 768-d covariance
 per class is 2.25 MiB; 200 classes take 450 MiB).

@@ -158,7 +158,9 @@ def per_example_importance(
     n_examples = 0
     for x, y in batches:
         for start in range(0, len(x), chunk_size):
-            grads, losses = per_example(detached, x[start : start + chunk_size], y[start : start + chunk_size])
+            grads, losses = per_example(
+                detached, x[start : start + chunk_size], y[start : start + chunk_size]
+            )
             for name in names:
                 importance[name] += reduce(grads[name].float(), losses.detach().float())
         n_examples += len(x)

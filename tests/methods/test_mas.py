@@ -154,7 +154,7 @@ def test_invalid_arguments_are_config_errors() -> None:
 def test_mas_runs_task_incrementally_on_real_digits(run_tiny) -> None:
     doc, _ = run_tiny(
         "method=mas",
-        "method.lambda_reg=0.1",  # Omega_1 in full (Avalanche) from raw digits: lambda 1 exceeds SGD's stable step
+        "method.lambda_reg=0.1",  # full Omega_1 (Avalanche) on raw digits: lambda 1 passes SGD's stable step
         "method.epochs=1",
         "method.batch_size=16",
         "method.lr=0.01",
