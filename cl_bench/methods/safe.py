@@ -51,9 +51,10 @@ Deviations from the official code (each with the switch that gives the other beh
   slow learners' accuracies are reported beside the aggregate instead);
 * ``share_forward_pass=true`` reuses the CE pass's features for the transfer/alignment losses instead of
   the code's second forward pass (faster; differs through the adapter's dropout); default off, as the code;
-* ``reset_sigma=false`` keeps the trained session-1 ``sigma`` in both learners (not the code);
-  ``independent_projections=true``, ``ridge_stats=separate`` and ``imprint_slow_protos=true``
-  follow the paper's figure rather than the code.
+* ``reset_sigma=false`` keeps the trained session-1 ``sigma`` in both learners,
+  ``independent_projections=true`` uses the second ``W_rand`` that ``setup_RP_branch`` draws, and
+  ``ridge_stats=separate`` and ``imprint_slow_protos=true`` follow the paper's figure: all four differ from
+  the code, whose behaviour is the default.
 
 Defaults are the released CIFAR-100 config (``args/cifar224_publish.csv``); the ImageNet-A one
 (``imageneta_publish.csv``) is in ``cl_bench/conf/experiment/safe/imagenet_a.yaml``.
