@@ -62,7 +62,7 @@ Defaults are the released CIFAR-100 config (``args/cifar224_publish.csv``); the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,8 @@ class SAFE(ContinualModule):
         reset_sigma: after session 1, set both cosine heads' ``sigma`` back to ``cosine_sigma`` (code).
         independent_projections: give the slow head its own ``W_rand`` (default: the fast one's, as the code).
     """
+
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # its PET module (no peft=none)
 
     def __init__(
         self,
