@@ -50,9 +50,10 @@ from torch.utils.data import TensorDataset
 import cl_bench.config  # noqa: F401  (registers the schemas)
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.data.transforms import build_transforms
+from cl_bench.devices import select_device
 from cl_bench.evaluation import Evaluator
+from cl_bench.experiment import task_datasets
 from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.runner import select_device, task_datasets
 from cl_bench.scenario import build_scenario
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "cl_bench" / "conf"
@@ -129,12 +130,23 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
     method.on_task_start(ctx)
     method.to(device)
     start = time.perf_counter()
-    train_set = method.train_dataset(ctx)
+    phase = next(iter(method.phases(ctx)))  # the task's first phase (linear_probe: embeds the images here)
+    train_set = phase.data
     sync()
     setup_s = time.perf_counter() - start
-    opt = method.configure_optimizers()
-    optimizer = opt["optimizer"] if isinstance(opt, dict) else opt
-    loader = ctx.loader(train_set, method.batch_size, shuffle=True)
+    if phase.head_training is not None:  # a head alone on cached features
+        head = phase.head_training
+        optimizer = head.optimizer([p for p in head.head.parameters() if p.requires_grad])
+
+        def training_step(batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            return head.loss(head.head(batch[0]), batch[1])
+
+    else:
+        method.phase = phase
+        opt = method.configure_optimizers()
+        optimizer = opt["optimizer"] if isinstance(opt, dict) else opt
+        training_step = method.training_step
+    loader = ctx.loader(train_set, phase.batch_size, shuffle=True)
     weights = {p.untyped_storage().data_ptr() for p in [*method.parameters(), *method.buffers()]}
     meter = SavedTensorMeter(weights)
     method.train()
@@ -153,7 +165,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
         sync()
         t1 = time.perf_counter()
         with meter.hooks:
-            loss = method.training_step((x, y), i)
+            loss = training_step((x, y), i)
         saved.append(meter.step_bytes())
         loss.backward()
         optimizer.step()

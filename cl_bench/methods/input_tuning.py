@@ -9,7 +9,7 @@ cross-entropy through the frozen backbone into ``g`` and the head.
 
 Everything the abstract leaves open is a config choice, and every default is ours:
 
-* ``transform``: the family of ``g`` (:mod:`cl_bench.modules.input_transforms`): ``additive`` (default),
+* ``transform``: the family of ``g`` (:mod:`cl_bench.methods.input_transforms`): ``additive`` (default),
   ``padding`` or ``residual_conv``, all the identity at init, so training starts from a linear probe.
   ``additive`` is the default because it is the simplest literal reading of "learnable parameters that
   transform the input", applies unchanged to CNNs and ViTs at any resolution, and has a parameter count
@@ -37,6 +37,7 @@ never cached. The fine-tuning references of the comparison are other methods: he
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -45,8 +46,8 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.modules.input_transforms import INPUT_TRANSFORMS, build_input_transform
+from cl_bench.methods.base import Capabilities, ContinualModule, Prediction, TaskContext, freeze
+from cl_bench.methods.input_transforms import INPUT_TRANSFORMS, build_input_transform
 
 SHARING = ("shared", "per_task")
 
@@ -110,8 +111,7 @@ class InputTuning(ContinualModule):
             scheduler=scheduler,
             loss_scope=loss_scope,
         )
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        freeze(self.backbone)
         self.transform_name = transform
         self.transform_options: dict[str, int] = {
             "additive": {},
@@ -123,16 +123,17 @@ class InputTuning(ContinualModule):
         self.identity_penalty = identity_penalty
         #: ``[g]`` when shared, ``[g_0, g_1, ...]`` per task; built at the first task from its image shape.
         self.transforms = nn.ModuleList()
-        #: Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it), and
-        #: without a task id the method picks one per image (its task-selection accuracy is reported).
-        self.task_conditioned = sharing == "per_task"  # type: ignore[misc]
-        self.selects_task = sharing == "per_task"  # type: ignore[misc]
 
-    def train(self, mode: bool = True) -> InputTuning:
+    @property
+    def capabilities(self) -> Capabilities:
+        """Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it), and without
+        a task id the method picks one per image (its task-selection accuracy is reported)."""
+        per_task = self.sharing == "per_task"
+        return Capabilities(task_conditioned=per_task, selects_task=per_task)
+
+    def eval_mode_modules(self) -> Iterable[nn.Module]:
         """The backbone stays in eval mode whatever the mode (its BatchNorm statistics never move)."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        return (self.backbone,)
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
@@ -169,14 +170,14 @@ class InputTuning(ContinualModule):
             [F.log_softmax(block(self.embed(x, j)), dim=1) for j, block in enumerate(self.head.blocks)], dim=1
         )
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict(self, x: torch.Tensor) -> Prediction:
         """Logits without a task id and, ``per_task``, each image's chosen task (that of its top class)."""
         logits = self(x)
         if self.sharing == "shared":
-            return logits, None
+            return Prediction(logits)
         sizes = torch.tensor([block.out_features for block in self.head.blocks], device=logits.device)
         class_task = torch.repeat_interleave(torch.arange(len(sizes), device=logits.device), sizes)
-        return logits, class_task[logits.argmax(dim=1)]
+        return Prediction(logits, chosen_task=class_task[logits.argmax(dim=1)])
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_bench.methods.task_keys import TaskKeys
+from cl_bench.methods.xconv_bn import phase_mean_map, recover_post_conv_mean
 from cl_bench.modules.analytic_heads import RandomProjectionRidgeHead
 from cl_bench.modules.class_statistics import ClassStatistics
 from cl_bench.modules.heads import PrototypeHead
-from cl_bench.modules.task_keys import TaskKeys
-from cl_bench.modules.xconv_bn import phase_mean_map, recover_post_conv_mean
 
 
 def _bf16() -> torch.autocast:
