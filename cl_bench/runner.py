@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import distributed
+from cl_bench import debug, distributed
 from cl_bench.checkpointing import (
     CHECKPOINT_FILE,
     RunCheckpoint,
@@ -46,10 +46,10 @@ from cl_bench.data.transforms import build_transforms
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.metrics import mean_task_accuracy
+from cl_bench.progress import RunProgress
 from cl_bench.results import RESULTS_FILE, build_results, write_results, write_text_atomic
 from cl_bench.scenario import Scenario, build_scenario
-from cl_bench.tracking import WandbTracker
+from cl_bench.tracking import Tracker, build_tracker
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
 warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
 
 
-#: Metrics stored in the W&B run summary.
-FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")
-
-
 @dataclass
 class RunState:
     """What the run has produced so far."""
@@ -76,18 +72,6 @@ class RunState:
     #: Per-task metrics beyond accuracy that the method reports (``task_selection_acc``), rows by name.
     extra_rows: dict[str, list[list[float]]] = field(default_factory=dict)
     task_time_s: list[float] = field(default_factory=list)
-
-
-class EpochLossLogger(pl.Callback):
-    """Forwards each epoch's ``train/*`` metrics to the tracker."""
-
-    def __init__(self, tracker: WandbTracker, task: int) -> None:
-        self.tracker = tracker
-        self.task = task
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        self.tracker.log_train_epoch({**values, "train/task": self.task})
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -173,10 +157,11 @@ def task_datasets(
 
 
 def make_trainer(
-    cfg: DictConfig, method: ContinualModule, run_dir: Path, callbacks: list[pl.Callback]
+    cfg: DictConfig, method: ContinualModule, run_dir: Path, callbacks: list[pl.Callback], task: int = 0
 ) -> pl.Trainer:
+    """The Trainer of one task; its logger is off, the tracker gets its metrics (:mod:`cl_bench.tracking`)."""
     return pl.Trainer(
-        max_epochs=method.epochs,
+        **debug.trainer_options(cfg, method, run_dir, task),
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
@@ -261,6 +246,7 @@ def check_process_layout(cfg: DictConfig) -> None:
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
     validate_config(cfg)
+    debug.check_options(cfg)
     check_process_layout(cfg)
     if not distributed.is_main_process():
         return _follow(cfg)
@@ -316,7 +302,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data: ClassificationData = build_from_config("dataset", cfg.dataset)
     data.name = cfg.dataset.get("name", data.name)
-    backbone = build_from_config("backbone", cfg.backbone)
+    data = debug.subset_per_class(data, cfg.debug.samples_per_class)
+    backbone = debug.build_backbone(cfg)
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
     split = build_scenario(cfg.scenario, data.num_classes)
     scenario = split.merged() if method.single_task else split
@@ -329,7 +316,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
     amp_dtype = autocast_dtype(cfg.trainer.precision, device)
     evaluator = Evaluator(
         scenario,
-        test_sets,
+        debug.limit_eval(test_sets, cfg.trainer.limit_eval_batches, cfg.trainer.eval_batch_size),
         batch_size=cfg.trainer.eval_batch_size,
         num_workers=cfg.trainer.num_workers,
         autocast_dtype=amp_dtype,
@@ -363,10 +350,10 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         run_dir,
     )
 
-    logger_cfg = cfg.logger if main else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
-    tracker = WandbTracker(logger_cfg, run_dir, tracker_config(cfg, config), run_id=wandb_id)
+    tracker = build_tracker(cfg, run_dir, tracker_config(cfg, config), run_id=wandb_id, enabled=main)
+    progress = RunProgress.for_run(cfg, [len(s) for s in train_sets], enabled=main)
 
-    def document(status: str) -> dict[str, Any]:
+    def document(status: str, error: str | None = None) -> dict[str, Any]:
         return build_results(
             state.acc_rows,
             state.til_rows,
@@ -377,9 +364,10 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
             status,
             config,
             state.extra_rows,
+            error,
         )
 
-    status = "incomplete"
+    status, error = "incomplete", None
     try:
         for task in scenario.tasks[len(state.acc_rows) :]:
             ctx = TaskContext(
@@ -392,7 +380,16 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
                 seed=cfg.seed,
                 autocast_dtype=amp_dtype,
             )
-            learn_task(cfg, method, ctx, device, run_dir, tracker, state)
+            task_start = time.perf_counter()
+            learn_task(
+                cfg,
+                method,
+                ctx,
+                device,
+                run_dir,
+                [tracker.callback(task.index), progress.callback(task.index)],
+                state,
+            )
             rows = evaluator.evaluate_rows(method, task.index)
             state.acc_rows.append(rows.til if scenario.task_incremental else rows.cil)
             state.til_rows.append(rows.til)
@@ -410,19 +407,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
                 doc["last_acc"],
                 state.task_time_s[-1],
             )
-            tracker.log_task(
-                task.index,
-                {
-                    "acc_after_task": doc["last_acc"],
-                    "mean_task_acc": mean_task_accuracy(doc["acc_matrix"][: task.index + 1], task.index),
-                    "task_acc": task_acc,
-                    "forgetting": doc["avg_forgetting"],
-                    "bwt": doc["bwt"],
-                    "task_time_s": state.task_time_s[-1],
-                    # the mean over seen tasks of each extra metric, e.g. task_selection_acc
-                    **{name: sum(row) / len(row) for name, row in rows.extra.items()},
-                },
-            )
+            tracker.log_task(task.index, doc)
+            progress.task_done(task.index, time.perf_counter() - task_start)
             if main and cfg.save_checkpoints and task.index + 1 < len(scenario.tasks):
                 checkpoint_run(run_dir, method, state, tracker, config, external)
         if main and cfg.save_model:
@@ -430,8 +416,12 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         status = "complete"
         if main:
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}".strip()
+        raise
     finally:
-        doc = document(status)
+        progress.close()
+        doc = document(status, error)
         if main:
             write_results(run_dir, doc)
         if main and status != "complete":
@@ -440,7 +430,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
                 len(state.acc_rows),
                 run_dir / RESULTS_FILE,
             )
-        tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
+        tracker.finish(doc, status, error)
     return doc
 
 
@@ -448,7 +438,7 @@ def checkpoint_run(
     run_dir: Path,
     method: ContinualModule,
     state: RunState,
-    tracker: WandbTracker,
+    tracker: Tracker,
     config: dict[str, Any],
     external: dict[str, Any],
 ) -> None:
@@ -478,7 +468,7 @@ def learn_task(
     ctx: TaskContext,
     device: torch.device,
     run_dir: Path,
-    tracker: WandbTracker,
+    callbacks: list[pl.Callback],
     state: RunState,
 ) -> None:
     """Task start hook, Lightning fit (if the method trains on this task), task end hook; times them.
@@ -490,7 +480,7 @@ def learn_task(
     method.to(device)  # after on_task_start: parameters it created move too
     train_set = method.train_dataset(ctx)
     if train_set is not None and method.epochs > 0 and len(train_set) > 0:
-        trainer = make_trainer(cfg, method, run_dir, [EpochLossLogger(tracker, ctx.task.index)])
+        trainer = make_trainer(cfg, method, run_dir, callbacks, ctx.task.index)
         processes = trainer.world_size
         if method.batch_size % processes:
             raise ConfigError(
