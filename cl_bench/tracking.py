@@ -45,15 +45,13 @@ log = logging.getLogger(__name__)
 
 #: Metrics of ``results.json`` reported as the run's final values.
 FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")
-#: Override keys (and key prefixes) left out of a run's name: the preset itself, the method (the name's
-#: first word), where files go, how the run is tracked, shown, launched or debugged, and machine resources.
-NAME_SKIPPED = (
-    "experiment",
-    "method",
-    "launcher",
-    "sweep",
-    "logger",
+#: Group choices left out of a run's name: the preset itself, the method (the name's first word), and
+#: where files go, how the run is tracked, launched, debugged or placed on devices.
+NAME_SKIPPED_GROUPS = ("experiment", "method", "launcher", "sweep", "logger", "paths", "debug", "trainer")
+#: Value keys (and their sub-keys) left out of a run's name, for the same reasons.
+NAME_SKIPPED_KEYS = (
     "paths",
+    "logger",
     "hydra",
     "debug",
     "trainer",
@@ -62,7 +60,7 @@ NAME_SKIPPED = (
     "save_model",
     "save_checkpoints",
 )
-#: Trainer keys that change results (kept in the run's name although the ``trainer`` group is not).
+#: Trainer keys that change results (kept in the run's name although ``trainer.*`` is not).
 NAME_KEPT_TRAINER_KEYS = (
     "trainer.precision",
     "trainer.max_epochs",
@@ -91,24 +89,23 @@ def protocol(cfg: DictConfig) -> str:
     return f"{cfg.dataset.get('name')}-{sc.type}-{split}-{cfg.backbone.get('name')}"
 
 
-def _skipped(key: str) -> bool:
-    key = key.lstrip("+~")
+def _skipped_key(key: str) -> bool:
     if key in NAME_KEPT_TRAINER_KEYS:
         return False
-    return any(key == p or key.startswith(f"{p}.") or key.startswith(f"{p}/") for p in NAME_SKIPPED)
+    return any(key == p or key.startswith((f"{p}.", f"{p}/")) for p in NAME_SKIPPED_KEYS)
 
 
 def changed_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
-    """The ``overrides`` (Hydra's, as typed) that name a run: not skipped (:data:`NAME_SKIPPED`) and, for
-    ``key=value`` overrides, whose value differs from the config composed without the value overrides (the
-    preset). Group choices (``backbone=NAME``) are kept as they are."""
+    """The ``overrides`` (Hydra's, as typed) that name a run: not skipped (:data:`NAME_SKIPPED_GROUPS`,
+    :data:`NAME_SKIPPED_KEYS`) and, for ``key=value`` overrides, whose value differs from the config composed
+    without the value overrides (the preset). Group choices (``backbone=NAME``) are kept as they are."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from cl_bench.cli import CONFIG_DIR
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     groups = [o for o in parsed if Path(CONFIG_DIR, o.key_or_group).is_dir()]
-    values = [o for o in parsed if o not in groups and not _skipped(o.key_or_group)]
+    values = [o for o in parsed if o not in groups and not _skipped_key(o.key_or_group)]
     baseline: DictConfig | None = None
     if values:
         try:
@@ -117,7 +114,7 @@ def changed_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
             baseline = compose(config_name="config", overrides=[o.input_line for o in groups])
         except Exception as exc:  # no Hydra app around this run: every value override counts
             log.debug("could not compose the preset to name the run (%s)", exc)
-    kept = [o.input_line for o in groups if not _skipped(o.key_or_group)]
+    kept = [o.input_line for o in groups if o.key_or_group.split("/")[0] not in NAME_SKIPPED_GROUPS]
     for override in values:
         key = override.key_or_group
         if baseline is not None and not override.is_delete():

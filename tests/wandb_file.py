@@ -1,4 +1,4 @@
-"""Read a W&B offline run file (``RUN_DIR/wandb/offline-run-*/run-*.wandb``) as ``wandb sync`` would upload it.
+"""Read a W&B offline run file (``RUN_DIR/wandb/offline-run-*/run-*.wandb``) as ``wandb sync`` uploads it.
 
 The file is W&B's LevelDB-style log: a 7-byte header (``:W&B``, magic ``0xBEE1``, version 0), then 32 KiB
 blocks of chunks, each with a 7-byte header (CRC-32C, length, type: full, first, middle, last) and a piece of
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ def records(path: Path) -> list[Any]:
             pos += left_in_block
             continue
         _checksum, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):  # the writer is still at it
+            break
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:
@@ -64,14 +67,30 @@ def _key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_run(run_folder: Path) -> OfflineRun:
-    """The W&B run in ``run_folder`` (a run folder of cl-bench: exactly one offline run expected)."""
+def read_run(run_folder: Path, timeout_s: float = 60.0) -> OfflineRun:
+    """The W&B run in ``run_folder`` (a run folder of cl-bench: exactly one offline run expected).
+
+    ``run.finish()`` returns before W&B's service process has written the last records, so this waits (up to
+    ``timeout_s``) for the run's exit record."""
     (path,) = run_folder.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = _parse(path)
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _parse(path: Path) -> OfflineRun:
     run = OfflineRun()
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.name, run.group, run.tags = record.run.display_name, record.run.run_group, list(record.run.tags)
+            run.name, run.group, run.tags = (
+                record.run.display_name,
+                record.run.run_group,
+                list(record.run.tags),
+            )
             for item in record.run.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "config":
