@@ -68,10 +68,10 @@ class RunProgress:
     """Run-level progress over all tasks. ``train_sizes``: the training images of each task (for the run's
     ETA); ``mode``: see :func:`progress_mode`."""
 
-    def __init__(self, train_sizes: Sequence[int], mode: str, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, train_sizes: Sequence[int], mode: str, stream: TextIO | None = None) -> None:
         self.train_sizes = list(train_sizes)
         self.mode = mode
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.task = 0
         self.done_seconds = 0.0
         self.done_images = 0
@@ -92,7 +92,7 @@ class RunProgress:
         from hydra.types import RunMode
 
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        return cls(train_sizes, progress_mode(cfg.quiet or not enabled, sys.stderr, multirun))
+        return cls(train_sizes, progress_mode(cfg.quiet or not enabled, sys.stderr, multirun), sys.stderr)
 
     def callback(self, task: int) -> pl.Callback:
         """The callback for task ``task``'s Trainer."""
@@ -289,7 +289,8 @@ def _job_count(config: DictConfig) -> int | None:
     from cl_bench.report import expand_sweep
 
     try:
-        params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=False)
+        params = config.hydra.sweeper.get("params")
+        params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
         assert isinstance(params, dict)
         return len(expand_sweep(params, list(config.hydra.overrides.task)))
     except Exception:  # another sweeper (optuna...): no total

@@ -204,6 +204,7 @@ def test_wandb_failing_to_start_costs_nothing_but_a_warning(tmp_path: Path, monk
     assert "W&B could not start (no service)" in caplog.text
 
 
+@pytest.mark.slow
 def test_wandb_run_of_an_experiment_matches_results_json(run_tiny) -> None:
     doc, run_dir = run_tiny(*SEQ_FT, "logger.mode=offline")
     run = read_run(run_dir)
@@ -221,6 +222,7 @@ def test_wandb_run_of_an_experiment_matches_results_json(run_tiny) -> None:
 # ------------------------------------------------------------------------------- Lightning's loggers
 
 
+@pytest.mark.slow
 def test_csv_logger_writes_per_task_columns(run_tiny) -> None:
     doc, run_dir = run_tiny(*SEQ_FT, "logger=csv")
     (metrics_file,) = run_dir.glob("csv/version_0/metrics.csv")
@@ -256,6 +258,7 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+@pytest.mark.slow
 def test_tensorboard_logger_holds_scalars_and_heatmaps(run_tiny) -> None:
     pytest.importorskip("tensorboardX", reason="tensorboardX is in the dev extra")
     doc, run_dir = run_tiny(*SEQ_FT, "logger=tensorboard")
@@ -267,6 +270,7 @@ def test_tensorboard_logger_holds_scalars_and_heatmaps(run_tiny) -> None:
     assert "train/loss" in scalars
 
 
+@pytest.mark.slow
 def test_mlflow_logger_holds_the_run_with_its_name_tags_and_metrics(run_tiny, tmp_path: Path) -> None:
     pytest.importorskip("mlflow", reason="mlflow-skinny is in the dev extra")
     from mlflow.tracking import MlflowClient
