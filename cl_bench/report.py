@@ -461,9 +461,11 @@ def plot_bars(benchmark: str, cells: dict[str, list[Run]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 0.9 * len(methods)), 4.2), dpi=100)
     positions = list(range(len(methods)))
     bars = ax.bar(positions, means, yerr=stds, capsize=4, color="#4c72b0", alpha=0.85)
-    for bar, v, mean in zip(bars, values, means):
-        ax.annotate(f"{mean:.1f}\n(n={len(v)})", (bar.get_x() + bar.get_width() / 2, mean), ha="center",
-                    va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")  # fmt: skip
+    for bar, v, mean, std in zip(bars, values, means, stds):
+        x = bar.get_x() + bar.get_width() / 2
+        label = f"{mean:.1f}\n(n={len(v)})"
+        ax.annotate(label, (x, mean + std), ha="center", va="bottom", fontsize=7, xytext=(0, 3),
+                    textcoords="offset points")  # fmt: skip
     ax.set_xticks(positions, methods, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("last accuracy (%), mean ± std")
     ax.set_ylim(0, max(100.0, *(m + s + 8 for m, s in zip(means, stds))))
