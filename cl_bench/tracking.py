@@ -234,12 +234,16 @@ def _heatmaps(doc: dict[str, Any], task: int, draw: Callable[[str, Any], None]) 
 
 
 class Tracker:
-    """The interface the runner uses; this base class tracks nothing (``logger=none``)."""
+    """The interface the runner uses; this base class tracks nothing (``logger=none``).
+
+    A tracker that fails (a full disk, an unreachable server) costs a warning, never the experiment.
+    """
 
     #: The tracker's run id, stored in checkpoints so that a resumed experiment continues the same run.
     run_id: str | None = None
     #: Epochs logged so far in this process: the ``train/epoch`` step.
     epochs_logged: int = 0
+    _failed: bool = False
 
     def callback(self, task: int) -> pl.Callback:
         """A callback for task ``task``'s Trainer that forwards each epoch's ``train/*`` metrics."""
@@ -247,17 +251,39 @@ class Tracker:
 
     def log_epoch(self, task: int, metrics: dict[str, float]) -> None:
         """One epoch's ``train/*`` metrics, with ``train/task`` and the run-wide ``train/epoch``."""
-        self._log_epoch({**metrics, "train/task": float(task), "train/epoch": float(self.epochs_logged)})
+        metrics = {**metrics, "train/task": float(task), "train/epoch": float(self.epochs_logged)}
+        self._safely(self._log_epoch, metrics)
         self.epochs_logged += 1
+
+    def log_task(self, task: int, doc: dict[str, Any]) -> None:
+        """After task ``task`` was learned and evaluated: ``doc`` is the ``results.json`` document so far."""
+        self._safely(self._log_task, task, doc)
+
+    def finish(self, doc: dict[str, Any], status: str, error: str | None = None) -> None:
+        """Close the run with the final metrics of ``doc``, its status and the error that stopped it."""
+        self._safely(self._finish, doc, status, error)
+
+    def _safely(self, action: Callable[..., None], *args: Any) -> None:
+        try:
+            action(*args)
+        except Exception as exc:
+            if not self._failed:
+                log.warning(
+                    "%s could not log (%s: %s); the run goes on, its results.json is complete",
+                    type(self).__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+            self._failed = True
 
     def _log_epoch(self, metrics: dict[str, float]) -> None:
         """Send one epoch's metrics (with ``train/epoch``)."""
 
-    def log_task(self, task: int, doc: dict[str, Any]) -> None:
-        """After task ``task`` was learned and evaluated: ``doc`` is the ``results.json`` document so far."""
+    def _log_task(self, task: int, doc: dict[str, Any]) -> None:
+        """Send the metrics after task ``task``."""
 
-    def finish(self, doc: dict[str, Any], status: str, error: str | None = None) -> None:
-        """Close the run with the final metrics of ``doc``, its status and the error that stopped it."""
+    def _finish(self, doc: dict[str, Any], status: str, error: str | None) -> None:
+        """Send the final metrics and close the run."""
 
 
 class EpochMetrics(pl.Callback):
@@ -321,7 +347,7 @@ class WandbTracker(Tracker):
             import wandb
 
             # console capture off: the run's log is the Hydra log file in the run folder
-            settings = wandb.Settings(console="off", save_code=False, x_save_requirements=False)
+            settings = wandb.Settings(console="off")
             run = wandb.init(**kwargs, settings=settings, reinit="finish_previous")
             run.define_metric("task")
             run.define_metric("train/epoch")
@@ -334,7 +360,7 @@ class WandbTracker(Tracker):
             self._ready.set()
             queued, self._queue = self._queue, []
             for data, doc in queued:
-                self._send(data, doc)
+                self._safely(self._send, data, doc)
 
     def _send(self, data: dict[str, Any], doc: dict[str, Any] | None) -> None:
         """Log ``data`` (plus, with ``doc``, the matrices as tables and heatmaps); the lock is held."""
@@ -371,10 +397,10 @@ class WandbTracker(Tracker):
     def _log_epoch(self, metrics: dict[str, float]) -> None:
         self._log(metrics)
 
-    def log_task(self, task: int, doc: dict[str, Any]) -> None:
+    def _log_task(self, task: int, doc: dict[str, Any]) -> None:
         self._log({"task": task, **task_metrics(task, doc)}, doc)
 
-    def finish(self, doc: dict[str, Any], status: str, error: str | None = None) -> None:
+    def _finish(self, doc: dict[str, Any], status: str, error: str | None) -> None:
         """Wait for W&B to be up, send what is queued, store the final metrics and close the run."""
         self._thread.join()
         with self._lock:
@@ -401,7 +427,7 @@ class LightningTracker(Tracker):
     def _log_epoch(self, metrics: dict[str, float]) -> None:
         self.logger.log_metrics(metrics, step=int(metrics["train/epoch"]))
 
-    def log_task(self, task: int, doc: dict[str, Any]) -> None:
+    def _log_task(self, task: int, doc: dict[str, Any]) -> None:
         self.logger.log_metrics({"task": float(task), **task_metrics(task, doc)}, step=task)
         self._log_heatmaps(task, doc)
         self.logger.save()
@@ -422,7 +448,7 @@ class LightningTracker(Tracker):
                 lambda name, fig: client.log_figure(run_id, fig, f"heatmap/{name}_task_{task:02d}.png"),
             )
 
-    def finish(self, doc: dict[str, Any], status: str, error: str | None = None) -> None:
+    def _finish(self, doc: dict[str, Any], status: str, error: str | None) -> None:
         from pytorch_lightning.loggers import MLFlowLogger
 
         final = {f"final/{k}": float(doc[k]) for k in FINAL_METRICS if doc[k] is not None}

@@ -297,3 +297,13 @@ def test_logger_none_writes_no_tracker_files(run_tiny) -> None:
     doc, run_dir = run_tiny(*SEQ_FT, "logger=none")
     assert doc["status"] == "complete"
     assert not any((run_dir / name).exists() for name in ("wandb", "csv", "tensorboard", "mlruns"))
+
+
+def test_a_failing_tracker_costs_a_warning_not_the_run(run_tiny, monkeypatch, caplog) -> None:
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracking, "task_metrics", broken)
+    doc, run_dir = run_tiny("method=simplecil", "logger=csv")
+    assert doc["status"] == "complete" and (run_dir / "results.json").is_file()
+    assert caplog.text.count("LightningTracker could not log (OSError: disk full)") == 1
