@@ -60,6 +60,8 @@ def check_options(cfg: DictConfig) -> None:
     d = cfg.debug
     if d.samples_per_class is not None and d.samples_per_class < 1:
         raise ConfigError(f"debug.samples_per_class={d.samples_per_class} must be at least 1 (or null: all)")
+    if d.smoke:
+        log.warning("SMOKE RUN (debug=smoke): a check that the run goes end to end, its numbers mean nothing")
     if d.random_weights_if_missing and not d.smoke:
         raise ConfigError(
             "debug.random_weights_if_missing=true is for smoke runs only (debug=smoke): a real run with "
