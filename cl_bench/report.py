@@ -102,7 +102,7 @@ IGNORED_KEYS = frozenset(
         "trainer.profiler",
     }
 )
-IGNORED_PREFIXES = ("paths.", "logger.", "hydra.", "debug.")
+IGNORED_PREFIXES = ("paths.", "logger.", "hydra.")
 #: Config groups that define the benchmark (column); every other key belongs to the method (row).
 BENCHMARK_PREFIXES = ("dataset.", "backbone.", "scenario.", "transform.")
 #: Folders never searched for runs.

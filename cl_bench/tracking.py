@@ -48,12 +48,12 @@ FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_m
 #: Group choices left out of a run's name: the preset itself, the method (the name's first word), and
 #: where files go, how the run is tracked, launched, debugged or placed on devices.
 NAME_SKIPPED_GROUPS = ("experiment", "method", "launcher", "sweep", "logger", "paths", "debug", "trainer")
-#: Value keys (and their sub-keys) left out of a run's name, for the same reasons.
+#: Value keys (and their sub-keys) left out of a run's name, for the same reasons (``debug.*`` values stay:
+#: a data subset changes the numbers).
 NAME_SKIPPED_KEYS = (
     "paths",
     "logger",
     "hydra",
-    "debug",
     "trainer",
     "resume",
     "quiet",
