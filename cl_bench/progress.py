@@ -245,6 +245,13 @@ class SweepProgress(Callback):
         self._thread: threading.Thread | None = None
         self._seen: set[Path] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Launchers pickle Hydra's callbacks into each job (submitit): without the watcher thread."""
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("quiet"):
             return

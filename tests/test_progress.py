@@ -136,3 +136,14 @@ def test_sweep_job_count_expands_preset_axes_and_command_line() -> None:
     assert _job_count(config) == 6
     config.hydra.sweeper.params = None
     assert _job_count(config) == 2
+
+
+def test_sweep_progress_survives_pickling_into_jobs(tmp_path: Path) -> None:
+    """submitit pickles Hydra's callbacks with the launcher into every job."""
+    import pickle
+
+    watcher = SweepProgress()
+    watcher.sweep_dir, watcher.total, watcher.start = tmp_path, 1, 0.0
+    watcher._thread = __import__("threading").Thread(target=lambda: None)
+    copy = pickle.loads(pickle.dumps(watcher))
+    assert copy._thread is None and not copy._stop.is_set()
