@@ -417,7 +417,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         if main:
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}".strip()
+        error = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         raise
     finally:
         progress.close()
