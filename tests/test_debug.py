@@ -168,3 +168,39 @@ def test_a_failed_run_records_its_error(tmp_path: Path, monkeypatch) -> None:
     doc = json.loads((tmp_path / "r" / "results.json").read_text())
     assert doc["status"] == "incomplete" and doc["error"] == "RuntimeError: boom at task 1\nsecond line"
     assert len(doc["acc_matrix"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simplecil", "slca"])
+def test_smoke_run_of_the_vit_preset(run_tiny, method: str) -> None:
+    """``debug=smoke`` on the small-ViT preset with its real weights and data (where the machine has them)."""
+    from conftest import SHARED_DATA, SHARED_WEIGHTS
+
+    weights, data = SHARED_WEIGHTS / "vit_tiny6_c100first50.pth", SHARED_DATA / "cifar100.npz"
+    if not (weights.is_file() and data.is_file()):
+        pytest.skip(f"{weights} or {data} absent (only the project's build machines have them)")
+    doc, _ = run_tiny(
+        "experiment=cifar100_b50_vit_tiny",
+        f"method={method}",
+        f"backbone.checkpoint={weights}",
+        f"paths.data_dir={SHARED_DATA}",
+        "debug=smoke",
+    )
+    assert doc["status"] == "complete" and doc["config"]["debug"]["smoke"] is True
+    assert len(doc["acc_matrix"]) == 5
+
+
+@pytest.mark.slow
+def test_smoke_run_of_a_preset_whose_weights_are_absent(run_tiny, tmp_path: Path) -> None:
+    """A ViT preset whose pre-trained weights cannot be fetched (no network) still runs as a smoke run, on
+    random weights (the digits data stand in for its dataset to keep it short)."""
+    doc, _ = run_tiny(
+        "experiment=slca/cifar100",
+        "dataset=digits",
+        "dataset.size=16",
+        "transform.input_size=16",
+        "backbone.model_kwargs={img_size:16,depth:2}",
+        "scenario.n_tasks=2",
+        "debug=smoke",
+    )
+    assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
