@@ -100,6 +100,8 @@ IGNORED_KEYS = frozenset(
         "trainer.enable_progress_bar",
         "trainer.log_every_n_steps",
         "trainer.profiler",
+        "debug.smoke",  # smoke runs never reach the tables
+        "debug.random_weights_if_missing",
     }
 )
 IGNORED_PREFIXES = ("paths.", "logger.", "hydra.")
