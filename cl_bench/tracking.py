@@ -45,9 +45,21 @@ log = logging.getLogger(__name__)
 
 #: Metrics of ``results.json`` reported as the run's final values.
 FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")
-#: Group choices left out of a run's name: the preset itself, the method (the name's first word), and
+#: Group choices left out of a run's name: the preset and protocol themselves (the group names the
+#: protocol), the method (the name's first word), and
 #: where files go, how the run is tracked, launched, debugged or placed on devices.
-NAME_SKIPPED_GROUPS = ("experiment", "method", "launcher", "sweep", "logger", "paths", "debug", "trainer")
+NAME_SKIPPED_GROUPS = (
+    "experiment",
+    "protocol",
+    "tuned",
+    "method",
+    "launcher",
+    "sweep",
+    "logger",
+    "paths",
+    "debug",
+    "trainer",
+)
 #: Value keys (and their sub-keys) left out of a run's name, for the same reasons (``debug.*`` values stay:
 #: a data subset changes the numbers).
 NAME_SKIPPED_KEYS = (
