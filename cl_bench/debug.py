@@ -69,30 +69,22 @@ def check_options(cfg: DictConfig) -> None:
         )
 
 
-def trainer_options(cfg: DictConfig, method: Any, run_dir: Path, task: int) -> dict[str, Any]:
-    """Keyword arguments for task ``task``'s ``pl.Trainer`` from ``cfg.trainer``: the epochs
-    (``method.epochs`` capped by ``trainer.max_epochs``), batch limit, clipping, accumulation, profiler."""
-    t = cfg.trainer
-    options: dict[str, Any] = {"max_epochs": min(method.epochs, t.max_epochs or method.epochs)}
+def trainer_options(trainer_cfg: Any, epochs: int, run_dir: Path, name: str) -> dict[str, Any]:
+    """Keyword arguments of a phase's ``pl.Trainer`` from ``trainer_cfg`` (a ``TrainerConfig``): ``epochs``
+    capped by ``trainer.max_epochs``, the batch limit, clipping, accumulation, and the profiler (its report
+    named ``name``). Lightning refuses clipping and accumulation for a module that steps its optimizers
+    itself (manual optimization), naming the key."""
+    t = trainer_cfg
+    options: dict[str, Any] = {"max_epochs": min(epochs, t.max_epochs or epochs)}
     if t.limit_train_batches is not None:
         options["limit_train_batches"] = t.limit_train_batches
-    manual = not method.automatic_optimization
-    for key, used in (
-        ("gradient_clip_val", t.gradient_clip_val is not None),
-        ("accumulate_grad_batches", t.accumulate_grad_batches > 1),
-    ):
-        if used and manual:
-            raise ConfigError(
-                f"trainer.{key}: {type(method).__name__} steps its optimizers itself (manual optimization), "
-                "so Lightning cannot clip or accumulate for it; remove the override"
-            )
     if t.gradient_clip_val is not None:
         options["gradient_clip_val"] = t.gradient_clip_val
         options["gradient_clip_algorithm"] = t.gradient_clip_algorithm
     if t.accumulate_grad_batches > 1:
         options["accumulate_grad_batches"] = t.accumulate_grad_batches
     if t.profiler is not None:
-        options["profiler"] = make_profiler(t.profiler, run_dir / "profiler", f"task_{task:02d}")
+        options["profiler"] = make_profiler(t.profiler, run_dir / "profiler", name)
     return options
 
 

@@ -257,14 +257,10 @@ class Tracker:
     epochs_logged: int = 0
     _failed: bool = False
 
-    def callback(self, task: int) -> pl.Callback:
-        """A callback for task ``task``'s Trainer that forwards each epoch's ``train/*`` metrics."""
-        return EpochMetrics(self, task)
-
-    def log_epoch(self, task: int, metrics: dict[str, float]) -> None:
-        """One epoch's ``train/*`` metrics, with ``train/task`` and the run-wide ``train/epoch``."""
-        metrics = {**metrics, "train/task": float(task), "train/epoch": float(self.epochs_logged)}
-        self._safely(self._log_epoch, metrics)
+    def log_train_epoch(self, metrics: dict[str, float]) -> None:
+        """One epoch's ``train/*`` metrics (with ``train/task``; :class:`cl_bench.learning.EpochLossLogger`
+        sends them), numbered by the run-wide ``train/epoch``."""
+        self._safely(self._log_epoch, {**metrics, "train/epoch": float(self.epochs_logged)})
         self.epochs_logged += 1
 
     def log_task(self, task: int, doc: dict[str, Any]) -> None:
@@ -296,18 +292,6 @@ class Tracker:
 
     def _finish(self, doc: dict[str, Any], status: str, error: str | None) -> None:
         """Send the final metrics and close the run."""
-
-
-class EpochMetrics(pl.Callback):
-    """Forwards each epoch's ``train/*`` metrics (what methods log with ``self.log``) to the tracker."""
-
-    def __init__(self, tracker: Tracker, task: int) -> None:
-        self.tracker = tracker
-        self.task = task
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        self.tracker.log_epoch(self.task, values)
 
 
 def _new_wandb_id() -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 
 from cl_bench import debug
 from cl_bench.data.base import ArrayImages, TaskDataset
@@ -41,23 +40,20 @@ def test_bad_knobs_fail_at_start_naming_the_key(override: str, message: str) -> 
 
 
 def test_trainer_options() -> None:
-    method = SimpleNamespace(epochs=5, automatic_optimization=True)
-    cfg = compose_config(
-        "trainer.max_epochs=2", "trainer.limit_train_batches=0.25", "trainer.gradient_clip_val=1"
-    )
-    options = debug.trainer_options(cfg, method, Path("/r"), 0)
-    assert options == {
+    from cl_bench.config import TrainerConfig
+
+    cfg = TrainerConfig(max_epochs=2, limit_train_batches=0.25, gradient_clip_val=1.0)
+    assert debug.trainer_options(cfg, 5, Path("/r"), "task_00_train") == {
         "max_epochs": 2,
         "limit_train_batches": 0.25,
         "gradient_clip_val": 1.0,
         "gradient_clip_algorithm": "norm",
     }
-    assert debug.trainer_options(compose_config(), method, Path("/r"), 0) == {"max_epochs": 5}
-    manual = SimpleNamespace(epochs=5, automatic_optimization=False)
-    with pytest.raises(
-        ConfigError, match="trainer.accumulate_grad_batches: SimpleNamespace steps its optimizers"
-    ):
-        debug.trainer_options(compose_config("trainer.accumulate_grad_batches=2"), manual, Path("/r"), 0)
+    assert debug.trainer_options(TrainerConfig(), 5, Path("/r"), "x") == {"max_epochs": 5}
+    assert debug.trainer_options(TrainerConfig(accumulate_grad_batches=3), 1, Path("/r"), "x") == {
+        "max_epochs": 1,
+        "accumulate_grad_batches": 3,
+    }
 
 
 def test_first_per_class_and_subset() -> None:
@@ -174,7 +170,7 @@ def test_a_failed_run_records_its_error(tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.parametrize("method", ["simplecil", "slca"])
 def test_smoke_run_of_the_vit_preset(run_tiny, method: str) -> None:
     """``debug=smoke`` on the small-ViT preset with its real weights and data (where the machine has them)."""
-    from conftest import SHARED_DATA, SHARED_WEIGHTS
+    from helpers import SHARED_DATA, SHARED_WEIGHTS
 
     weights, data = SHARED_WEIGHTS / "vit_tiny6_c100first50.pth", SHARED_DATA / "cifar100.npz"
     if not (weights.is_file() and data.is_file()):

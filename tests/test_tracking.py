@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 from omegaconf import OmegaConf
 from wandb_file import read_run
 
@@ -141,7 +141,7 @@ def wandb_tracker(tmp_path: Path, **kwargs):
 def test_wandb_file_holds_scalars_tables_heatmaps_per_task_and_the_error(tmp_path: Path) -> None:
     tracker = wandb_tracker(tmp_path)
     for task in range(2):
-        tracker.log_epoch(task, {"train/loss": 1.0 / (task + 1)})
+        tracker.log_train_epoch({"train/loss": 1.0 / (task + 1), "train/task": task})
         tracker.log_task(task, synthetic_doc(rows=task + 1))
     crashed = synthetic_doc(rows=2, error="RuntimeError: CUDA out of memory")
     tracker.finish(crashed, "incomplete", crashed["error"])
