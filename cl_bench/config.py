@@ -113,7 +113,8 @@ class TrainerConfig:
     eval_batch_size: int = 256
     enable_progress_bar: bool = False
     log_every_n_steps: int = 10
-    #: Cap on the epochs of every task (``null``: the method's ``epochs``); ``debug=smoke`` sets 1.
+    #: Cap on the epochs of every training phase, i.e. every Lightning fit (``null``: the phase's own);
+    #: ``debug=smoke`` sets 1.
     max_epochs: int | None = None
     #: Training batches per epoch: a count (int) or a fraction of the loader (float); ``null``: all.
     limit_train_batches: Any = None
@@ -124,7 +125,8 @@ class TrainerConfig:
     gradient_clip_algorithm: str = "norm"
     #: Optimizer step every N batches (the effective batch is ``N * method.batch_size``).
     accumulate_grad_batches: int = 1
-    #: Lightning profiler per task: ``simple``, ``advanced`` or ``pytorch`` (traces in RUN_DIR/profiler/).
+    #: Lightning profiler per training phase: ``simple``, ``advanced`` or ``pytorch`` (reports and traces in
+    #: RUN_DIR/profiler/, named ``task_NN_<phase>``).
     profiler: str | None = None
 
 

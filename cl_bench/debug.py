@@ -1,8 +1,9 @@
 """Debug runs and the trainer knobs behind them, all from config.
 
-* ``debug=smoke`` (``cl_bench/conf/debug/smoke.yaml``): one epoch of two batches per task on two images per
-  class, no model files; checks that a preset runs end to end in seconds. ``results.json`` says so
-  (``config.debug.smoke``) and ``cl-bench-report`` leaves smoke runs out of its tables.
+* ``debug=smoke`` (``cl_bench/conf/debug/smoke.yaml``): one epoch of two batches per training phase (each
+  Lightning fit of a task) on two images per class, no model files; checks that a preset runs end to end.
+  ``results.json`` says so (``config.debug.smoke``) and ``cl-bench-report`` leaves smoke runs out of its
+  tables.
 * ``debug.samples_per_class``: the first N train and N test images of each class (:func:`subset_per_class`).
 * ``debug.random_weights_if_missing`` (smoke runs only): a backbone whose weights cannot be loaded starts from
   random weights (:func:`build_backbone`).
