@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from cl_bench.config import TrainerConfig
+from cl_bench.debug import trainer_options
 from cl_bench.errors import ConfigError, TrainingDivergedError
 from cl_bench.methods.base import ContinualModule, HeadTraining, Phase, TaskContext
 
@@ -82,13 +83,18 @@ class HeadFit(pl.LightningModule):
 
 
 def make_trainer(
-    trainer_cfg: TrainerConfig, epochs: int, run_dir: Path, callbacks: list[pl.Callback]
+    trainer_cfg: TrainerConfig,
+    epochs: int,
+    run_dir: Path,
+    callbacks: list[pl.Callback],
+    profile_name: str = "fit",
 ) -> pl.Trainer:
-    """The Lightning Trainer of one phase: every phase of every method is fitted by one of these."""
+    """The Lightning Trainer of one phase: every phase of every method is fitted by one of these;
+    ``profile_name`` names its profiler report (:func:`cl_bench.debug.trainer_options`)."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):  # its info lines: noise here
         logging.getLogger(name).setLevel(logging.WARNING)
     return pl.Trainer(
-        max_epochs=epochs,
+        **trainer_options(trainer_cfg, epochs, run_dir, profile_name),
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
@@ -140,7 +146,9 @@ def run_phase(
     """Fit ``phase`` with Lightning: the method itself, or a :class:`HeadFit` for a head-only phase
     (``phase.head_only``: a head on in-memory features; a head-only fast path without Lightning plugs in
     here, in place of that fit)."""
-    trainer = make_trainer(trainer_cfg, phase.epochs, run_dir, callbacks)
+    trainer = make_trainer(
+        trainer_cfg, phase.epochs, run_dir, callbacks, f"task_{ctx.task.index:02d}_{phase.name}"
+    )
     processes = trainer.world_size
     batch_size = phase.batch_size
     if batch_size is not None:
@@ -171,16 +179,18 @@ def learn_task(
     device: torch.device,
     run_dir: Path,
     log_epoch: Callable[[dict[str, float]], None],
+    callbacks: Sequence[pl.Callback] = (),
 ) -> float:
-    """Task start hook, the method's phases (each one fit), task end hook; returns the seconds it took."""
+    """Task start hook, the method's phases (each one fit, with ``callbacks`` too), task end hook; returns
+    the seconds it took."""
     start = time.perf_counter()
     method.on_task_start(ctx)
     method.to(device)  # after on_task_start: parameters it created move too
     for phase in method.phases(ctx):
         if not phase.trains:
             continue
-        callbacks: list[pl.Callback] = [EpochLossLogger(log_epoch, ctx.task.index, phase.name)]
-        run_phase(method, phase, ctx, trainer_cfg, run_dir, callbacks)
+        phase_callbacks = [EpochLossLogger(log_epoch, ctx.task.index, phase.name), *callbacks]
+        run_phase(method, phase, ctx, trainer_cfg, run_dir, phase_callbacks)
         method.to(device)
     method.on_task_end(ctx)
     return time.perf_counter() - start
