@@ -64,6 +64,16 @@ class LoggerMode(_StrEnum):
     disabled = "disabled"
 
 
+class LoggerBackend(_StrEnum):
+    """Where per-task metrics go (``logger=NAME``, see :mod:`cl_bench.tracking`)."""
+
+    wandb = "wandb"
+    csv = "csv"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    none = "none"
+
+
 class TrainAugment(_StrEnum):
     """Train-time augmentation. ``auto``: ``crop_flip`` for inputs of at most 64 px, else ``rrc_flip``."""
 
@@ -113,19 +123,44 @@ class TrainerConfig:
     eval_batch_size: int = 256
     enable_progress_bar: bool = False
     log_every_n_steps: int = 10
+    #: Cap on the epochs of every training phase, i.e. every Lightning fit (``null``: the phase's own);
+    #: ``debug=smoke`` sets 1.
+    max_epochs: int | None = None
+    #: Training batches per epoch: a count (int) or a fraction of the loader (float); ``null``: all.
+    limit_train_batches: Any = None
+    #: Test batches per task's test set at each evaluation (an evenly spread subset); ``null``: all.
+    limit_eval_batches: int | None = None
+    #: Gradient clipping (Lightning's ``gradient_clip_val``/``_algorithm``: ``norm`` or ``value``).
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    #: Optimizer step every N batches (the effective batch is ``N * method.batch_size``).
+    accumulate_grad_batches: int = 1
+    #: Lightning profiler per training phase: ``simple``, ``advanced`` or ``pytorch`` (reports and traces in
+    #: RUN_DIR/profiler/, named ``task_NN_<phase>``).
+    profiler: str | None = None
 
 
 @dataclass
 class LoggerConfig:
-    """Weights & Biases; ``offline`` needs no account (``wandb sync RUN_DIR/wandb/offline-run-*`` later)."""
+    """The experiment tracker (``logger=wandb|csv|tensorboard|mlflow|none``, see :mod:`cl_bench.tracking`).
 
+    W&B ``mode``: ``offline`` needs no account (``wandb sync RUN_DIR/wandb/offline-run-*`` later).
+    """
+
+    backend: LoggerBackend = LoggerBackend.wandb
     mode: LoggerMode = LoggerMode.offline
     project: str = "cl_bench"
     entity: str | None = None
+    #: ``null``: the benchmark protocol (dataset, scenario, split, backbone), the same in every sweep.
     group: str | None = None
+    #: ``null``: the method and the command-line overrides that differ from the preset.
     name: str | None = None
     job_type: str | None = None
     tags: list[str] = field(default_factory=list)
+    #: CSV/TensorBoard: the folder (``null``: RUN_DIR/<backend>); MLflow: its local file store.
+    save_dir: str | None = None
+    #: MLflow server or database URI (``null``: the file store in ``save_dir``).
+    tracking_uri: str | None = None
 
 
 @dataclass
@@ -172,6 +207,19 @@ class TransformConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Debug runs (``debug=smoke``, :mod:`cl_bench.debug`): marked in results.json, left out of reports."""
+
+    #: A smoke run: checks that a preset runs end to end; its numbers mean nothing.
+    smoke: bool = False
+    #: Keep only the first N train and N test images of each class (``null``: all).
+    samples_per_class: int | None = None
+    #: A backbone whose weights cannot be loaded (no file, no network) starts from random weights instead of
+    #: stopping the run (allowed in smoke runs only).
+    random_weights_if_missing: bool = False
+
+
+@dataclass
 class BudgetConfig:
     """The training budget a protocol (``protocol=``) gives every method that trains; ``null``: each method's
     own value. A method config reads them as ``${budget:KEY,DEFAULT}``, so ``budget.epochs=1`` shortens every
@@ -198,7 +246,10 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
+    #: No progress display (neither the terminal status line nor the per-epoch log lines).
+    quiet: bool = False
     #: Save the final model state (``final_model.pt``) in the run folder.
     save_model: bool = True
     #: Write ``checkpoint.pt`` after every task so that an interrupted run can resume (deleted at the end).

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cl_bench import debug
 from cl_bench.config import TrainerConfig, build_from_config
 from cl_bench.data.base import ClassificationData, TaskDataset
 from cl_bench.data.batch_transforms import BatchAugment, build_input_pipeline
@@ -81,7 +82,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     ).num_workers
     data: ClassificationData = build_from_config("dataset", cfg.dataset)
     data.name = cfg.dataset.get("name", data.name)
-    backbone = build_from_config("backbone", cfg.backbone)
+    data = debug.subset_per_class(data, cfg.debug.samples_per_class)
+    backbone = debug.build_backbone(cfg)
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
     split = build_scenario(cfg.scenario, data.num_classes)
     scenario = split.merged() if method.capabilities.single_task else split
@@ -94,7 +96,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     amp_dtype = autocast_dtype(trainer.precision, device)
     evaluator = Evaluator(
         scenario,
-        test_sets,
+        debug.limit_eval(test_sets, trainer.limit_eval_batches, trainer.eval_batch_size),
         batch_size=trainer.eval_batch_size,
         num_workers=trainer.num_workers,
         autocast_dtype=amp_dtype,

@@ -136,8 +136,9 @@ def test_runner_fast_path_equals_its_lightning_fit() -> None:
 
 
 def test_fast_path_only_where_it_reproduces_the_fit() -> None:
-    """Head-only phases on one process in fp32/bf16-mixed/16-mixed; not under DDP, true half precision or
-    trainer.head_fast_path=false; never for a phase that trains the method itself."""
+    """Head-only phases on one process in fp32/bf16-mixed/16-mixed; not under DDP, true half precision,
+    trainer.head_fast_path=false or the Lightning knobs the loop does not reproduce (batch limit, clipping,
+    accumulation, profiler); never for a phase that trains the method itself."""
     from cl_bench.config import TrainerConfig
     from cl_bench.learning import head_fast_path
     from cl_bench.methods.base import HeadTraining, Phase
@@ -152,3 +153,6 @@ def test_fast_path_only_where_it_reproduces_the_fit() -> None:
     assert not head_fast_path(phase, TrainerConfig(precision="bf16-true"))
     assert not head_fast_path(phase, TrainerConfig(devices=2, strategy="ddp"))
     assert not head_fast_path(Phase("train", 1, data, 2), TrainerConfig())
+    for knob in ({"limit_train_batches": 2}, {"gradient_clip_val": 1.0}, {"accumulate_grad_batches": 2}):
+        assert not head_fast_path(phase, TrainerConfig(**knob)), knob
+    assert not head_fast_path(phase, TrainerConfig(profiler="simple"))
