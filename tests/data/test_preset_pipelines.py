@@ -51,6 +51,10 @@ RANPAC_LINE = dict(
         ("safe/cub", RANPAC_LINE),
         ("lnt/cifar100", RANPAC_LINE),
         ("lnt/imagenet_r", RANPAC_LINE),
+        ("ranpac/cifar100", dict(RANPAC_LINE, eval_resize_side=224)),  # SAFE's protocol, RanPAC's code
+        ("ranpac/cars", RANPAC_LINE),
+        ("aper/cifar100", RANPAC_LINE),  # RevisitingCIL: Resize(256) for every dataset
+        ("simplecil/imagenet_r", RANPAC_LINE),
     ],
 )
 def test_preset_pipeline_is_the_official_one(preset: str, expected: dict) -> None:
