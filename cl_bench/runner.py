@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import distributed, signals
+from cl_bench import debug, distributed, signals
 from cl_bench.checkpointing import (
     FORMAT,
     CorruptCheckpoint,
@@ -43,7 +44,7 @@ from cl_bench.evaluation import EvaluationRows
 from cl_bench.experiment import Experiment, build_experiment, tracker_config
 from cl_bench.learning import learn_task
 from cl_bench.methods.base import ContinualModule
-from cl_bench.metrics import mean_task_accuracy
+from cl_bench.progress import RunProgress
 from cl_bench.results import RESULTS_FILE, build_results, write_results
 from cl_bench.run_folder import (
     claim_run_folder,
@@ -54,13 +55,10 @@ from cl_bench.run_folder import (
     write_environment,
 )
 from cl_bench.saved_model import MODEL_FILE, save_model
-from cl_bench.tracking import WandbTracker
+from cl_bench.tracking import Tracker, build_tracker
 from cl_bench.validation import validate_numbers
 
 log = logging.getLogger(__name__)
-
-#: Metrics stored in the W&B run summary.
-FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")
 
 
 @dataclass
@@ -103,6 +101,7 @@ def check_process_layout(cfg: DictConfig) -> None:
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
     validate_config(cfg)
+    debug.check_options(cfg)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(config, dict)
     validate_numbers(config)
@@ -174,11 +173,11 @@ def _run(
         set_rng_state(checkpoint["rng"])
         log.info("resuming after task %d of %d", checkpoint["tasks_done"], len(exp.scenario.tasks))
     log_start(cfg, exp, run_dir)
-    logger_cfg = cfg.logger if main else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
-    tracker = WandbTracker(logger_cfg, run_dir, tracker_config(cfg, config), run_id=run_id)
+    tracker = build_tracker(cfg, run_dir, tracker_config(cfg, config), run_id=run_id, enabled=main)
+    progress = RunProgress.for_run(cfg, [len(s) for s in exp.train_sets], enabled=main)
     tasks = exp.scenario.tasks
 
-    def document(status: str) -> dict[str, Any]:
+    def document(status: str, error: str | None = None) -> dict[str, Any]:
         return build_results(
             state.acc_rows,
             state.til_rows,
@@ -189,20 +188,31 @@ def _run(
             status,
             config,
             state.extra_rows,
+            error,
         )
 
-    status = "incomplete"
+    status, error = "incomplete", None
     try:
         for task in tasks[len(state.acc_rows) :]:
             ctx = exp.task_context(task)
-            seconds = learn_task(method, ctx, exp.trainer, exp.device, run_dir, tracker.log_train_epoch)
+            start = time.perf_counter()
+            seconds = learn_task(
+                method,
+                ctx,
+                exp.trainer,
+                exp.device,
+                run_dir,
+                tracker.log_train_epoch,
+                [progress.callback(task.index)],
+            )
             state.task_time_s.append(seconds)
             rows = exp.evaluator.evaluate_rows(method, task.index)
             state.record(rows, exp.scenario.task_incremental)
             doc = document("incomplete")
             if main:
                 write_results(run_dir, doc)
-            log_task(tracker, doc, rows, task.index, len(tasks), seconds)
+            log_task(tracker, doc, task.index, len(tasks), seconds)
+            progress.task_done(task.index, time.perf_counter() - start)
             if main and cfg.save_checkpoints and task.index + 1 < len(tasks):
                 checkpoint_run(run_dir, method, state, tracker, config)
         status = "complete"  # every row is in: nothing after this downgrades the results
@@ -215,6 +225,7 @@ def _run(
                 save_model(run_dir / MODEL_FILE, method, list(exp.scenario.class_order), boundaries, config)
     except BaseException as exc:
         stop = signals.stop_from(exc)
+        error = f"stopped by {stop.name}" if stop else type(exc).__name__ + (f": {exc}" if str(exc) else "")
         if main and stop is not None:
             log.error(
                 "stopped by %s after %d of %d task(s); results in %s; the same command resumes the run",
@@ -226,7 +237,8 @@ def _run(
         raise
     finally:
         with signals.deferred():
-            doc = document(status)
+            progress.close()
+            doc = document(status, error)
             if main:
                 try:
                     write_results(run_dir, doc)
@@ -238,7 +250,7 @@ def _run(
                     len(state.acc_rows),
                     run_dir / RESULTS_FILE,
                 )
-            tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
+            tracker.finish(doc, status, error)
     return doc
 
 
@@ -257,9 +269,7 @@ def log_start(cfg: DictConfig, exp: Experiment, run_dir: Path) -> None:
     )
 
 
-def log_task(
-    tracker: WandbTracker, doc: dict[str, Any], rows: EvaluationRows, task: int, n_tasks: int, seconds: float
-) -> None:
+def log_task(tracker: Tracker, doc: dict[str, Any], task: int, n_tasks: int, seconds: float) -> None:
     """The console line and the tracker's metrics after task ``task``."""
     task_acc = doc["acc_matrix"][-1][task]
     log.info(
@@ -270,23 +280,11 @@ def log_task(
         doc["last_acc"],
         seconds,
     )
-    tracker.log_task(
-        task,
-        {
-            "acc_after_task": doc["last_acc"],
-            "mean_task_acc": mean_task_accuracy(doc["acc_matrix"][: task + 1], task),
-            "task_acc": task_acc,
-            "forgetting": doc["avg_forgetting"],
-            "bwt": doc["bwt"],
-            "task_time_s": seconds,
-            # the mean over seen tasks of each extra metric, e.g. task_selection_acc
-            **{name: sum(row) / len(row) for name, row in rows.extra.items()},
-        },
-    )
+    tracker.log_task(task, doc)
 
 
 def checkpoint_run(
-    run_dir: Path, method: ContinualModule, state: RunState, tracker: WandbTracker, config: dict[str, Any]
+    run_dir: Path, method: ContinualModule, state: RunState, tracker: Tracker, config: dict[str, Any]
 ) -> None:
     """Write the checkpoint of the tasks finished so far (:mod:`cl_bench.checkpointing`). A disk that
     refuses it twice stops the run with :class:`~cl_bench.errors.StorageError` (the results so far stay)
