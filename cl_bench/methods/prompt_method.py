@@ -1,0 +1,112 @@
+"""The part L2P, DualPrompt and CODA-Prompt share: a frozen timm ViT, a query pass, a prompted pass, a linear
+head trained with the official logit mask, Adam and gradient clipping.
+
+Each subclass says how its prompts are chosen and injected (:meth:`PromptMethod.prompted`), with the pieces
+of :mod:`cl_bench.modules.prompts`. Per training batch and per test image the official codes run the frozen
+model twice: once without prompts for the query (the [CLS] token after the final norm, ``original_model``'s
+``pre_logits`` in l2p-/dualprompt-pytorch, ``q[:, 0, :]`` in CODA-Prompt's ``ViTZoo``), once with prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.errors import ConfigError
+from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.modules.prompts import timm_vit
+
+
+class PromptMethod(ContinualModule):
+    """A frozen ViT with learnable prompts and a growing linear head.
+
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s):
+        clip_grad_norm: clip the gradient's global norm to this value before each step (official
+            l2p-/dualprompt-pytorch ``clip_grad`` 1.0); ``None``: no clipping (CODA-Prompt).
+        loss_scope: ``task`` (default, the official ``train_mask``: logits of the other tasks' classes
+            masked out of the cross-entropy) or ``seen``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        clip_grad_norm: float | None = 1.0,
+        loss_scope: str = "task",
+        **base_args: Any,
+    ) -> None:
+        if clip_grad_norm is not None and clip_grad_norm <= 0:
+            raise ConfigError(f"method.clip_grad_norm={clip_grad_norm}: use a positive norm or null (no clipping)")
+        super().__init__(backbone, loss_scope=loss_scope, **base_args)
+        self.vit = timm_vit(backbone)
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.clip_grad_norm = clip_grad_norm
+
+    def train(self, mode: bool = True) -> PromptMethod:
+        """The backbone stays in eval mode (its dropout and drop-path rates are 0 in the official code)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # ----------------------------------------------------------------- to implement
+    def prompted(
+        self, x: torch.Tensor, query: torch.Tensor, task: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(features [B, D], prompt loss or None, chosen task [B] or None)`` of the prompted pass.
+
+        ``task``: while training, the task being learned; at test time the task id if one is given
+        (task-incremental evaluation), else ``None``.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- task hooks
+    def on_task_start(self, ctx: TaskContext) -> None:
+        """Grow the head; with the task-local loss older head blocks get no gradient, so freeze them."""
+        super().on_task_start(ctx)
+        if self.loss_scope == "task" or self.task_incremental:
+            for block in self.head.blocks[:-1]:
+                block.requires_grad_(False)
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen pre-trained model's [CLS] token after the final norm, ``[B, D]``."""
+        return self.vit.forward_features(x)[:, 0]
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Logits over all seen classes (``task``: that task's prompts where a method has per-task ones)."""
+        features, _, _ = self.prompted(x, self.query(x), task if self.task_conditioned else None)
+        return self.head(features)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        features, _, chosen = self.prompted(x, self.query(x), None)
+        return self.head(features), chosen
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        assert self.task is not None
+        x, y = batch
+        features, prompt_loss, _ = self.prompted(x, self.query(x), self.task.index)
+        logits, targets = self.task_logits(self.head(features), y)
+        loss = F.cross_entropy(logits, targets)
+        if prompt_loss is not None:
+            self.log("train/ce", loss, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log("train/prompt_loss", prompt_loss, on_step=False, on_epoch=True, batch_size=len(y))
+            loss = loss + prompt_loss
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``method.clip_grad_norm`` (the official per-method clipping) unless the trainer sets its own."""
+        value = gradient_clip_val if gradient_clip_val is not None else self.clip_grad_norm
+        if value is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
