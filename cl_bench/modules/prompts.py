@@ -45,7 +45,8 @@ def timm_vit(backbone: Backbone) -> nn.Module:
     needed = ("patch_embed", "_pos_embed", "blocks", "norm", "cls_token")
     if model is None or not all(hasattr(model, a) for a in needed) or model.cls_token is None:
         raise ConfigError(
-            f"prompt methods need a timm ViT backbone with a [CLS] token; {type(backbone).__name__} is not one. "
+            f"this method places prompts or adapters in a timm ViT with a [CLS] token; {type(backbone).__name__} "
+            "is not one. "
             "Use backbone=vit_b16_in21k_ft_in1k, vit_tiny6_cifar or another timm vit_* model"
         )
     if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "no_embed_class", False):
