@@ -43,7 +43,7 @@ CODA_SCHEDULERS = ("coda_cosine", "cosine", "none")
 
 
 def coda_cosine_factor(epoch: int, epochs: int) -> float:
-    """The official ``CosineSchedule``: ``cos(99 pi e / (200 (E - 1)))`` (1 at ``e = 0``, 0.016 at ``E - 1``)."""
+    """The official ``CosineSchedule``: ``cos(99 pi e / (200 (E - 1)))`` (1 at ``e=0``, 0.016 at ``E-1``)."""
     return 1.0 if epochs <= 1 else math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
 
 
@@ -94,7 +94,9 @@ class CodaPromptMethod(PromptMethod):
         if not layers or len(set(layers)) != len(layers) or not all(0 <= i < depth for i in layers):
             raise ConfigError(f"method.layers={list(layers)} must be distinct layer indices in [0, {depth})")
         if prompt_length < 2 or prompt_length % 2:
-            raise ConfigError(f"method.prompt_length={prompt_length} must be even (key and value halves) and >= 2")
+            raise ConfigError(
+                f"method.prompt_length={prompt_length} must be even (key and value halves) and >= 2"
+            )
         self.pool_size = pool_size
         self.prompt_length = prompt_length
         self.layers = list(layers)
@@ -115,7 +117,9 @@ class CodaPromptMethod(PromptMethod):
                 )
             self.prompts = CodaPrompt(self.layers, int(self.vit.embed_dim), self.prompt_length, per_task)
         if ctx.task.index != self.prompts.num_tasks:
-            raise RuntimeError(f"tasks must be learned in order: task {ctx.task.index} after {self.prompts.num_tasks}")
+            raise RuntimeError(
+                f"tasks must be learned in order: task {ctx.task.index} after {self.prompts.num_tasks}"
+            )
         self.prompts.add_task()
 
     def prompted(

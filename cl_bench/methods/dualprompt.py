@@ -89,7 +89,9 @@ class DualPrompt(PromptMethod):
         if insertion not in INSERTIONS:
             raise ConfigError(f"method.insertion={insertion!r}: choose one of {list(INSERTIONS)}")
         if e_length < 1 or g_length < 0 or not e_layers:
-            raise ConfigError("method.e_layers must be non-empty, method.e_length >= 1 and method.g_length >= 0")
+            raise ConfigError(
+                "method.e_layers must be non-empty, method.e_length >= 1 and method.g_length >= 0"
+            )
         super().__init__(
             backbone,
             epochs=epochs,
@@ -129,15 +131,15 @@ class DualPrompt(PromptMethod):
         if self.e_pool is None:
             self.e_pool = PromptPool(len(ctx.scenario.tasks), self.dim, self.e_prompt_shape)
         if index >= self.e_pool.size:
-            raise RuntimeError(f"task {index} beyond the {self.e_pool.size} E-prompts built for this scenario")
+            raise RuntimeError(
+                f"task {index} beyond the {self.e_pool.size} E-prompts built for this scenario"
+            )
         if index > 0 and self.copy_previous_prompt:
             with torch.no_grad():
                 self.e_pool.prompts[index].copy_(self.e_pool.prompts[index - 1])
         self.e_pool.set_trainable([index])
 
-    def layer_prompts(
-        self, e_prompts: torch.Tensor
-    ) -> tuple[dict[int, Prefix], dict[int, torch.Tensor]]:
+    def layer_prompts(self, e_prompts: torch.Tensor) -> tuple[dict[int, Prefix], dict[int, torch.Tensor]]:
         """Prefixes or appended tokens per layer from each image's E-prompt ``[B, *e_prompt_shape]``."""
         batch = e_prompts.shape[0]
         g_prompts = self.g_prompt.unsqueeze(0).expand(batch, *self.g_prompt.shape)

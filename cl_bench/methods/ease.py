@@ -74,7 +74,9 @@ def subspace_weights(
     return weights
 
 
-def reweighted_logits(features: torch.Tensor, prototypes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def reweighted_logits(
+    features: torch.Tensor, prototypes: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """``logit[b, c] = sum_s weights[c, s] * cos(features[b, s], prototypes[c, s])``; ``features [B, S, D]``,
     ``prototypes [C, S, D]``, ``weights [C, S]``."""
     cosines = torch.einsum("bsd,csd->bcs", F.normalize(features, dim=2), F.normalize(prototypes, dim=2))
@@ -159,8 +161,8 @@ class EASE(ContinualModule):
             raise ConfigError("method.adapter_bottleneck must be >= 1 and method.adapter_dropout in [0, 1)")
         if loss_scope != "task":
             raise ConfigError(
-                "method.loss_scope: EASE trains each adapter with a proxy head over the current task's classes "
-                "only (official); use method.loss_scope=task"
+                "method.loss_scope: EASE trains each adapter with a proxy head over the current task's "
+                "classes only (official); use method.loss_scope=task"
             )
         super().__init__(
             backbone,
@@ -183,7 +185,12 @@ class EASE(ContinualModule):
             block.norm2 = nn.Identity()
             block.mlp = bank
             self.banks.append(bank)
-        self.adapter_args = {"dim": dim, "bottleneck": adapter_bottleneck, "scale": adapter_scale, "dropout": adapter_dropout}
+        self.adapter_args = {
+            "dim": dim,
+            "bottleneck": adapter_bottleneck,
+            "scale": adapter_scale,
+            "dropout": adapter_dropout,
+        }
         self.alpha = alpha
         self.beta = beta
         self.use_init_ptm = use_init_ptm
@@ -209,11 +216,13 @@ class EASE(ContinualModule):
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
-        """A new adapter per block (the earlier ones frozen) and a fresh proxy head over the task's classes."""
+        """A new adapter per block (older ones frozen) and a fresh proxy head over the task's classes."""
         self.task = ctx.task
         self.task_incremental = ctx.scenario.task_incremental
         if ctx.task.index != self.num_adapters:
-            raise RuntimeError(f"tasks must be learned in order: task {ctx.task.index} after {self.num_adapters}")
+            raise RuntimeError(
+                f"tasks must be learned in order: task {ctx.task.index} after {self.num_adapters}"
+            )
         for bank in self.banks:
             bank.adapters.requires_grad_(False)
             bank.adapters.append(Bottleneck(**self.adapter_args))
@@ -238,7 +247,9 @@ class EASE(ContinualModule):
         if old.shape[1] < subspaces:  # the new adapter's subspace: filled by the complement below
             old = torch.cat([old, old.new_zeros(len(old), subspaces - old.shape[1], dim)], dim=1)
         self.prototypes = torch.cat([old, new.view(len(classes), subspaces, dim).to(old)])
-        self.class_tasks = torch.cat([self.class_tasks, torch.full((len(classes),), self.task.index).to(self.class_tasks)])
+        self.class_tasks = torch.cat(
+            [self.class_tasks, torch.full((len(classes),), self.task.index).to(self.class_tasks)]
+        )
         self.complement()
 
     def complement(self) -> None:
@@ -275,7 +286,9 @@ class EASE(ContinualModule):
         assert self.task is not None
         subspaces = features.view(len(features), -1, self.adapter_args["dim"])
         if not self.use_reweight:
-            return F.normalize(features, dim=1) @ F.normalize(self.prototypes.flatten(1), dim=1).T.to(features)
+            return F.normalize(features, dim=1) @ F.normalize(self.prototypes.flatten(1), dim=1).T.to(
+                features
+            )
         weights = subspace_weights(
             self.class_tasks, subspaces.shape[1], self.task.index, self.alpha, self.beta, self.offset
         )

@@ -75,12 +75,15 @@ class L2P(PromptMethod):
         **prompt_args: Any,
     ) -> None:
         if batchwise_selection not in BATCHWISE_MODES:
-            raise ConfigError(f"method.batchwise_selection={batchwise_selection!r}: choose one of {list(BATCHWISE_MODES)}")
+            raise ConfigError(
+                f"method.batchwise_selection={batchwise_selection!r}: choose one of {list(BATCHWISE_MODES)}"
+            )
         if head_input not in HEAD_INPUTS:
             raise ConfigError(f"method.head_input={head_input!r}: choose one of {list(HEAD_INPUTS)}")
         if prompt_length < 1 or not 1 <= top_k <= pool_size:
             raise ConfigError(
-                f"method.prompt_length={prompt_length} must be >= 1 and method.top_k={top_k} in [1, pool_size={pool_size}]"
+                f"method.prompt_length={prompt_length} must be >= 1 and method.top_k={top_k} in "
+                f"[1, pool_size={pool_size}]"
             )
         super().__init__(
             backbone,
@@ -105,7 +108,9 @@ class L2P(PromptMethod):
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """Select prompts by key, insert them at the input; features and (training) the pull loss."""
         similarity = self.pool.similarity(query)
-        batchwise = self.batchwise_selection == "always" or (self.batchwise_selection == "train" and self.training)
+        batchwise = self.batchwise_selection == "always" or (
+            self.batchwise_selection == "train" and self.training
+        )
         chosen = select_top_k(similarity, self.top_k, batchwise)
         prompts = self.pool.gather(chosen).flatten(1, 2)  # [B, top_k * length, D]
         tokens = prompted_tokens(self.vit, x, input_prompts=prompts)

@@ -38,7 +38,9 @@ class PromptMethod(ContinualModule):
         **base_args: Any,
     ) -> None:
         if clip_grad_norm is not None and clip_grad_norm <= 0:
-            raise ConfigError(f"method.clip_grad_norm={clip_grad_norm}: use a positive norm or null (no clipping)")
+            raise ConfigError(
+                f"method.clip_grad_norm={clip_grad_norm}: use a positive norm or null (no clipping)"
+            )
         super().__init__(backbone, loss_scope=loss_scope, **base_args)
         self.vit = timm_vit(backbone)
         self.backbone.requires_grad_(False)
@@ -109,4 +111,6 @@ class PromptMethod(ContinualModule):
         """``method.clip_grad_norm`` (the official per-method clipping) unless the trainer sets its own."""
         value = gradient_clip_val if gradient_clip_val is not None else self.clip_grad_norm
         if value is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )

@@ -45,15 +45,19 @@ def timm_vit(backbone: Backbone) -> nn.Module:
     needed = ("patch_embed", "_pos_embed", "blocks", "norm", "cls_token")
     if model is None or not all(hasattr(model, a) for a in needed) or model.cls_token is None:
         raise ConfigError(
-            f"this method places prompts or adapters in a timm ViT with a [CLS] token; {type(backbone).__name__} "
-            "is not one. "
-            "Use backbone=vit_b16_in21k_ft_in1k, vit_tiny6_cifar or another timm vit_* model"
+            "this method places prompts or adapters in a timm ViT with a [CLS] token; "
+            f"{type(backbone).__name__} is not one. Use backbone=vit_b16_in21k_ft_in1k, vit_tiny6_cifar or "
+            "another timm vit_* model"
         )
     if getattr(model, "num_prefix_tokens", 1) != 1 or getattr(model, "no_embed_class", False):
-        raise ConfigError(f"{backbone.name}: prompts need exactly one [CLS] token with its own position embedding")
+        raise ConfigError(
+            f"{backbone.name}: prompts need exactly one [CLS] token with its own position embedding"
+        )
     for block in model.blocks:
         attn = getattr(block, "attn", None)
-        if not all(hasattr(block, a) for a in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")):
+        if not all(
+            hasattr(block, a) for a in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+        ):
             raise ConfigError(f"{type(block).__name__} is not a timm pre-norm ViT Block")
         if attn is None or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
             raise ConfigError(f"{type(attn).__name__} is not timm's standard Attention (qkv, no gate)")
@@ -125,7 +129,7 @@ def prompted_tokens(
 
 # --------------------------------------------------------------------------- key-query selection
 def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``[B, M]`` cosine similarities, L2-normalised as the official code (``x * rsqrt(max(|x|^2, 1e-12))``)."""
+    """``[B, M]`` cosine similarities, normalised as the official code (``x * rsqrt(max(|x|^2, 1e-12))``)."""
 
     def normalise(t: torch.Tensor) -> torch.Tensor:
         return t * torch.rsqrt(t.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12))
@@ -226,7 +230,9 @@ def orthogonality_penalty(matrix: torch.Tensor) -> torch.Tensor:
     return (matrix @ matrix.T - eye).pow(2).mean()
 
 
-def coda_attention_weights(queries: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+def coda_attention_weights(
+    queries: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
     """``alpha [B, M]``: ``cos(q * a_m, k_m)`` for every component ``m`` (CODA-Prompt Eq. 4; official
     ``aq_k``). ``queries [B, D]``, ``keys`` and ``attention`` ``[M, D]``; differentiable in all three."""
     attended = F.normalize(queries.unsqueeze(1) * attention.unsqueeze(0), dim=2)
@@ -246,15 +252,17 @@ class CodaPrompt(nn.Module):
     def __init__(self, layers: list[int], dim: int, length: int, components_per_task: int) -> None:
         super().__init__()
         if length < 2 or length % 2:
-            raise ConfigError(f"method.prompt_length={length}: CODA-Prompt splits a prompt into equal key and value "
-                              "halves, so it must be even and >= 2")
+            raise ConfigError(
+                f"method.prompt_length={length}: CODA-Prompt splits a prompt into equal key and value "
+                "halves, so it must be even and >= 2"
+            )
         if components_per_task < 1:
             raise ConfigError("method.pool_size must give at least one component per task")
         self.layers = list(layers)
         self.dim = dim
         self.length = length
         self.components_per_task = components_per_task
-        #: ``components[l][t]``, ``keys[l][t]``, ``attention[l][t]``: task ``t``'s chunk at ``self.layers[l]``.
+        #: ``components[l][t]``, ``keys[l][t]``, ``attention[l][t]``: task ``t``'s chunk at ``layers[l]``.
         self.components = nn.ModuleList(nn.ParameterList() for _ in self.layers)
         self.keys = nn.ModuleList(nn.ParameterList() for _ in self.layers)
         self.attention = nn.ModuleList(nn.ParameterList() for _ in self.layers)

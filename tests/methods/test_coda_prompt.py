@@ -19,7 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*the `self.trainer` reference i
 @pytest.fixture(scope="module")
 def two_tasks() -> dict:
     pl.seed_everything(0, verbose=False)
-    module = CodaPromptMethod(tiny_vit(), pool_size=8, prompt_length=4, layers=[0, 1], epochs=2, batch_size=16, lr=0.01)
+    module = CodaPromptMethod(
+        tiny_vit(), pool_size=8, prompt_length=4, layers=[0, 1], epochs=2, batch_size=16, lr=0.01
+    )
     frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     tasks = scenario()
     fit(module, context(0, tasks, task_data(0)))
@@ -62,7 +64,9 @@ def test_gradients_reach_the_current_components_keys_and_attention_vectors() -> 
     x, y = task_data(1)[:6]
     module.train().training_step((x, y), 0).backward()
     got = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    expected = {f"prompts.{kind}.{layer}.1" for kind in ("components", "keys", "attention") for layer in (0, 1)}
+    expected = {
+        f"prompts.{kind}.{layer}.1" for kind in ("components", "keys", "attention") for layer in (0, 1)
+    }
     assert got == expected | {"head.blocks.1.weight", "head.blocks.1.bias"}
 
 
@@ -95,7 +99,14 @@ def test_bad_options() -> None:
 
 
 def test_runner_runs_it_deterministically(run_tiny) -> None:
-    overrides = (*RUN_OVERRIDES, "method=coda_prompt", "method.epochs=1", "method.batch_size=8", "method.layers=[0,1]", "method.pool_size=8")
+    overrides = (
+        *RUN_OVERRIDES,
+        "method=coda_prompt",
+        "method.epochs=1",
+        "method.batch_size=8",
+        "method.layers=[0,1]",
+        "method.pool_size=8",
+    )
     first, _ = run_tiny(*overrides)
     second, _ = run_tiny(*overrides)
     assert first["status"] == "complete" and first["acc_matrix"] == second["acc_matrix"]

@@ -50,7 +50,13 @@ def test_training_uses_the_task_prompt_and_sends_gradients_only_to_it() -> None:
     x, y = task_data(1)[:6]
     module.train().training_step((x, y), 0).backward()
     got = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert got == {"g_prompt", "e_pool.keys.1", "e_pool.prompts.1", "head.blocks.1.weight", "head.blocks.1.bias"}
+    assert got == {
+        "g_prompt",
+        "e_pool.keys.1",
+        "e_pool.prompts.1",
+        "head.blocks.1.weight",
+        "head.blocks.1.bias",
+    }
 
 
 def test_prefix_prompts_reach_attention_as_keys_and_values() -> None:
@@ -64,7 +70,10 @@ def test_prefix_prompts_reach_attention_as_keys_and_values() -> None:
         expected = prompted_tokens(
             module.vit,
             x,
-            prefixes={0: (g[0].expand(4, -1, -1), g[1].expand(4, -1, -1)), 2: (e[0].expand(4, -1, -1), e[1].expand(4, -1, -1))},
+            prefixes={
+                0: (g[0].expand(4, -1, -1), g[1].expand(4, -1, -1)),
+                2: (e[0].expand(4, -1, -1), e[1].expand(4, -1, -1)),
+            },
         )[:, 0]
     torch.testing.assert_close(features, expected)
     assert chosen.tolist() == [0] * 4
@@ -110,7 +119,14 @@ def test_bad_options() -> None:
 
 
 def test_runner_writes_task_selection_and_is_deterministic(run_tiny) -> None:
-    overrides = (*RUN_OVERRIDES, "method=dualprompt", "method.epochs=1", "method.batch_size=8", "method.g_layers=[0]", "method.e_layers=[1,2]")
+    overrides = (
+        *RUN_OVERRIDES,
+        "method=dualprompt",
+        "method.epochs=1",
+        "method.batch_size=8",
+        "method.g_layers=[0]",
+        "method.e_layers=[1,2]",
+    )
     first, run_dir = run_tiny(*overrides)
     second, _ = run_tiny(*overrides)
     assert first["status"] == "complete"

@@ -30,7 +30,9 @@ def test_subspace_weights_follow_forward_reweight() -> None:
     torch.testing.assert_close(weights, torch.tensor([[1, 0.05, 0.05], [0.05, 1, 0.05], [0.05, 0.05, 1]]))
     with_ptm = subspace_weights(torch.tensor([0, 1]), 3, current_task=1, alpha=0.1, beta=0.5, offset=1)
     torch.testing.assert_close(with_ptm, torch.tensor([[0.5, 1, 0.1], [0.5, 0.1, 1]]))
-    assert subspace_weights(torch.tensor([0]), 1, current_task=0, alpha=0.1, beta=0, offset=0).tolist() == [[1.0]]
+    assert subspace_weights(torch.tensor([0]), 1, current_task=0, alpha=0.1, beta=0, offset=0).tolist() == [
+        [1.0]
+    ]
 
 
 def test_reweighted_logits_sum_weighted_cosines_per_subspace() -> None:
@@ -38,11 +40,19 @@ def test_reweighted_logits_sum_weighted_cosines_per_subspace() -> None:
     features, prototypes, weights = torch.randn(4, 3, 5), torch.randn(2, 3, 5), torch.rand(2, 3)
     expected = torch.tensor(
         [
-            [sum(float(weights[c, s] * F.cosine_similarity(features[b, s], prototypes[c, s], dim=0)) for s in range(3)) for c in range(2)]
+            [
+                sum(
+                    float(weights[c, s] * F.cosine_similarity(features[b, s], prototypes[c, s], dim=0))
+                    for s in range(3)
+                )
+                for c in range(2)
+            ]
             for b in range(4)
         ]
     )
-    torch.testing.assert_close(reweighted_logits(features, prototypes, weights), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        reweighted_logits(features, prototypes, weights), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,10 @@ def two_tasks() -> dict:
     frozen = {k: v.clone() for k, v in module.backbone.state_dict().items() if ".adapters." not in k}
     tasks = scenario()
     fit(module, context(0, tasks, task_data(0)))
-    first = snapshot(p for bank in module.banks for p in bank.adapters[0].parameters()), module.prototypes.clone()
+    first = (
+        snapshot(p for bank in module.banks for p in bank.adapters[0].parameters()),
+        module.prototypes.clone(),
+    )
     fit(module, context(1, tasks, task_data(1)))
     return {"module": module, "frozen": frozen, "first": first, "scenario": tasks}
 
@@ -70,13 +83,19 @@ def test_frozen_parts_stay_bit_identical_and_each_task_trains_its_adapter(two_ta
 def test_prototypes_are_class_means_per_subspace_and_old_ones_are_complemented(two_tasks: dict) -> None:
     module = two_tasks["module"].eval()
     assert module.prototypes.shape == (6, 2, 32) and module.class_tasks.tolist() == [0, 0, 0, 1, 1, 1]
-    torch.testing.assert_close(module.prototypes[:3, 0], two_tasks["first"][1][:, 0])  # unchanged in its subspace
+    torch.testing.assert_close(
+        module.prototypes[:3, 0], two_tasks["first"][1][:, 0]
+    )  # unchanged in its subspace
     data = task_data(1)
     with torch.no_grad():
         features = module.subspace_features(data.tensors[0])
     for c in range(3, 6):
-        torch.testing.assert_close(module.prototypes[c], features[data.tensors[1] == c].mean(0), rtol=1e-4, atol=1e-5)
-    expected = complement_prototypes(module.prototypes[:3, 0], module.prototypes[3:, 0], module.prototypes[3:, 1])
+        torch.testing.assert_close(
+            module.prototypes[c], features[data.tensors[1] == c].mean(0), rtol=1e-4, atol=1e-5
+        )
+    expected = complement_prototypes(
+        module.prototypes[:3, 0], module.prototypes[3:, 0], module.prototypes[3:, 1]
+    )
     torch.testing.assert_close(module.prototypes[:3, 1], expected)
 
 
@@ -109,7 +128,14 @@ def test_bad_options() -> None:
 
 
 def test_runner_runs_it_deterministically(run_tiny) -> None:
-    overrides = (*RUN_OVERRIDES, "method=ease", "method.epochs=1", "method.batch_size=8", "method.use_init_ptm=true", "method.beta=1.0")
+    overrides = (
+        *RUN_OVERRIDES,
+        "method=ease",
+        "method.epochs=1",
+        "method.batch_size=8",
+        "method.use_init_ptm=true",
+        "method.beta=1.0",
+    )
     first, _ = run_tiny(*overrides)
     second, _ = run_tiny(*overrides)
     assert first["status"] == "complete" and first["acc_matrix"] == second["acc_matrix"]

@@ -83,3 +83,35 @@ def test_runner_runs_it_deterministically(run_tiny) -> None:
     second, _ = run_tiny(*overrides)
     assert first["status"] == "complete" and "task_selection_acc" not in first.get("extra_matrices", {})
     assert first["acc_matrix"] == second["acc_matrix"]
+
+
+def test_the_gradient_norm_is_clipped_before_each_step() -> None:
+    """SGD with lr 1 and one step: the parameters move by exactly the clipped gradient (norm 1e-3)."""
+    pl.seed_everything(0, verbose=False)
+    module = L2P(
+        tiny_vit(),
+        pool_size=4,
+        prompt_length=2,
+        top_k=2,
+        optimizer="sgd",
+        momentum=0.0,
+        lr=1.0,
+        clip_grad_norm=1e-3,
+        epochs=1,
+        batch_size=48,
+    )
+    ctx = context(0, scenario(), task_data(0))
+    module.on_task_start(ctx)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    before = snapshot(trainable)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, train_dataloaders=ctx.loader(ctx.train_set, 48, shuffle=True))  # 48 images: one step
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(trainable, before, strict=True)))
+    assert float(moved) == pytest.approx(1e-3, rel=1e-3)

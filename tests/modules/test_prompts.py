@@ -33,8 +33,10 @@ def vit():
     return timm_vit(TimmBackbone("vit_tiny_patch16_224", model_kwargs=TINY_VIT)).eval()
 
 
-def manual_attention(attn, x: torch.Tensor, key_prefix: torch.Tensor, value_prefix: torch.Tensor) -> torch.Tensor:
-    """Multi-head attention written out with explicit softmax, keys ``[Pk; W_k x]``, values ``[Pv; W_v x]``."""
+def manual_attention(
+    attn, x: torch.Tensor, key_prefix: torch.Tensor, value_prefix: torch.Tensor
+) -> torch.Tensor:
+    """Multi-head attention with an explicit softmax, keys ``[Pk; W_k x]``, values ``[Pv; W_v x]``."""
     batch, tokens, dim = x.shape
     heads, head_dim = attn.num_heads, dim // attn.num_heads
     w_q, w_k, w_v = attn.qkv.weight.split(dim)
@@ -76,7 +78,9 @@ def test_a_prefix_whose_keys_score_minus_infinity_leaves_the_block_unchanged(vit
         far = block_forward(block, x, (key_prefix, torch.randn(2, 1, 32) * 100))
         assert (query_dirs.reshape(2, 5, heads, -1) * query_dirs.mean(dim=1, keepdim=True)).sum(-1).min() > 0
         torch.testing.assert_close(far, block(x), rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(block_forward(block, x, (torch.randn(2, 1, 32), torch.randn(2, 1, 32))), block(x))
+        assert not torch.allclose(
+            block_forward(block, x, (torch.randn(2, 1, 32), torch.randn(2, 1, 32))), block(x)
+        )
 
 
 def test_no_prompts_gives_the_pre_trained_forward_and_input_prompts_follow_l2p(vit) -> None:
@@ -165,7 +169,10 @@ def test_coda_attention_weights_match_the_formula_and_are_differentiable() -> No
     attention = torch.randn(3, 5, requires_grad=True)
     alpha = coda_attention_weights(queries, keys, attention)
     expected = torch.tensor(
-        [[float(F.cosine_similarity(queries[b] * attention[m], keys[m], dim=0)) for m in range(3)] for b in range(2)]
+        [
+            [float(F.cosine_similarity(queries[b] * attention[m], keys[m], dim=0)) for m in range(3)]
+            for b in range(2)
+        ]
     )
     torch.testing.assert_close(alpha.detach(), expected, rtol=1e-5, atol=1e-6)
     alpha.sum().backward()
