@@ -1,20 +1,38 @@
-"""``cl-bench``: the Hydra entry point. ``cl-bench --help`` lists the config groups and their options."""
+"""``cl-bench``: the Hydra entry point. ``cl-bench --help`` lists the config groups and their options.
+
+Nothing here imports torch at module level: ``--help``, ``--cfg`` and shell completion start in well under two
+seconds, and a run imports the training stack only when it starts.
+
+Errors a user can fix end the command with one message and exit status 2: a misspelt group option lists the
+close matches, a key set for a method (or dataset, backbone) that lacks it names the options that have it.
+In a sweep (``-m``) a failing job writes ``error.txt`` in its folder and the sweep goes on; a job whose method
+cannot run on the backbone writes ``skipped.txt``; the summary at the end (:mod:`cl_bench.sweeps`) lists both,
+and the command exits with status 1 if a job failed.
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 import sys
+import traceback
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-import cl_bench.config  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
-from cl_bench import distributed
+import cl_bench.config  # noqa: F401  (registers the schemas and the budget resolver)
+from cl_bench import sweeps
+from cl_bench.compatibility import UnsupportedBackboneError
+from cl_bench.config import options_with_key
 from cl_bench.errors import ClBenchError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+#: Groups whose keys differ between options (a struct error there names the options that have the key).
+TARGET_GROUPS = ("method", "dataset", "backbone")
 log = logging.getLogger("cl_bench")
 
 
@@ -46,21 +64,182 @@ def format_report(doc: dict[str, Any], run_dir: str) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def _record(name: str, text: str) -> None:
+    """Write ``name`` (``error.txt`` or ``skipped.txt``) in this sweep job's folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cl_bench import distributed
+
+    if distributed.is_main_process():
+        Path(HydraConfig.get().runtime.output_dir, name).write_text(text)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """One experiment (a Hydra job): the results document, or ``None`` for a failed or skipped sweep job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from cl_bench import distributed
     from cl_bench.runner import resolve_run_dir, run_experiment
 
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         doc = run_experiment(cfg)
+    except UnsupportedBackboneError as exc:
+        if not in_sweep:
+            print(f"cl-bench: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        log.warning("skipped: %s", exc)
+        _record(sweeps.SKIPPED_FILE, f"{exc}\n")
+        return None
     except ClBenchError as exc:
         log.error("%s", exc)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep goes on with its other jobs and reports this one as failed
-        print(f"cl-bench: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not in_sweep:
+            print(f"cl-bench: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        _record(sweeps.ERROR_FILE, f"{exc}\n")
+        return None
+    except Exception as exc:
+        if not in_sweep:
+            raise
+        log.exception("the job failed")  # into the job's log; the sweep goes on with its other jobs
+        _record(sweeps.ERROR_FILE, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        return None
     if distributed.is_main_process():
         print(format_report(doc, str(resolve_run_dir(cfg))))
     return doc
+
+
+_hydra_main = hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(run)
+
+
+def _search_roots(message: str) -> list[Path]:
+    """The config folders of Hydra's search path, as its error messages list them."""
+    roots = []
+    for line in message.splitlines():
+        if "path=" not in line:
+            continue
+        path = line.split("path=", 1)[1].strip()
+        if path.startswith("file://"):
+            roots.append(Path(path[len("file://") :]))
+        elif path.startswith("pkg://"):
+            module, _, sub = path[len("pkg://") :].partition("/")
+            try:
+                roots.append(Path(str(resources.files(module))) / sub)
+            except (ImportError, TypeError):
+                continue
+    return roots
+
+
+def missing_option_message(missing: str, message: str) -> str | None:
+    """``experiment=slca/cifar``: no such option, with the close matches among the group's options."""
+    roots = _search_roots(message)
+    parts = missing.split("/")
+    for i in range(1, len(parts)):
+        group = "/".join(parts[:i])
+        folders = [r / group for r in roots if (r / group).is_dir()]
+        if folders:
+            name = "/".join(parts[i:])
+            options = sorted(
+                {p.relative_to(f).with_suffix("").as_posix() for f in folders for p in f.rglob("*.yaml")}
+            )
+            close = difflib.get_close_matches(name, options, n=5, cutoff=0.5)
+            text = f"{group}={name}: no such {group}."
+            if close:
+                text += f" Close matches: {', '.join(close)}."
+            return text + f" All options: {', '.join(options)}."
+    return None
+
+
+def struct_key_message(full_key: str) -> str | None:
+    """``method.epochs=2`` for a method without ``epochs``: which options of the group have the key."""
+    group, _, key = full_key.partition(".")
+    if group not in TARGET_GROUPS or not key or "." in key:
+        return None
+    owners = options_with_key(group, key)
+    if not owners:
+        return None
+    text = (
+        f"{full_key}: the {group} of this run (or of some jobs of the sweep) has no key {key!r}; "
+        f"the {group} options that have it: {', '.join(owners)}. Set it only for those (e.g. one sweep per "
+        f"{group})"
+    )
+    if group == "method" and key in cl_bench.config.BudgetConfig.__dataclass_fields__:
+        text += f", or set budget.{key}=VALUE: the training budget of every method that has the key"
+    return text + "."
+
+
+def explain(exc: Exception) -> str | None:
+    """A one-paragraph message for a Hydra composition error a user can fix, else ``None``."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        return missing_option_message(exc.missing_cfg_file, str(exc))
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and "not in struct" in str(cause) and cause.full_key:
+        return struct_key_message(str(cause.full_key))
+    return None
+
+
+#: The groups ``--help`` lists, in this order.
+HELP_GROUPS = (
+    "protocol",
+    "experiment",
+    "method",
+    "dataset",
+    "backbone",
+    "scenario",
+    "trainer",
+    "logger",
+    "paths",
+    "launcher",
+    "sweep",
+)
+
+
+def help_text() -> str:
+    """``cl-bench --help``: the shipped options of every group, read from the config folder (Hydra's own help
+    builds a config repository per group and takes seconds)."""
+    lines = [
+        "cl-bench: one continual experiment; -m runs a sweep.",
+        "usage: cl-bench [GROUP=OPTION] [KEY=VALUE] ...   e.g. cl-bench protocol=slca/cifar100 method=seq_ft",
+        "",
+        f"== Configuration groups == (files in {CONFIG_DIR}/<group>/; add your own with --config-dir DIR)",
+    ]
+    root = Path(CONFIG_DIR)
+    for group in HELP_GROUPS:
+        names = sorted(
+            p.relative_to(root / group).with_suffix("").as_posix() for p in (root / group).rglob("*.yaml")
+        )
+        lines.append(f"{group}: {', '.join(names)}")
+    lines += [
+        "tuned: the values a paper tuned for its method in a protocol (tuned/<method>/<protocol>.yaml),",
+        "       applied automatically when that method runs in that protocol",
+        "",
+        "== Other flags ==",
+        "--cfg job [--resolve]   print the composed config instead of running (with the overrides given)",
+        "--config-dir DIR        add a folder of your own presets (same layout as above)",
+        "-m / --multirun         sweep: comma-separated values, glob(...), sweep=all_methods|seeds_x_orders",
+        "--hydra-help            Hydra's own options (launchers, logging, output folders)",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """The ``cl-bench`` command."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
+    from hydra.errors import CompactHydraException
+
+    # Hydra then raises composition errors here instead of printing them, so they can be explained.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _hydra_main()
+    except CompactHydraException as exc:  # bad overrides or config files: no traceback
+        text = explain(exc) or "\n".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+        print(f"cl-bench: error: {text}", file=sys.stderr)
+        sys.exit(2)
+    if any(o.status == "failed" for o in sweeps.last_outcomes):
+        sys.exit(1)

@@ -2,9 +2,9 @@
 
 Two kinds of config group exist:
 
-* *Schema groups* (``scenario``, ``trainer``, ``logger``, ``paths``, ``transform``) are typed dataclasses
-  registered in Hydra's ConfigStore as the base of ``cl_bench/conf/config.yaml``: a misspelt key or a wrongly typed
-  value fails while Hydra composes the config, with a message naming the key.
+* *Schema groups* (``scenario``, ``trainer``, ``logger``, ``paths``, ``transform``, ``budget``) are typed
+  dataclasses registered in Hydra's ConfigStore as the base of ``cl_bench/conf/config.yaml``: a misspelt key
+  or a wrongly typed value fails while Hydra composes the config, with a message naming the key.
 * *Target groups* (``dataset``, ``backbone``, ``method``) name the Python callable that builds them with
   ``_target_`` and carry its keyword arguments. :func:`validate_config` checks every key against the
   callable's signature and type hints before any data is loaded, so a typo in a YAML file or a ``+key=``
@@ -13,6 +13,8 @@ Two kinds of config group exist:
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import types
 import typing
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import MISSING as MISSING_FACTORY
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -28,6 +31,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from cl_bench.errors import ConfigError
 
+#: The configs shipped inside the package (``cl_bench/conf``).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 #: Keys of a target group that are not arguments of its callable (``name`` is passed on only to callables
 #: that take a ``name`` argument, such as the timm backbone).
 RESERVED_KEYS = ("_target_", "name")
@@ -137,6 +142,20 @@ class TransformConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """The training budget a protocol (``protocol=``) gives every method that trains; ``null``: each method's
+    own value. A method config reads them as ``${budget:KEY,DEFAULT}``, so ``budget.epochs=1`` shortens every
+    method of a sweep while ``method.epochs=1`` still sets one method's value."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    scheduler: str | None = None
+
+
+@dataclass
 class RunConfig:
     """The whole run. ``dataset``, ``backbone`` and ``method`` are target groups (see module docstring)."""
 
@@ -148,6 +167,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     seed: int = 0
     #: Save the final model state (``final_model.pt``) in the run folder.
     save_model: bool = True
@@ -158,10 +178,18 @@ class RunConfig:
     resume: str = "auto"
 
 
+def budget_value(key: str, default: Any, *, _root_: DictConfig) -> Any:
+    """``${budget:KEY,DEFAULT}``: the protocol's ``budget.KEY``, or ``DEFAULT`` where it is null or absent."""
+    value = OmegaConf.select(_root_, f"budget.{key}", default=None)
+    return default if value is None else value
+
+
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (``cl_bench/conf/config.yaml`` lists ``base_config`` first)."""
+    """Register the schemas with Hydra's ConfigStore (``cl_bench/conf/config.yaml`` lists ``base_config``
+    first) and the ``budget`` resolver that method configs use."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
+    OmegaConf.register_new_resolver("budget", budget_value, replace=True)
 
 
 register_configs()
@@ -265,11 +293,7 @@ def validate_target_group(group: str, section: DictConfig) -> None:
         if key in injected:
             raise ConfigError(f"{group}.{key} is set by the runner; remove it from the {group} config")
         if key not in params and not accepts_any:
-            valid = ", ".join(sorted(params)) or "(none)"
-            raise ConfigError(
-                f"unknown key {group}.{key} for {section._target_}; valid keys: {valid}. "
-                "Check the spelling in the config file or on the command line."
-            )
+            raise ConfigError(unknown_key_message(group, key, section, sorted(params)))
     for name, p in params.items():
         present = name in section.keys()
         if (present and OmegaConf.is_missing(section, name)) or (not present and p.default is p.empty):
@@ -285,6 +309,38 @@ def validate_target_group(group: str, section: DictConfig) -> None:
         hint = hints.get(name, inspect.Parameter.empty)
         if not _type_matches(value, hint):
             raise ConfigError(f"{group}.{name}={value!r} has the wrong type: expected {_hint_name(hint)}")
+
+
+def options_with_key(group: str, key: str) -> list[str]:
+    """The shipped options of ``group`` whose config file has ``key``."""
+    return sorted(name for name, keys in _group_keys(group).items() if key in keys)
+
+
+@functools.lru_cache(maxsize=8)
+def _group_keys(group: str) -> dict[str, frozenset[str]]:
+    folder = CONF_DIR / group
+    return {p.stem: frozenset(OmegaConf.load(p).keys()) for p in sorted(folder.glob("*.yaml"))}  # type: ignore[misc]
+
+
+def unknown_key_message(group: str, key: str, section: DictConfig, valid: list[str]) -> str:
+    """Why ``group.key`` is not accepted: the options that have it, or the close matches of a misspelling."""
+    name = section.get("name", section._target_)
+    owners = options_with_key(group, key)
+    if owners:
+        message = (
+            f"{group}.{key} is not a setting of {group}={name}; the {group} options that have it: "
+            f"{', '.join(owners)}. Set it only where it applies (e.g. one sweep per {group})"
+        )
+        if group == "method" and key in BudgetConfig.__dataclass_fields__:
+            message += f", or set budget.{key}=VALUE: the training budget of every method that has the key"
+        return message + "."
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {' or '.join(f'{group}.{c}' for c in close)}?" if close else ""
+    return (
+        f"unknown key {group}.{key} for {section._target_}; valid keys: {', '.join(valid) or '(none)'}."
+        f"{hint} "
+        "Check the spelling in the config file or on the command line."
+    )
 
 
 def _hint_name(hint: Any) -> str:
@@ -308,12 +364,17 @@ def _check_schema_keys(cfg: DictConfig) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Validate the target groups and cross-field rules before any compute (schema groups are typed)."""
+    """Validate the target groups, the method's fit to the backbone (:mod:`cl_bench.compatibility`) and
+    cross-field rules before any compute (schema groups are typed)."""
+    from cl_bench.compatibility import check_method_fits_backbone, method_settings
+
     _check_schema_keys(cfg)
     for group in TARGET_GROUPS:
         if group not in cfg or not isinstance(cfg[group], DictConfig):
             raise ConfigError(f"no {group} selected: add {group}=NAME (see conf/{group}/ for the options)")
         validate_target_group(group, cfg[group])
+    method_cls = resolve_target("method", cfg.method)
+    check_method_fits_backbone(cfg, method_cls, method_settings(cfg.method, target_parameters(method_cls)[0]))
     sc = cfg.scenario
     if sc.n_tasks is None and sc.init_classes is None:
         raise ConfigError("scenario: set scenario.n_tasks, or scenario.init_classes (and scenario.increment)")

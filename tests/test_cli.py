@@ -103,7 +103,8 @@ def test_multirun_sweeps_seeds(tmp_path: Path) -> None:
 def test_unknown_method_lists_the_options(tmp_path: Path) -> None:
     out = cl_bench("method=sequential", cwd=tmp_path)
     assert out.returncode != 0
-    assert "method/sequential" in out.stderr and "seq_ft" in out.stderr and "simplecil" in out.stderr
+    assert out.returncode == 2 and "method=sequential: no such method" in out.stderr
+    assert "seq_ft" in out.stderr and "simplecil" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_bad_input_exits_with_a_one_line_error(tmp_path: Path) -> None:
@@ -116,3 +117,41 @@ def test_bad_input_exits_with_a_one_line_error(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "cl-bench: error: npz dataset file not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_imports_no_torch(tmp_path: Path) -> None:
+    """``cl-bench --help`` (and shell completion, the same path) must not pay for importing torch."""
+    code = (
+        "import sys\nsys.argv = ['cl-bench', '--help']\nfrom cl_bench.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert "== Configuration groups ==" in out.stdout and "protocol: cifar100_b50_vit_tiny" in out.stdout
+    assert out.stdout.strip().endswith("TORCH False"), out.stdout[-500:] + out.stderr[-2000:]
+
+
+def test_a_misspelt_preset_fails_at_once_with_close_matches(tmp_path: Path) -> None:
+    out = cl_bench("experiment=slca/cifar", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "experiment=slca/cifar: no such experiment. Close matches: slca/cifar100" in out.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing ran
+
+
+def test_a_method_key_swept_for_a_method_without_it_names_the_methods_that_have_it(tmp_path: Path) -> None:
+    out = cl_bench("-m", "method=seq_ft,simplecil", "method.epochs=2", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (
+        "method.epochs: the method of this run (or of some jobs of the sweep) has no key 'epochs'"
+        in out.stderr
+    )
+    assert "seq_ft" in out.stderr and "simplecil" not in out.stderr.split("have it:")[1]
+    assert "budget.epochs=VALUE" in out.stderr
+
+
+def test_a_method_that_cannot_run_on_the_backbone_stops_before_training(tmp_path: Path) -> None:
+    out = cl_bench("method=lnt", "logger.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "method=lnt cannot run on the backbone resnet20_cifar: it needs LayerNorm layers" in out.stderr
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -84,3 +84,141 @@ def test_a_sweeps_runs_share_one_wandb_group() -> None:
             assert wandb_group("dataset-group") == expected
     finally:
         HydraConfig.instance().cfg = None
+
+
+# ------------------------------------------------------------------------------ job folders, summary
+
+
+def test_job_folder_names_hold_only_the_varied_values_without_nesting() -> None:
+    from cl_bench.sweeps import MAX_SLUG, sweep_subdir, swept_keys
+
+    overrides = ["method=lwf", "seed=1", "backbone.checkpoint=/data/weights/vit.pth", "dataset=fake"]
+    varied, fixed = swept_keys(
+        ["method=seq_ft,lwf", "seed=0,1", "dataset=fake", "backbone.checkpoint=/a/b"], {}
+    )
+    assert varied == {"method", "seed"} and fixed == {"dataset", "backbone.checkpoint"}
+    assert sweep_subdir(3, overrides, list(fixed)) == "3_method=lwf,seed=1"
+    assert (
+        sweep_subdir(4, overrides, ["dataset"]) == "4_backbone.checkpoint=weights-vit.pth,method=lwf,seed=1"
+    )
+    assert sweep_subdir(0, overrides, ["dataset", "method", "seed", "backbone.checkpoint"]) == "0"
+    long = sweep_subdir(7, [f"method.k{i}={'x' * 20}" for i in range(5)], [])
+    assert "/" not in long and len(long) <= len("7_") + MAX_SLUG and long.count("~") == 1
+
+
+def test_a_sweep_presets_axis_counts_as_varied_unless_the_command_line_fixes_it() -> None:
+    from cl_bench.sweeps import swept_keys
+
+    assert swept_keys(["sweep=all_methods"], {"method": "glob(*)"})[0] == {"method"}
+    assert swept_keys(["seed=5"], {"seed": "0,1,2"}) == (set(), {"seed"})
+
+
+def test_summary_counts_complete_failed_and_skipped_jobs(tmp_path: Path) -> None:
+    import json
+
+    from cl_bench.sweeps import job_folders, job_outcome, summary
+
+    for name, files in {
+        "0_method=seq_ft": {"results.json": json.dumps({"status": "complete", "acc_matrix": [[1.0]]})},
+        "1_method=lwf": {"error.txt": "the training loss became nan at task 1\n\nTraceback ..."},
+        "2_method=confit": {"skipped.txt": "method=confit cannot run on the backbone vit\n"},
+        "10_method=er": {"results.json": json.dumps({"status": "incomplete", "acc_matrix": [[1.0]]})},
+        "11_method=si": {},
+        "12_method=mas": {"results.json": "{not json"},
+    }.items():
+        (tmp_path / name).mkdir()
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text)
+    folders = job_folders(tmp_path)
+    assert [f.name.split("_")[0] for f in folders] == ["0", "1", "2", "10", "11", "12"]
+    text = summary(tmp_path, [job_outcome(f) for f in folders])
+    assert text.splitlines()[0].endswith(
+        "6 jobs, 1 complete, 4 failed, 1 skipped (the method cannot run on the backbone)"
+    )
+    assert "1_method=lwf: the training loss became nan at task 1" in text and "Traceback" not in text
+    assert "stopped after 1 task(s)" in text and "no results.json" in text and "unreadable" in text
+    assert text.splitlines()[-1] == f"compare them: cl-bench-report {tmp_path} --out {tmp_path / 'report'}"
+
+
+#: A user's protocol outside the package (hydra.searchpath) for the tiny sweep: digits at 16 px, 2 tasks, one
+#: epoch, a 1-block ViT small enough for a CPU, and tuned values that keep the analytic heads tiny.
+TINY_PROTOCOL = """# @package _global_
+defaults:
+  - override /dataset: digits
+  - override /backbone: timm
+dataset:
+  size: 16
+backbone:
+  name: vit_tiny_patch16_224
+  pretrained: false
+  model_kwargs: {img_size: 16, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}
+transform:
+  input_size: 16
+budget:
+  epochs: 1
+  batch_size: 64
+scenario:
+  n_tasks: 2
+  order_seed: 0
+"""
+TINY_TUNED = {
+    "ranpac": "rp_dim: 64\n",
+    "safe": "rp_dim: 64\nlater_epochs: 1\n",
+    "slca": "ca_epochs: 1\nca_samples_per_class: 8\n",
+    "slca_pp": "ca_epochs: 1\nca_samples_per_class: 8\n",
+    "lwf": "warmup_epochs: 0\n",
+    "lnt": "rectification_epochs: 1\n",
+}
+
+
+@pytest.mark.slow
+def test_all_methods_sweep_finishes_every_job_the_backbone_allows(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    user = tmp_path / "my_configs"
+    (user / "protocol").mkdir(parents=True)
+    (user / "protocol" / "tiny_vit.yaml").write_text(TINY_PROTOCOL)
+    for method, text in TINY_TUNED.items():
+        (user / "tuned" / method).mkdir(parents=True)
+        (user / "tuned" / method / "tiny_vit.yaml").write_text(text)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cl_bench",
+            "-m",
+            "sweep=all_methods",
+            "protocol=tiny_vit",
+            f"hydra.searchpath=[file://{user}]",
+            "logger.mode=disabled",
+            "save_model=false",
+            "save_checkpoints=false",
+            "trainer.accelerator=cpu",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "out" / "multiruns").iterdir()
+    methods = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+    folders = sorted(d.name for d in sweep_dir.iterdir() if d.is_dir())
+    assert sorted(f.split("=", 1)[1] for f in folders) == methods  # "<n>_method=<name>", nothing else
+    done = {}
+    for folder in sweep_dir.iterdir():
+        if folder.is_dir():
+            assert (folder / ".hydra" / "overrides.yaml").is_file()
+            method = folder.name.split("=", 1)[1]
+            done[method] = (folder / "results.json").is_file() and json.loads(
+                (folder / "results.json").read_text()
+            )["status"] == "complete"
+            assert done[method] or (method == "confit" and (folder / "skipped.txt").is_file())
+    assert [m for m, ok in done.items() if not ok] == ["confit"]
+    assert f"{len(methods)} jobs, {len(methods) - 1} complete, 0 failed, 1 skipped" in out.stdout
+    assert f"cl-bench-report {sweep_dir}" in out.stdout

@@ -17,7 +17,7 @@ Generalizability and Adaptivity are All You Need" (IJCV 2024, arXiv 2303.07338; 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -34,6 +34,13 @@ class APER(FirstSessionPetl):
 
     Args: as :class:`~cl_bench.methods.ranpac.FirstSessionPetl` (``epochs`` are the first task's).
     """
+
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # the PET module
+
+    @classmethod
+    def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """``peft=none`` runs on any backbone."""
+        return cls.backbone_needs if settings["peft"] != "none" else frozenset()
 
     def __init__(self, backbone: Backbone, **first_session_args: Any) -> None:
         super().__init__(backbone, **first_session_args)

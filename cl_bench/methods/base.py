@@ -110,6 +110,14 @@ class ContinualModule(pl.LightningModule):
     task_conditioned: ClassVar[bool] = False
     #: ``predict`` returns the task chosen for each image (task-specific parameters picked at test time).
     selects_task: ClassVar[bool] = False
+    #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
+    #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
+    backbone_needs: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """The backbone traits needed with these keyword arguments (default: :attr:`backbone_needs`)."""
+        return cls.backbone_needs
 
     def __init__(
         self,

@@ -59,6 +59,8 @@ class ConFiT(ContinualModule):
         cil_bn: BN state used without a task id: ``shared`` or ``predicted_task``.
     """
 
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"conv_batchnorm"})  # Xconv BN, per-task BN
+
     task_conditioned: ClassVar[bool] = True
 
     def __init__(

@@ -49,7 +49,7 @@ Deviations from the official code (each with the switch that restores it, where 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,8 @@ class LayerNormTuning(ContinualModule):
         scheduler: only ``none`` (the official constant learning rate).
         loss_scope: ``task`` (official logit mask: the current task's classes) or ``seen``.
     """
+
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"layernorm"})  # one LayerNorm set per task
 
     task_conditioned = True
     selects_task = True

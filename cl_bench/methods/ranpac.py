@@ -20,7 +20,7 @@ the ridge logits does not change the argmax and is left out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -109,6 +109,13 @@ class RanPAC(FirstSessionPetl):
         rp_dim: ``M``, the random projection's width (0: none).
         ridge_exponents: ``[low, high]``: lambda is searched in ``10^low .. 10^high``.
     """
+
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # the PET module
+
+    @classmethod
+    def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """``peft=none`` runs on any backbone."""
+        return cls.backbone_needs if settings["peft"] != "none" else frozenset()
 
     def __init__(
         self,

@@ -47,7 +47,7 @@ Defaults are the released CIFAR-100 config (``args/cifar224_publish.csv``); the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,8 @@ class SAFE(ContinualModule):
         imprint_slow_protos: set the slow cosine head's new rows to class means (default: zero, as the code).
         share_forward_pass: reuse the CE pass's features for the extra losses (default: a second pass).
     """
+
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # its PET module (no peft=none)
 
     def __init__(
         self,

@@ -114,7 +114,7 @@ class SLCA(ContinualModule):
         scheduler: str = "multistep",
         loss_scope: str = "task",
         slow: bool = True,
-        milestones: list[int] | None = None,
+        milestones: tuple[int, ...] | list[int] = (18,),
         lr_decay: float = 0.1,
         eta_min: float = 0.0,
         freeze_old_heads: bool = True,
@@ -150,7 +150,7 @@ class SLCA(ContinualModule):
         )
         self.scheduler_name = scheduler
         self.slow = slow
-        self.milestones = [18] if milestones is None else list(milestones)
+        self.milestones = list(milestones)
         self.lr_decay = lr_decay
         self.eta_min = eta_min
         self.freeze_old_heads = freeze_old_heads

@@ -29,7 +29,7 @@ sequential fine-tuning is run with "a parameter-efficient strategy". The rest fo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -94,6 +94,13 @@ class SLCAPlusPlus(SLCA):
         feature_scale_jitter: width of the uniform jitter of the random shrink (code: 0.02).
     """
 
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # LoRA on attn.qkv, mlp.fc1/fc2
+
+    @classmethod
+    def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """``hybrid=false`` (no LoRA) runs on any backbone."""
+        return cls.backbone_needs if settings["hybrid"] else frozenset()
+
     def __init__(
         self,
         backbone: Backbone,
@@ -104,11 +111,11 @@ class SLCAPlusPlus(SLCA):
         hybrid: bool = True,
         lora_rank: int = 4,
         lora_scale: float = 0.8,
-        lora_targets: list[str] | None = None,
+        lora_targets: tuple[str, ...] | list[str] = ("attn.qkv", "mlp.fc1", "mlp.fc2"),
         lora_init: str = "svd",
         lora_lr_first_task: float = 5e-3,
         lora_lr: float | None = None,
-        trainable: list[str] | None = None,
+        trainable: tuple[str, ...] | list[str] = ("norm", "bias", "cls_token", "lora"),
         sce_alpha: float = 1.0,
         sce_beta: float = 0.1,
         feature_scale_mu: float = 0.02,
@@ -132,8 +139,8 @@ class SLCAPlusPlus(SLCA):
             **slca_args,
         )
         self.hybrid = hybrid
-        self.lora_targets = ["attn.qkv", "mlp.fc1", "mlp.fc2"] if lora_targets is None else list(lora_targets)
-        self.trainable = ["norm", "bias", "cls_token", "lora"] if trainable is None else list(trainable)
+        self.lora_targets = list(lora_targets)
+        self.trainable = list(trainable)
         self.lora_lr_first_task = lora_lr_first_task if self.slow else self.lr
         self.lora_lr = self.backbone_lr if lora_lr is None or not self.slow else lora_lr
         self.sce_alpha = sce_alpha

@@ -1,0 +1,108 @@
+"""Which backbones a method can run on.
+
+A method declares the backbone traits it cannot run without (``ContinualModule.backbone_needs``, narrowed
+by its settings in ``ContinualModule.needs``); a backbone has the traits its module structure shows
+(:func:`traits_of`). :func:`check_method_fits_backbone` compares the two before any data is loaded, from the
+backbone's architecture built without weights on PyTorch's meta device: a single run stops with
+:class:`UnsupportedBackboneError`, a sweep records the job as skipped (:mod:`cl_bench.sweeps`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench.errors import ConfigError
+
+#: Every trait a method may need, with what it means.
+BACKBONE_TRAITS: dict[str, str] = {
+    "conv_batchnorm": "convolutions followed by BatchNorm layers (a CNN such as a ResNet)",
+    "layernorm": "LayerNorm layers with a scale and a bias (a transformer)",
+    "vit_blocks": "timm ViT blocks (patch embedding; norm1/attn/norm2/mlp) for adapters, SSF, prompts, LoRA",
+}
+
+
+class UnsupportedBackboneError(ConfigError):
+    """The method needs a backbone trait that the chosen backbone lacks."""
+
+
+def traits_of(backbone: Any) -> frozenset[str]:
+    """The traits (:data:`BACKBONE_TRAITS`) that ``backbone``'s modules show."""
+    from torch import nn
+
+    modules = list(backbone.modules())
+    traits = set()
+    if any(isinstance(m, nn.Conv2d) for m in modules) and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules
+    ):
+        traits.add("conv_batchnorm")
+    if any(isinstance(m, nn.LayerNorm) and m.elementwise_affine for m in modules):
+        traits.add("layernorm")
+    model = getattr(backbone, "model", None)
+    blocks = list(getattr(model, "blocks", None) or [])
+    if hasattr(model, "patch_embed") and blocks:
+        if all(all(hasattr(b, a) for a in ("norm1", "attn", "norm2", "mlp")) for b in blocks):
+            traits.add("vit_blocks")
+    return frozenset(traits)
+
+
+@functools.lru_cache(maxsize=64)
+def _traits_from_json(target: str, kwargs_json: str) -> frozenset[str] | None:
+    import torch
+    from hydra.utils import get_object
+
+    fn = get_object(target)
+    kwargs = json.loads(kwargs_json)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "randomly initialised" warnings of the weightless build
+    try:
+        with torch.device("meta"):
+            return traits_of(fn(**kwargs))
+    except Exception:  # a backbone that cannot be built without its files: the run itself will tell
+        return None
+    finally:
+        logging.disable(previous)
+
+
+def backbone_traits(section: DictConfig) -> frozenset[str] | None:
+    """Traits of the backbone a ``backbone`` config describes (its architecture, no weights, no download);
+    ``None`` where it cannot be built that way."""
+    from cl_bench.config import resolve_target, target_kwargs, target_parameters
+
+    fn = resolve_target("backbone", section)
+    params, _, _ = target_parameters(fn)
+    kwargs = target_kwargs(fn, section)
+    kwargs.update({k: v for k, v in (("checkpoint", None), ("pretrained", False)) if k in params})
+    return _traits_from_json(section._target_, json.dumps(kwargs, sort_keys=True, default=str))
+
+
+def check_method_fits_backbone(cfg: DictConfig, method_cls: type, settings: dict[str, Any]) -> None:
+    """Raise :class:`UnsupportedBackboneError` if the method, with these settings, needs a trait the backbone
+    lacks (nothing is checked for a backbone that cannot be built on the meta device)."""
+    needs = getattr(method_cls, "needs", None)
+    required = frozenset(needs(settings)) if needs is not None else frozenset()
+    if not required:
+        return
+    traits = backbone_traits(cfg.backbone)
+    if traits is None or required <= traits:
+        return
+    missing = sorted(required - traits)
+    method = cfg.method.get("name", method_cls.__name__)
+    backbone = cfg.backbone.get("name", cfg.backbone._target_)
+    raise UnsupportedBackboneError(
+        f"method={method} cannot run on the backbone {backbone}: it needs "
+        + "; ".join(BACKBONE_TRAITS[t] for t in missing)
+        + ". Choose another backbone (or protocol), or leave this method out of the sweep."
+    )
+
+
+def method_settings(section: DictConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """The method's keyword arguments: its signature's defaults updated with the config's values."""
+    values = OmegaConf.to_container(section, resolve=True)
+    assert isinstance(values, dict)
+    defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    return {**defaults, **{k: v for k, v in values.items() if k not in ("_target_", "name")}}
