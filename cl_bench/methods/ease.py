@@ -31,7 +31,7 @@ written for 768-d features (``out_dim=768`` default); here the subspace width is
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,9 @@ class EASE(ContinualModule):
         proxy_sigma: initial scale of the training-time cosine head (1).
     """
 
+    #: The adapters sit in timm ViT blocks.
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})
+
     def __init__(
         self,
         backbone: Backbone,
@@ -155,7 +158,6 @@ class EASE(ContinualModule):
         weight_decay: float = 5e-4,
         scheduler: str = "cosine",
         loss_scope: str = "task",
-        **base_args: Any,
     ) -> None:
         if adapter_bottleneck < 1 or not 0.0 <= adapter_dropout < 1.0:
             raise ConfigError("method.adapter_bottleneck must be >= 1 and method.adapter_dropout in [0, 1)")
@@ -174,7 +176,6 @@ class EASE(ContinualModule):
             weight_decay=weight_decay,
             scheduler=scheduler,
             loss_scope=loss_scope,
-            **base_args,
         )
         vit = timm_vit(backbone)
         dim = int(vit.embed_dim)

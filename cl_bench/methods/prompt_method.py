@@ -9,7 +9,7 @@ model twice: once without prompts for the query (the [CLS] token after the final
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,25 +23,45 @@ from cl_bench.modules.prompts import timm_vit
 class PromptMethod(ContinualModule):
     """A frozen ViT with learnable prompts and a growing linear head.
 
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s):
+    Args (as :class:`~cl_bench.methods.base.ContinualModule`'s, without ``backbone_lr``: the backbone is
+    frozen; defaults: the official codes' Adam without weight decay at a constant learning rate):
         clip_grad_norm: clip the gradient's global norm to this value before each step (official
             l2p-/dualprompt-pytorch ``clip_grad`` 1.0); ``None``: no clipping (CODA-Prompt).
         loss_scope: ``task`` (default, the official ``train_mask``: logits of the other tasks' classes
             masked out of the cross-entropy) or ``seen``.
     """
 
+    #: Prompts are placed in timm ViT blocks.
+    backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})
+
     def __init__(
         self,
         backbone: Backbone,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
         clip_grad_norm: float | None = 1.0,
         loss_scope: str = "task",
-        **base_args: Any,
     ) -> None:
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ConfigError(
                 f"method.clip_grad_norm={clip_grad_norm}: use a positive norm or null (no clipping)"
             )
-        super().__init__(backbone, loss_scope=loss_scope, **base_args)
+        super().__init__(
+            backbone,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            loss_scope=loss_scope,
+        )
         self.vit = timm_vit(backbone)
         self.backbone.requires_grad_(False)
         self.backbone.eval()

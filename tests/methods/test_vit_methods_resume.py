@@ -10,6 +10,7 @@ import pytest
 from tiny_vit_tasks import RUN_OVERRIDES
 
 import cl_bench.runner as runner
+from cl_bench.methods.base import TaskContext
 
 METHODS = {
     "l2p": ("method=l2p", "method.pool_size=4", "method.top_k=2"),
@@ -33,10 +34,11 @@ def test_killed_run_resumes_with_the_same_results(run_tiny, tmp_path: Path, monk
     run_dir = tmp_path / "preempted"
     learn_task = runner.learn_task
 
-    def learn_or_die(cfg, module, ctx, *args, **kwargs):
+    def learn_or_die(*args, **kwargs):
+        (ctx,) = [a for a in args if isinstance(a, TaskContext)]
         if ctx.task.index == 2:
             raise Killed
-        return learn_task(cfg, module, ctx, *args, **kwargs)
+        return learn_task(*args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(runner, "learn_task", learn_or_die)
