@@ -9,7 +9,7 @@ model twice: once without prompts for the query (the [CLS] token after the final
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
