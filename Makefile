@@ -1,4 +1,5 @@
-# Fresh machine: `make run` (installs into .venv if needed, runs the offline quickstart) and `make test`.
+# Fresh machine: `make run` (installs into .venv if needed, runs the offline quickstart) and `make test`
+# (fast tests) or `make test-all`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 #   make install TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-all lint clean
 
 install: $(STAMP)
 
@@ -21,7 +22,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/cl-bench
 
+# The fast lane (no subprocess, DDP, kill or browser tests); test-all runs everything (CI: .ci/run).
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -8,9 +8,10 @@
 For methods with a frozen backbone, test embeddings are computed once per task and reused after every later
 task, so the backbone sees each test image once per run instead of once per evaluation.
 
-Methods that choose task-specific parameters per image (``ContinualModule.predict`` returns the chosen
+The evaluator reads the method's :class:`~cl_bench.methods.base.Capabilities` and nothing else about it.
+Methods that choose task-specific parameters per image (``selects_task``: ``predict`` returns the chosen
 task) also get a task-selection accuracy: the percentage of task ``j``'s test images for which task ``j``
-was chosen.
+was chosen; alternative predictions (``Prediction.alternatives``) get ``<name>_acc`` rows.
 
 Under DDP every process evaluates its share of the test batches and the counts are summed, so every
 process gets the whole test set's accuracies (:mod:`cl_bench.distributed`).
@@ -29,7 +30,7 @@ from cl_bench import distributed
 from cl_bench.methods.base import ContinualModule, autocast
 from cl_bench.scenario import Scenario
 
-#: A method's named alternative logits for one batch (``ContinualModule.alternative_logits``).
+#: A method's named alternative logits for one batch (``Prediction.alternatives``).
 Alternatives = dict[str, torch.Tensor]
 
 #: Name of the task-selection accuracy among :attr:`EvaluationRows.extra`.
@@ -76,7 +77,7 @@ class Evaluator:
     def _cached_features(self, module: ContinualModule, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         if any(p.requires_grad for p in module.backbone.parameters()):
             raise RuntimeError(
-                f"{type(module).__name__} sets frozen_backbone but its backbone has trainable parameters"
+                f"{type(module).__name__} declares a frozen backbone but it has trainable parameters"
             )
         if j not in self._features:
             batches = []
@@ -93,24 +94,24 @@ class Evaluator:
         """Yield ``(cil_logits, til_logits, labels, chosen_tasks or None, alternative_logits)`` per batch of
         task ``j``'s test set."""
         device = module.device
-        if module.frozen_backbone:
+        capabilities = module.capabilities
+        if capabilities.frozen_backbone:
             feats, labels = self._cached_features(module, j)
             starts = range(0, len(labels), self.batch_size)  # under DDP: this process's share
             for k in starts[distributed.rank() :: distributed.world_size()]:
                 f = feats[k : k + self.batch_size].to(device)
                 with autocast(device, self.autocast_dtype):
                     cil = module.classify(f).float()
-                    til = module.classify(f, task=j).float() if module.task_conditioned else cil
+                    til = module.classify(f, task=j).float() if capabilities.task_conditioned else cil
                 yield cil, til, labels[k : k + self.batch_size].to(device), None, {}
             return
         for x, y in self._loader(j):
             x = x.to(device)
             with autocast(device, self.autocast_dtype):
-                cil, chosen = module.predict(x)
-                cil = cil.float()
-                alternatives = module.alternative_logits(x)
-                til = module(x, task=j).float() if module.task_conditioned else cil
-            yield cil, til, y.to(device), chosen, alternatives
+                prediction = module.predict(x)
+                cil = prediction.logits.float()
+                til = module(x, task=j).float() if capabilities.task_conditioned else cil
+            yield cil, til, y.to(device), prediction.chosen_task, prediction.alternatives
 
     def _within_task(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Logits with every class outside each image's task set to ``-inf``."""
@@ -154,7 +155,8 @@ class Evaluator:
             for name, hits in sorted(alternative_correct.items()):
                 row = alternative_rows.setdefault(name, [float("nan")] * j)  # nan: absent on earlier tasks
                 row.append(100.0 * hits / max(total, 1))
-        if module.selects_task and not module.frozen_backbone:  # frozen: cached features, no predict
+        capabilities = module.capabilities
+        if capabilities.selects_task and not capabilities.frozen_backbone:  # frozen: cached features
             rows.extra[TASK_SELECTION] = selection_row
         for name, row in alternative_rows.items():  # a name missing for some tasks has no row
             if len(row) == upto + 1 and not any(math.isnan(v) for v in row):

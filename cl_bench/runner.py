@@ -1,8 +1,13 @@
-"""One continual experiment: build data, scenario, backbone and method, then learn the tasks in order.
+"""One continual experiment: build it from the config, then learn and evaluate the tasks in order.
 
 After each task the method is evaluated on every seen task's test set and ``results.json`` is rewritten
 (``status: incomplete``), so an error or a kill never loses the finished tasks; ``checkpoint.pt`` then lets
 the same command resume at the next task (:mod:`cl_bench.checkpointing`).
+
+The pieces live in their own modules: :mod:`cl_bench.experiment` builds the experiment,
+:mod:`cl_bench.run_folder` owns the run folder (resume lookup, environment facts, final model),
+:mod:`cl_bench.learning` learns one task (its phases, one Lightning fit each), :mod:`cl_bench.devices` holds
+the device, precision and memory helpers.
 
 Under DDP (``trainer=ddp``) every process runs this loop; only rank 0 writes files and logs to W&B
 (:mod:`cl_bench.distributed`).
@@ -10,21 +15,13 @@ Under DDP (``trainer=ddp``) every process runs this loop; only rank 0 writes fil
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import resource
-import subprocess
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cl_bench import distributed
@@ -32,36 +29,33 @@ from cl_bench.checkpointing import (
     CHECKPOINT_FILE,
     RunCheckpoint,
     acquire_lock,
-    find_resumable,
-    is_resumable,
     load_checkpoint,
     release_lock,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from cl_bench.config import build_from_config, validate_config
-from cl_bench.data.base import ClassificationData, TaskDataset
-from cl_bench.data.transforms import build_transforms
+from cl_bench.config import validate_config
+from cl_bench.devices import peak_memory_mb
 from cl_bench.errors import ConfigError
-from cl_bench.evaluation import Evaluator
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.evaluation import EvaluationRows
+from cl_bench.experiment import Experiment, build_experiment, tracker_config
+from cl_bench.learning import learn_task
+from cl_bench.methods.base import ContinualModule
 from cl_bench.metrics import mean_task_accuracy
-from cl_bench.results import RESULTS_FILE, build_results, write_results, write_text_atomic
-from cl_bench.scenario import Scenario, build_scenario
+from cl_bench.results import RESULTS_FILE, build_results, write_results
+from cl_bench.run_folder import (
+    FINAL_MODEL_FILE,
+    check_fresh,
+    resolve_run_dir,
+    resume_folder,
+    save_model,
+    write_config,
+    write_environment,
+)
 from cl_bench.tracking import WandbTracker
 
 log = logging.getLogger(__name__)
-
-for _name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-# DDP: per-process epoch losses are logged as they are (rank 0's), and timm's class token gets a strided grad
-warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
-
 
 #: Metrics stored in the W&B run summary.
 FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")
@@ -77,166 +71,12 @@ class RunState:
     extra_rows: dict[str, list[list[float]]] = field(default_factory=dict)
     task_time_s: list[float] = field(default_factory=list)
 
-
-class EpochLossLogger(pl.Callback):
-    """Forwards each epoch's ``train/*`` metrics to the tracker."""
-
-    def __init__(self, tracker: WandbTracker, task: int) -> None:
-        self.tracker = tracker
-        self.task = task
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        self.tracker.log_train_epoch({**values, "train/task": self.task})
-
-
-def select_device(accelerator: str) -> torch.device:
-    """The device for task-end work and evaluation (Lightning places the model itself during ``fit``);
-    under DDP each process's own GPU."""
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer=cpu"
-            )
-        return torch.device("cuda", distributed.local_rank())
-    if accelerator == "auto" and torch.cuda.is_available():
-        return torch.device("cuda", distributed.local_rank())
-    if accelerator in ("auto", "cpu"):
-        return torch.device("cpu")
-    raise ConfigError(f"trainer.accelerator={accelerator!r}: use auto, cpu or gpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident set size (Linux: KiB).
-
-    The CPU figure is the process's peak since it started: in a multirun whose jobs share one process
-    (Hydra's basic launcher) a job reports at least the peak of the jobs before it.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def environment_info(device: torch.device) -> dict[str, Any]:
-    """Versions and machine facts stored beside the results for reproducibility."""
-    import timm
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--verify", "-q", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        commit = out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "git_commit": commit,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "pytorch_lightning": pl.__version__,
-        "host": platform.node(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
-    }
-
-
-def task_datasets(
-    data: ClassificationData, scenario: Scenario, train_tf: Any, eval_tf: Any
-) -> tuple[list[TaskDataset], list[TaskDataset], list[TaskDataset]]:
-    """Per task: train images (train transform), the same with the eval transform, and test images."""
-    label_map = scenario.label_map
-    train, train_eval, test = [], [], []
-    for task in scenario.tasks:
-        classes = np.asarray(task.original_classes)
-        train_idx = np.flatnonzero(np.isin(data.train.labels, classes))
-        test_idx = np.flatnonzero(np.isin(data.test.labels, classes))
-        train.append(TaskDataset(data.train, train_idx, label_map, train_tf))
-        train_eval.append(TaskDataset(data.train, train_idx, label_map, eval_tf))
-        test.append(TaskDataset(data.test, test_idx, label_map, eval_tf))
-    return train, train_eval, test
-
-
-def make_trainer(
-    cfg: DictConfig, method: ContinualModule, run_dir: Path, callbacks: list[pl.Callback]
-) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=method.epochs,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        sync_batchnorm=cfg.trainer.sync_batchnorm,
-        precision=cfg.trainer.precision,
-        deterministic=cfg.trainer.deterministic,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        num_sanity_val_steps=0,
-        default_root_dir=str(run_dir),
-        callbacks=callbacks,
-    )
-
-
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    if cfg.paths.run_dir:
-        return Path(cfg.paths.run_dir)
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        raise ConfigError("paths.run_dir is not set and no Hydra run is active: set paths.run_dir=DIR")
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config plus flat top-level fields to filter runs by on a dashboard."""
-    return {
-        **config,
-        "dataset_name": cfg.dataset.get("name"),
-        "method_name": cfg.method.get("name"),
-        "backbone_name": cfg.backbone.get("name"),
-        "scenario_type": str(cfg.scenario.type),
-        "order_seed": cfg.scenario.order_seed,
-        "seed": cfg.seed,
-    }
-
-
-def resume_folder(
-    cfg: DictConfig, run_dir: Path, config: dict[str, Any], ignore_lock: bool = False
-) -> Path | None:
-    """The interrupted run to continue (``resume``), or ``None`` to start afresh in ``run_dir``."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        folder = Path(cfg.resume)
-        if not is_resumable(folder, config, ignore_lock):
-            raise ConfigError(
-                f"resume={folder}: no interrupted run of this config there (it needs {CHECKPOINT_FILE} and "
-                "the same config.yaml, and no live process running in it). Use resume=auto or resume=never."
-            )
-        return folder
-    if is_resumable(run_dir, config, ignore_lock):
-        return run_dir
-    if cfg.paths.run_dir:  # an explicit folder: resume only there
-        return None
-    return find_resumable([Path(cfg.paths.output_dir)], config, ignore_lock)
+    def record(self, rows: EvaluationRows, task_incremental: bool) -> None:
+        """Append one evaluation's rows."""
+        self.acc_rows.append(rows.til if task_incremental else rows.cil)
+        self.til_rows.append(rows.til)
+        for name, row in rows.extra.items():
+            self.extra_rows.setdefault(name, []).append(row)
 
 
 def check_process_layout(cfg: DictConfig) -> None:
@@ -274,11 +114,8 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                 "resuming the interrupted run in %s (this command's folder %s stays unused)", resumed, run_dir
             )
         run_dir = resumed
-    elif (run_dir / RESULTS_FILE).exists():
-        raise ConfigError(
-            f"{run_dir / RESULTS_FILE} already exists: this folder holds an earlier run. Choose another "
-            "hydra.run.dir (or paths.run_dir), or move that run away first."
-        )
+    else:
+        check_fresh(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acquire_lock(run_dir)
     # the processes Lightning starts at the first fit inherit these and follow this run
@@ -309,71 +146,33 @@ def _follow(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The continual loop: learn each task, evaluate every seen task, write the results, checkpoint."""
     main = distributed.is_main_process()
     if main and not resume:
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config))
-
+        write_config(run_dir, config)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data: ClassificationData = build_from_config("dataset", cfg.dataset)
-    data.name = cfg.dataset.get("name", data.name)
-    backbone = build_from_config("backbone", cfg.backbone)
-    method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
-    split = build_scenario(cfg.scenario, data.num_classes)
-    scenario = split.merged() if method.single_task else split
-    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.transform, data.hflip_invariant)
-    train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf)
-
-    device = select_device(cfg.trainer.accelerator)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    amp_dtype = autocast_dtype(cfg.trainer.precision, device)
-    evaluator = Evaluator(
-        scenario,
-        test_sets,
-        batch_size=cfg.trainer.eval_batch_size,
-        num_workers=cfg.trainer.num_workers,
-        autocast_dtype=amp_dtype,
-        til_tasks=split,
-    )
+    exp = build_experiment(cfg)
     if main:
-        write_text_atomic(run_dir / "environment.json", json.dumps(environment_info(device), indent=2) + "\n")
-    #: Objects a checkpoint refers to by name: the resuming run rebuilds them from the same config.
-    external: dict[str, Any] = {"data": data, "data.train": data.train, "data.test": data.test}
-    external.update({"train_transform": train_tf, "eval_transform": eval_tf})
-    for name, sets in (("train", train_sets), ("train_eval", train_eval_sets), ("test", test_sets)):
-        external.update({f"{name}_set[{i}]": ds for i, ds in enumerate(sets)})
-    state = RunState()
-    wandb_id = None
+        write_environment(run_dir, exp.device)
+    method, state, run_id = exp.method, RunState(), None
     if resume:
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE, external, device)
-        method = checkpoint.method
-        state = checkpoint.state
-        wandb_id = checkpoint.wandb_id
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE, exp.external, exp.device)
+        method, state, run_id = checkpoint.method, checkpoint.state, checkpoint.wandb_id
         set_rng_state(checkpoint.rng)
-        log.info("resuming after task %d of %d", checkpoint.tasks_done, len(scenario.tasks))
-    log.info(
-        "%s | %s | %s | %d classes in %d tasks (%s), order seed %s | run folder %s",
-        data.name,
-        cfg.backbone.get("name"),
-        cfg.method.get("name"),
-        scenario.num_classes,
-        len(scenario.tasks),
-        scenario.type.value,
-        cfg.scenario.order_seed,
-        run_dir,
-    )
-
+        log.info("resuming after task %d of %d", checkpoint.tasks_done, len(exp.scenario.tasks))
+    log_start(cfg, exp, run_dir)
     logger_cfg = cfg.logger if main else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
-    tracker = WandbTracker(logger_cfg, run_dir, tracker_config(cfg, config), run_id=wandb_id)
+    tracker = WandbTracker(logger_cfg, run_dir, tracker_config(cfg, config), run_id=run_id)
+    tasks = exp.scenario.tasks
 
     def document(status: str) -> dict[str, Any]:
         return build_results(
             state.acc_rows,
             state.til_rows,
-            evaluator.task_sizes,
-            scenario.class_order,
+            exp.evaluator.task_sizes,
+            exp.scenario.class_order,
             state.task_time_s[: len(state.acc_rows)],
-            peak_memory_mb(device),
+            peak_memory_mb(exp.device),
             status,
             config,
             state.extra_rows,
@@ -381,52 +180,20 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
 
     status = "incomplete"
     try:
-        for task in scenario.tasks[len(state.acc_rows) :]:
-            ctx = TaskContext(
-                task=task,
-                scenario=scenario,
-                train_set=train_sets[task.index],
-                train_eval_set=train_eval_sets[task.index],
-                num_workers=cfg.trainer.num_workers,
-                eval_batch_size=cfg.trainer.eval_batch_size,
-                seed=cfg.seed,
-                autocast_dtype=amp_dtype,
-            )
-            learn_task(cfg, method, ctx, device, run_dir, tracker, state)
-            rows = evaluator.evaluate_rows(method, task.index)
-            state.acc_rows.append(rows.til if scenario.task_incremental else rows.cil)
-            state.til_rows.append(rows.til)
-            for name, row in rows.extra.items():
-                state.extra_rows.setdefault(name, []).append(row)
+        for task in tasks[len(state.acc_rows) :]:
+            ctx = exp.task_context(task)
+            seconds = learn_task(method, ctx, exp.trainer, exp.device, run_dir, tracker.log_train_epoch)
+            state.task_time_s.append(seconds)
+            rows = exp.evaluator.evaluate_rows(method, task.index)
+            state.record(rows, exp.scenario.task_incremental)
             doc = document("incomplete")
             if main:
                 write_results(run_dir, doc)
-            task_acc = doc["acc_matrix"][-1][task.index]
-            log.info(
-                "task %d/%d: acc on this task %.2f, on all seen tasks %.2f, %.1fs",
-                task.index + 1,
-                len(scenario.tasks),
-                task_acc,
-                doc["last_acc"],
-                state.task_time_s[-1],
-            )
-            tracker.log_task(
-                task.index,
-                {
-                    "acc_after_task": doc["last_acc"],
-                    "mean_task_acc": mean_task_accuracy(doc["acc_matrix"][: task.index + 1], task.index),
-                    "task_acc": task_acc,
-                    "forgetting": doc["avg_forgetting"],
-                    "bwt": doc["bwt"],
-                    "task_time_s": state.task_time_s[-1],
-                    # the mean over seen tasks of each extra metric, e.g. task_selection_acc
-                    **{name: sum(row) / len(row) for name, row in rows.extra.items()},
-                },
-            )
-            if main and cfg.save_checkpoints and task.index + 1 < len(scenario.tasks):
-                checkpoint_run(run_dir, method, state, tracker, config, external)
+            log_task(tracker, doc, rows, task.index, len(tasks), seconds)
+            if main and cfg.save_checkpoints and task.index + 1 < len(tasks):
+                checkpoint_run(run_dir, method, state, tracker, config, exp.external)
         if main and cfg.save_model:
-            save_model(run_dir / "final_model.pt", method, scenario, config)
+            save_model(run_dir / FINAL_MODEL_FILE, method, exp.scenario, config)
         status = "complete"
         if main:
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -442,6 +209,49 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
             )
         tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
     return doc
+
+
+def log_start(cfg: DictConfig, exp: Experiment, run_dir: Path) -> None:
+    scenario = exp.scenario
+    log.info(
+        "%s | %s | %s | %d classes in %d tasks (%s), order seed %s | run folder %s",
+        exp.data.name,
+        cfg.backbone.get("name"),
+        cfg.method.get("name"),
+        scenario.num_classes,
+        len(scenario.tasks),
+        scenario.type.value,
+        cfg.scenario.order_seed,
+        run_dir,
+    )
+
+
+def log_task(
+    tracker: WandbTracker, doc: dict[str, Any], rows: EvaluationRows, task: int, n_tasks: int, seconds: float
+) -> None:
+    """The console line and the tracker's metrics after task ``task``."""
+    task_acc = doc["acc_matrix"][-1][task]
+    log.info(
+        "task %d/%d: acc on this task %.2f, on all seen tasks %.2f, %.1fs",
+        task + 1,
+        n_tasks,
+        task_acc,
+        doc["last_acc"],
+        seconds,
+    )
+    tracker.log_task(
+        task,
+        {
+            "acc_after_task": doc["last_acc"],
+            "mean_task_acc": mean_task_accuracy(doc["acc_matrix"][: task + 1], task),
+            "task_acc": task_acc,
+            "forgetting": doc["avg_forgetting"],
+            "bwt": doc["bwt"],
+            "task_time_s": seconds,
+            # the mean over seen tasks of each extra metric, e.g. task_selection_acc
+            **{name: sum(row) / len(row) for name, row in rows.extra.items()},
+        },
+    )
 
 
 def checkpoint_run(
@@ -470,62 +280,3 @@ def checkpoint_run(
             type(exc).__name__,
             exc,
         )
-
-
-def learn_task(
-    cfg: DictConfig,
-    method: ContinualModule,
-    ctx: TaskContext,
-    device: torch.device,
-    run_dir: Path,
-    tracker: WandbTracker,
-    state: RunState,
-) -> None:
-    """Task start hook, Lightning fit (if the method trains on this task), task end hook; times them.
-
-    ``method.batch_size`` is the global batch: under DDP each of the ``N`` processes trains on ``1/N`` of it.
-    """
-    start = time.perf_counter()
-    method.on_task_start(ctx)
-    method.to(device)  # after on_task_start: parameters it created move too
-    train_set = method.train_dataset(ctx)
-    if train_set is not None and method.epochs > 0 and len(train_set) > 0:
-        trainer = make_trainer(cfg, method, run_dir, [EpochLossLogger(tracker, ctx.task.index)])
-        processes = trainer.world_size
-        if method.batch_size % processes:
-            raise ConfigError(
-                f"method.batch_size={method.batch_size} is the global batch and must divide evenly among the "
-                f"{processes} DDP processes: choose a multiple of {processes}"
-            )
-        loader = ctx.loader(train_set, method.batch_size // processes, shuffle=True)
-        trainer.fit(method, train_dataloaders=loader)
-        method.to(device)
-    method.on_task_end(ctx)
-    state.task_time_s.append(time.perf_counter() - start)
-
-
-def _to_cpu(value: Any) -> Any:
-    """Tensors (also inside a module's extra state: lists and dicts of tensors) detached and on the CPU."""
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def save_model(path: Path, method: ContinualModule, scenario: Scenario, config: dict[str, Any]) -> None:
-    """Save the final method state (``torch.load(path, weights_only=True)`` reads it back)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "state_dict": {k: _to_cpu(v) for k, v in method.state_dict().items()},
-            "class_order": list(scenario.class_order),
-            "task_boundaries": [[t.start, t.stop] for t in scenario.tasks],
-            "method": config["method"].get("_target_"),
-            "backbone": config["backbone"],
-        },
-        tmp,
-    )
-    tmp.replace(path)

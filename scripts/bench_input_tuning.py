@@ -50,9 +50,10 @@ from torch.utils.data import TensorDataset
 import cl_bench.config  # noqa: F401  (registers the schemas)
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.data.transforms import build_transforms
+from cl_bench.devices import select_device
 from cl_bench.evaluation import Evaluator
+from cl_bench.experiment import task_datasets
 from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.runner import select_device, task_datasets
 from cl_bench.scenario import build_scenario
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "cl_bench" / "conf"

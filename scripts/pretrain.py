@@ -32,9 +32,11 @@ from omegaconf import OmegaConf
 import cl_bench.config  # noqa: F401  (registers the schemas)
 from cl_bench.config import ScenarioType, build_from_config, validate_config
 from cl_bench.data.transforms import build_transforms
+from cl_bench.devices import select_device
 from cl_bench.evaluation import Evaluator
+from cl_bench.experiment import task_datasets
+from cl_bench.learning import learn_task
 from cl_bench.methods.base import TaskContext
-from cl_bench.runner import make_trainer, select_device, task_datasets
 from cl_bench.scenario import Scenario, Task, class_order
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "cl_bench" / "conf"
@@ -65,10 +67,7 @@ def pretrain(overrides: list[str], n_classes: int | None, out: Path) -> dict:
     )
     device = select_device(cfg.trainer.accelerator)
     start = time.perf_counter()
-    method.on_task_start(ctx)
-    trainer = make_trainer(cfg, method, out.parent, [])
-    trainer.fit(method, train_dataloaders=ctx.loader(train_sets[0], method.batch_size, shuffle=True))
-    method.to(device)
+    learn_task(method, ctx, OmegaConf.to_object(cfg.trainer), device, out.parent, lambda _: None)
     accuracy = Evaluator(scenario, test_sets, cfg.trainer.eval_batch_size).evaluate(method, 0)[0][0]
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(backbone.weights_state_dict(), out.with_suffix(".pth"))

@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests never touch the network: Hugging Face and W&B are forced offline."""
+"""Shared fixtures (helpers are in helpers.py). Tests never touch the network: Hugging Face and W&B are
+forced offline."""
 
 from __future__ import annotations
 
@@ -6,20 +7,19 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
-
-from cl_bench.backbones.base import Backbone, DataConfig
+from helpers import SHARED_WEIGHTS, TINY, compose_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "cl_bench" / "conf"
-SHARED = REPO_ROOT.parent / "shared"
-SHARED_WEIGHTS = SHARED / "weights"
-SHARED_DATA = SHARED / "data"
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole in-process experiments (the ``run_tiny`` fixture) of the methods and of resuming belong to the
+    slow lane (``make test-all``); the runner's own (tests/test_runner.py) stay in the fast one."""
+    for item in items:
+        if "run_tiny" in getattr(item, "fixturenames", ()) and item.path.name != "test_runner.py":
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -30,29 +30,6 @@ def shared_weights() -> Path:
             f"real checkpoints not found in {SHARED_WEIGHTS} (only the project's build machines have them)"
         )
     return SHARED_WEIGHTS
-
-
-def compose_config(*overrides: str):
-    """Compose ``cl_bench/conf/config.yaml`` with command-line style overrides, as ``cl-bench`` would."""
-    from hydra import compose, initialize_config_dir
-
-    import cl_bench.config  # noqa: F401  (registers the schemas)
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
-#: Overrides that make a run tiny and quiet: fake-free real digits, 2 tasks, no W&B, one epoch.
-TINY = (
-    "dataset=digits",
-    "dataset.size=16",
-    "transform.input_size=16",
-    "scenario.n_tasks=2",
-    "scenario.order_seed=0",
-    "logger.mode=disabled",
-    "trainer.accelerator=cpu",
-    "save_model=false",
-)
 
 
 @pytest.fixture
@@ -78,24 +55,3 @@ def run_tiny(tmp_path: Path, caplog: pytest.LogCaptureFixture):
             assert not failed, failed
 
     return _run
-
-
-class LinearBackbone(Backbone):
-    """``f = A x + a`` with ``A`` 3x4: small enough to differentiate by hand (unit tests of the maths)."""
-
-    feat_dim = 3
-    data_config = DataConfig(input_size=1)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
-class TinyBackbone(LinearBackbone):
-    """``f = tanh(A x + a)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))

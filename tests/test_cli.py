@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from conftest import SHARED_WEIGHTS
+from helpers import SHARED_WEIGHTS
+
+pytestmark = pytest.mark.slow  # every test starts cl-bench in a subprocess
 
 
 def cl_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:

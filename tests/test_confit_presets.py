@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 
 from cl_bench.config import validate_config
 

@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TINY, TinyBackbone
+from helpers import TINY, TinyBackbone
 from torch.utils.data import TensorDataset
 
 from cl_bench import distributed
@@ -82,6 +83,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_passes_split_among_two_processes_match_one_process(tmp_path: Path) -> None:
     mp.start_processes(
         _worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
@@ -133,6 +135,7 @@ def _cl_bench(tmp_path: Path, *overrides: str, multirun: bool = False) -> subpro
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_ddp_run_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
     one = _cl_bench(tmp_path, "trainer=cpu", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
@@ -151,6 +154,7 @@ def test_ddp_run_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None
     assert two.stdout.count("last accuracy") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 def test_global_batch_must_divide_among_processes(tmp_path: Path) -> None:
     result = _cl_bench(
         tmp_path,
@@ -163,6 +167,7 @@ def test_global_batch_must_divide_among_processes(tmp_path: Path) -> None:
     assert "must divide evenly among the 2 DDP processes" in result.stderr
 
 
+@pytest.mark.slow
 def test_local_sweep_refuses_several_processes_per_run(tmp_path: Path) -> None:
     result = _cl_bench(
         tmp_path,
@@ -176,6 +181,7 @@ def test_local_sweep_refuses_several_processes_per_run(tmp_path: Path) -> None:
     assert "in a local -m sweep" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_killed_ddp_run_resumes_on_every_process(tmp_path: Path) -> None:
     """Both processes of a DDP run are killed after the first checkpoint; rerunning the command resumes the
     run on both (rank 1 loads rank 0's checkpoint) and ends with the uninterrupted run's results."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.methods.lnt import LayerNormTuning

@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from conftest import CONF_DIR
+from helpers import CONF_DIR
 from omegaconf import OmegaConf
 
 from cl_bench.config import BudgetConfig, resolve_target, target_parameters

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def run(*args: str | Path, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR
+from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

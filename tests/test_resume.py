@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TINY
+from helpers import REPO_ROOT, TINY
 
 import cl_bench.runner as runner
 from cl_bench.checkpointing import CHECKPOINT_FILE, LOCK_FILE
@@ -37,10 +37,10 @@ class Killed(BaseException):
 def kill_before_task(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     learn_task = runner.learn_task
 
-    def learn_or_die(cfg, method, ctx, *args, **kwargs):
+    def learn_or_die(method, ctx, *args, **kwargs):
         if ctx.task.index == index:
             raise Killed
-        return learn_task(cfg, method, ctx, *args, **kwargs)
+        return learn_task(method, ctx, *args, **kwargs)
 
     monkeypatch.setattr(runner, "learn_task", learn_or_die)
 
@@ -105,6 +105,7 @@ def test_resume_never_and_a_changed_config_start_no_resume(
         run_tiny("method=simplecil", "seed=1", f"resume={run_dir}", run_dir=tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     """A real ``cl-bench`` process killed with SIGKILL after its first task; the same command, run again
     (Hydra makes a new timestamped folder), finds the interrupted run and finishes it in its own folder."""

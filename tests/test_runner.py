@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 
 from cl_bench.errors import ConfigError, DataError, TrainingDivergedError
 from cl_bench.methods.base import ContinualModule
@@ -60,7 +60,7 @@ def test_explicit_class_order_is_respected(run_tiny) -> None:
 
 def test_class_order_subset_uses_only_listed_classes(run_tiny) -> None:
     from cl_bench.data.digits import load_digits
-    from cl_bench.runner import task_datasets
+    from cl_bench.experiment import task_datasets
     from cl_bench.scenario import build_scenario
 
     doc, _ = run_tiny("method=simplecil", "scenario.class_order=[3,1,4,0]")

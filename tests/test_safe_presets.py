@@ -4,7 +4,7 @@ the other five datasets with their task splits; RanPAC and APER run in the same 
 from __future__ import annotations
 
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 
 from cl_bench.config import validate_config
 

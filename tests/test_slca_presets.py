@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config
+from helpers import CONF_DIR, compose_config
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.config import build_from_config, validate_config

@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR
+from helpers import CONF_DIR
 from omegaconf import OmegaConf
 
 from cl_bench.report import expand_sweep

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import compose_config
+from helpers import compose_config
 
 from cl_bench.config import build_from_config, validate_config
 from cl_bench.scenario import class_order

@@ -24,7 +24,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.methods.base import TaskContext
-from cl_bench.methods.ranpac import FirstSessionPetl
+from cl_bench.methods.first_session import FirstSessionPetl
 from cl_bench.modules.heads import PrototypeHead
 from cl_bench.modules.peft import peft_disabled
 
@@ -32,7 +32,7 @@ from cl_bench.modules.peft import peft_disabled
 class APER(FirstSessionPetl):
     """First-session PET, then prototypes of the concatenated pre-trained and adapted embeddings.
 
-    Args: as :class:`~cl_bench.methods.ranpac.FirstSessionPetl` (``epochs`` are the first task's).
+    Args: as :class:`~cl_bench.methods.first_session.FirstSessionPetl` (``epochs`` are the first task's).
     """
 
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # the PET module

@@ -1,23 +1,24 @@
-"""The continual base every method extends.
+"""The continual base every method extends: the contract between a method, the runner and the evaluator.
 
 The runner drives a method through these hooks, once per task ``t``::
 
     on_task_start(ctx)            # grow the head, reset per-task state
-    train_dataset(ctx)            # what Lightning fits on (images, cached features, or None: no training)
-    Trainer(max_epochs=epochs).fit(...)  -> training_step / configure_optimizers
-    on_task_end(ctx)              # prototypes, statistics, snapshots
-    forward(x, task=None)         # logits over every class seen so far, in class-order positions
+    for phase in phases(ctx):     # each phase is one Lightning fit (DDP, precision, callbacks apply to all)
+        fit(phase)                #   -> training_step / configure_optimizers, with ``self.phase`` set
+    on_task_end(ctx)              # pure task-end computations: prototypes, statistics, ridge solves
 
-Methods whose backbone never changes (``frozen_backbone = True``) also split inference into ``embed`` and
-``classify`` so that the evaluator and the method compute each image's features once and reuse them.
+and the evaluator reads :attr:`ContinualModule.capabilities` and calls ``predict(x)`` (no task id),
+``forward(x, task)`` (task id given), or, for a frozen backbone, ``embed`` once per test image and then
+``classify(features, task)``. The contract a new method implements, with the smallest complete example, is
+in ``cl_bench/methods/README.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -48,6 +49,85 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method's inference depends on; the evaluator and the runner read nothing else about it."""
+
+    #: The backbone is not trained (now): the evaluator embeds each test image once and reuses it.
+    frozen_backbone: bool = False
+    #: Train one task of all classes instead of the scenario's tasks (joint upper bound).
+    single_task: bool = False
+    #: ``forward(x, task)`` / ``classify(f, task)`` depend on the task id (a task-aware pass for TIL).
+    task_conditioned: bool = False
+    #: ``predict`` returns the task chosen for each image (task-specific parameters picked at test time).
+    selects_task: bool = False
+
+
+@dataclass
+class Prediction:
+    """What :meth:`ContinualModule.predict` returns for a batch without task ids."""
+
+    #: ``[B, seen classes]``, in class-order positions.
+    logits: torch.Tensor
+    #: ``[B]`` long: the task each image's task-specific parameters were chosen from (``selects_task``).
+    chosen_task: torch.Tensor | None = None
+    #: Named alternative predictions reported beside the method's own and never used to choose it (e.g.
+    #: SAFE's fast learner alone): the evaluator writes ``<name>_acc`` among the extra matrices.
+    alternatives: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeadTraining:
+    """A phase that trains one head alone on features held in memory (no backbone pass).
+
+    The runner fits ``head`` with ``loss(head(features), labels)``; such phases may also be run by the
+    head-only fast path (:func:`cl_bench.learning.run_phase`) without Lightning.
+    """
+
+    head: nn.Module
+    #: ``loss(logits, labels)``.
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    #: ``optimizer(parameters)``: a fresh optimiser over the head's trainable parameters.
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    #: ``scheduler(optimizer)``, stepped per epoch (may return ``None``); ``None``: a constant learning rate.
+    scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler | None] | None = None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of learning a task, run as one Lightning fit of ``epochs`` epochs over ``data``.
+
+    Without ``head_training`` the method itself is fitted: its ``training_step`` and
+    ``configure_optimizers`` run with ``self.phase`` set to this phase (a method with several phases
+    switches on ``self.phase.name``). The phases of a task that shuffle the same dataset continue one
+    generator seeded by (seed, task) (:meth:`TaskContext.loader`).
+    """
+
+    name: str
+    epochs: int
+    #: What the fit iterates (images, cached features, or a dataset yielding whole batches: ``batch_size``
+    #: ``None``); ``None``: nothing to train on, the phase is skipped.
+    data: Dataset | None
+    batch_size: int | None
+    #: The parameters this phase trains: only these require gradients during the fit (the others' flags
+    #: are restored afterwards); ``None``: the flags as the method set them.
+    trainable: tuple[nn.Parameter, ...] | None = None
+    #: Train one head alone on in-memory features instead of the method (see :class:`HeadTraining`).
+    head_training: HeadTraining | None = None
+    shuffle: bool = True
+
+    @property
+    def head_only(self) -> bool:
+        """The phase trains one head alone on in-memory features (``head_training``): the runner may fit it
+        by a head-only fast path instead of a Lightning fit."""
+        return self.head_training is not None
+
+    @property
+    def trains(self) -> bool:
+        """Whether there is anything to fit (epochs, and data that is not empty)."""
+        return self.data is not None and self.epochs > 0 and len(self.data) > 0  # type: ignore[arg-type]
+
+
 @dataclass
 class TaskContext:
     """What a method may use while learning task ``task``.
@@ -65,18 +145,32 @@ class TaskContext:
     seed: int = 0
     #: Autocast dtype for inference passes (``trainer.precision``), the same as the evaluator's.
     autocast_dtype: torch.dtype | None = None
+    #: Each shuffled dataset (by id, kept alive with it) and its generator (:meth:`loader`).
+    _shuffle_generators: dict[int, tuple[Dataset, torch.Generator]] = field(
+        init=False, repr=False, default_factory=dict
+    )
 
-    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        """A DataLoader; shuffled ones draw from a generator seeded by (seed, task) for reproducibility."""
-        generator = torch.Generator().manual_seed(self.seed * 1000 + self.task.index) if shuffle else None
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A fresh generator seeded by (run seed, task): the task's random choices are repeatable."""
+        return torch.Generator(device=device).manual_seed(self.seed * 1000 + self.task.index)
+
+    def loader(
+        self, dataset: Dataset, batch_size: int | None, shuffle: bool, in_memory: bool = False
+    ) -> DataLoader:
+        """A DataLoader. Shuffled ones draw from one generator per dataset, seeded by (seed, task) and
+        continued by every later phase of the task on the same dataset, so each phase's order is repeatable.
+        ``in_memory``: tensors already made (maybe on the GPU): no worker processes, no pinning."""
+        generator = None
+        if shuffle:
+            _, generator = self._shuffle_generators.setdefault(id(dataset), (dataset, self.generator()))
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
+            num_workers=0 if in_memory else self.num_workers,
             generator=generator,
             persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not in_memory,
         )
 
     def shard_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
@@ -102,14 +196,9 @@ class ContinualModule(pl.LightningModule):
             classes only (task-local CE). Task-incremental scenarios always use ``task``.
     """
 
-    #: The backbone is never trained: features are cached, the backbone stays in eval mode.
-    frozen_backbone: ClassVar[bool] = False
-    #: Train one task of all classes instead of the scenario's tasks (joint upper bound).
-    single_task: ClassVar[bool] = False
-    #: ``forward(x, task)`` depends on the task id (the evaluator then runs a task-aware pass for TIL).
-    task_conditioned: ClassVar[bool] = False
-    #: ``predict`` returns the task chosen for each image (task-specific parameters picked at test time).
-    selects_task: ClassVar[bool] = False
+    #: What the method's inference depends on (:class:`Capabilities`); methods whose capabilities change
+    #: with their state (RanPAC's backbone freezes after task 0) override :attr:`capabilities` instead.
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities()
     #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
     #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
     backbone_needs: ClassVar[frozenset[str]] = frozenset()
@@ -154,20 +243,30 @@ class ContinualModule(pl.LightningModule):
         self.loss_scope = loss_scope
         self.task: Task | None = None
         self.task_incremental = False
-        if self.frozen_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+        #: The phase being fitted (``None`` between fits).
+        self.phase: Phase | None = None
+        if self.CAPABILITIES.frozen_backbone:
+            freeze(self.backbone)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.CAPABILITIES
 
     # ----------------------------------------------------------------- structure
     def build_head(self) -> nn.Module:
         """The classifier; the default grows one linear block per task."""
         return IncrementalLinearHead(self.backbone.feat_dim)
 
+    def eval_mode_modules(self) -> Iterable[nn.Module]:
+        """Modules that stay in eval mode whatever ``train()`` is told (dropout, drop-path and BatchNorm
+        statistics off): the backbone while it is frozen."""
+        return (self.backbone,) if self.capabilities.frozen_backbone else ()
+
     def train(self, mode: bool = True) -> ContinualModule:
-        """Lightning calls ``train()`` at fit start; a frozen backbone stays in eval."""
+        """Lightning calls ``train()`` at fit start; :meth:`eval_mode_modules` stay in eval."""
         super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()
+        for module in self.eval_mode_modules():
+            module.eval()
         return self
 
     # ----------------------------------------------------------------- task hooks
@@ -178,8 +277,16 @@ class ContinualModule(pl.LightningModule):
         self.head.add_task(ctx.task.num_classes)
 
     def train_dataset(self, ctx: TaskContext) -> Dataset | None:
-        """The dataset Lightning fits on for this task (``None`` or ``epochs == 0``: no gradient training)."""
+        """The dataset the default phase fits on (``None`` or ``epochs == 0``: no gradient training)."""
         return ctx.train_set
+
+    def phases(self, ctx: TaskContext) -> Iterable[Phase]:
+        """The task's training phases, in order; each is one Lightning fit. The default: one phase
+        ``train`` of ``epochs`` epochs on :meth:`train_dataset` with the method's optimiser.
+
+        May be a generator: code between two ``yield`` runs after the earlier phase was fitted (e.g. the
+        class statistics that SLCA's alignment phase samples from)."""
+        return [Phase("train", self.epochs, self.train_dataset(ctx), self.batch_size)]
 
     def on_task_end(self, ctx: TaskContext) -> None:
         """Called after training task ``ctx.task`` and before it is evaluated."""
@@ -197,18 +304,11 @@ class ContinualModule(pl.LightningModule):
         """Logits over all seen classes; ``task`` is the task id when the scenario provides it."""
         return self.classify(self.embed(x), task)
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits without a task id and, for methods that choose task-specific parameters at test time, the
-        task chosen for each image (``[B]`` long; ``None``: no such choice; methods that set ``selects_task``
-        return it). The evaluator reports how often the choice is the image's task (task-selection
-        accuracy)."""
-        return self(x), None
-
-    def alternative_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named alternative predictions reported beside the method's own (e.g. SAFE's fast learner alone),
-        never used to choose it: the evaluator writes the accuracy of each as ``<name>_acc`` among the extra
-        matrices. Called right after :meth:`predict` on the same batch (methods without a frozen backbone)."""
-        return {}
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """The prediction without a task id (:class:`Prediction`): logits, and for methods that choose
+        task-specific parameters at test time the chosen task of each image (the evaluator reports how often
+        it is the image's task), and any alternative predictions to report beside the method's own."""
+        return Prediction(self(x))
 
     @torch.no_grad()
     def extract_features(
@@ -252,7 +352,7 @@ class ContinualModule(pl.LightningModule):
             )
 
     def training_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of a training batch; ``inputs`` are what :meth:`train_dataset` yields (images here)."""
+        """Logits of a training batch; ``inputs`` are what the phase's data yields (images here)."""
         return self(inputs)
 
     def regularizer(self) -> torch.Tensor | None:
@@ -289,18 +389,28 @@ class ContinualModule(pl.LightningModule):
         groups = self.param_groups() if groups is None else groups
         if not groups:
             raise ConfigError(
-                f"{type(self).__name__} has no trainable parameters but method.epochs={self.epochs}"
+                f"{type(self).__name__} has no trainable parameters in phase {self.phase_name!r} of "
+                f"{self.phase_epochs} epochs"
             )
         kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
         if self.optimizer_name == "sgd":
             kwargs["momentum"] = self.momentum
         return OPTIMIZERS[self.optimizer_name](groups, lr=self.lr, **kwargs)
 
+    @property
+    def phase_name(self) -> str:
+        return self.phase.name if self.phase is not None else "train"
+
+    @property
+    def phase_epochs(self) -> int:
+        """The epochs of the phase being fitted (``epochs`` outside a fit)."""
+        return self.phase.epochs if self.phase is not None else self.epochs
+
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
-        """The per-epoch schedule of a task (``cosine``: annealed to 0 over the task's epochs)."""
+        """The per-epoch schedule of a phase (``cosine``: annealed to 0 over the phase's epochs)."""
         if self.scheduler_name == "none":
             return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.phase_epochs))
 
     def configure_optimizers(self) -> Any:
         optimizer = self.make_optimizer()
@@ -308,3 +418,9 @@ class ContinualModule(pl.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def freeze(module: nn.Module) -> None:
+    """No gradients and eval mode for ``module`` (a frozen backbone, a teacher, a slow learner)."""
+    module.requires_grad_(False)
+    module.eval()

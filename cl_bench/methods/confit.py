@@ -10,7 +10,7 @@ The paper's body was not readable here; everything beyond its abstract follows t
   augmentation (presets set ``transform.train=none``).
 * **Per-task BN** (``task_bn``, ``main.py`` l.101-132): after each task every BatchNorm's weight, bias,
   running mean and variance, and the pre-conv means, are stored; testing task ``i`` restores task ``i``'s.
-* **Xconv BN** (``xconv_bn``, :mod:`cl_bench.modules.xconv_bn`): for an old task ``i < T`` the running
+* **Xconv BN** (``xconv_bn``, :mod:`cl_bench.methods.xconv_bn`): for an old task ``i < T`` the running
   means of BNs fed by a convolution are recomputed from task ``i``'s stored pre-conv means through the
   *current* conv weights; the current task keeps its tracked means (``main.py`` l.133-134).
 * **Hierarchical fine-tuning** (``hierarchical``, ``main.py`` l.78-90): epochs ``[0, E//5)`` train the
@@ -27,9 +27,10 @@ the BN state after the last task for every image; ``cil_bn=predicted_task`` firs
 that state, then re-scores each image within its predicted task under that task's (Xconv-recovered) BN
 state.
 
-Freezing is done with ``requires_grad`` while the optimizer holds every parameter: parameters that have
-not been unfrozen yet have no gradient, and SGD (also with momentum or weight decay) skips them, so they
-stay bit-identical.
+The hierarchy is declarative: each stage is a phase (:class:`~cl_bench.methods.base.Phase`) that names the
+parameters it trains (``trainable``). The phases of a task continue one optimizer (and schedule) that holds
+every parameter, as the code's one optimizer per task: parameters a stage does not train have no gradient,
+and SGD (also with momentum or weight decay) skips them, so they stay bit-identical.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.modules.xconv_bn import BATCH_NORMS, XconvBatchNorm
+from cl_bench.methods.base import Capabilities, ContinualModule, Phase, TaskContext
+from cl_bench.methods.xconv_bn import BATCH_NORMS, XconvBatchNorm
 
 CIL_BN_MODES = ("shared", "predicted_task")
 STAGES = ("head", "bn", "all")
@@ -59,9 +60,8 @@ class ConFiT(ContinualModule):
         cil_bn: BN state used without a task id: ``shared`` or ``predicted_task``.
     """
 
+    CAPABILITIES = Capabilities(task_conditioned=True)
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"conv_batchnorm"})  # Xconv BN, per-task BN
-
-    task_conditioned: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -113,6 +113,8 @@ class ConFiT(ContinualModule):
         self.bn_state = XconvBatchNorm(backbone, self._probe_input(backbone), track=xconv_bn)
         #: The (task, recovered) BN state currently loaded for inference; ``None``: the live training state.
         self._loaded: tuple[int, bool] | None = None
+        #: The task's optimizer and schedule, continued by its phases (``None`` outside a task).
+        self._task_optimization: tuple[torch.optim.Optimizer, Any] | None = None
 
     @staticmethod
     def _probe_input(backbone: Backbone) -> torch.Tensor:
@@ -142,20 +144,46 @@ class ConFiT(ContinualModule):
             if p is not None
         ]
 
-    def set_stage(self, stage: str) -> None:
-        """Set ``requires_grad`` for ``stage``: the head always, BN affine from ``bn``, all from ``all``."""
-        self.backbone.requires_grad_(stage == "all")
-        if stage == "bn":
-            for p in self.bn_affine_parameters():
-                p.requires_grad_(True)
-        self.head.requires_grad_(True)
+    def stage_parameters(self, stage: str) -> tuple[nn.Parameter, ...]:
+        """What trains in ``stage``: the head always, BN affine from ``bn``, everything in ``all``."""
+        if stage == "all":
+            return tuple(self.parameters())
+        bn = self.bn_affine_parameters() if stage == "bn" else []
+        return (*bn, *self.head.parameters())
 
-    def on_train_epoch_start(self) -> None:
-        self.set_stage(self.stage(self.current_epoch))
+    def set_stage(self, stage: str) -> None:
+        """Set ``requires_grad`` for ``stage`` (what the runner does around each phase)."""
+        trainable = {id(p) for p in self.stage_parameters(stage)}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def phases(self, ctx: TaskContext) -> list[Phase]:
+        """One phase per stage of the hierarchy, in order, each as many epochs as :meth:`stage` gives it."""
+        counts: dict[str, int] = {}
+        for epoch in range(self.epochs):
+            stage = self.stage(epoch)
+            counts[stage] = counts.get(stage, 0) + 1
+        return [
+            Phase(stage, epochs, ctx.train_set, self.batch_size, trainable=self.stage_parameters(stage))
+            for stage, epochs in counts.items()
+        ]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Every parameter, frozen or not, so that later stages train without a new optimizer."""
         return [{"params": list(self.parameters()), "lr": self.lr, "name": "all"}]
+
+    def configure_optimizers(self) -> Any:
+        """One optimizer (and schedule over all of the task's epochs) per task, continued by its phases."""
+        if self._task_optimization is None:
+            optimizer = self.make_optimizer()
+            scheduler = None
+            if self.scheduler_name != "none":
+                scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+            self._task_optimization = (optimizer, scheduler)
+        optimizer, scheduler = self._task_optimization
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
@@ -164,10 +192,9 @@ class ConFiT(ContinualModule):
             self.bn_state.load(len(self.bn_state.snapshots) - 1, recover=False)
         self.bn_state.forget_recoveries()
         self._loaded = None
-        self.set_stage(self.stage(0))
 
     def on_task_end(self, ctx: TaskContext) -> None:
-        self.backbone.requires_grad_(True)
+        self._task_optimization = None
         if self.task_bn:
             self.bn_state.snapshot(ctx.task.index)
         self._loaded = None

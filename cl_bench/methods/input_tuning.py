@@ -9,7 +9,7 @@ cross-entropy through the frozen backbone into ``g`` and the head.
 
 Everything the abstract leaves open is a config choice, and every default is ours:
 
-* ``transform``: the family of ``g`` (:mod:`cl_bench.modules.input_transforms`): ``additive`` (default),
+* ``transform``: the family of ``g`` (:mod:`cl_bench.methods.input_transforms`): ``additive`` (default),
   ``padding`` or ``residual_conv``, all the identity at init, so training starts from a linear probe.
   ``additive`` is the default because it is the simplest literal reading of "learnable parameters that
   transform the input", applies unchanged to CNNs and ViTs at any resolution, and has a parameter count
@@ -35,6 +35,7 @@ never cached. The fine-tuning references of the comparison are other methods: he
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -43,8 +44,8 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.modules.input_transforms import INPUT_TRANSFORMS, build_input_transform
+from cl_bench.methods.base import Capabilities, ContinualModule, TaskContext, freeze
+from cl_bench.methods.input_transforms import INPUT_TRANSFORMS, build_input_transform
 
 SHARING = ("shared", "per_task")
 
@@ -108,8 +109,7 @@ class InputTuning(ContinualModule):
             scheduler=scheduler,
             loss_scope=loss_scope,
         )
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        freeze(self.backbone)
         self.transform_name = transform
         self.transform_options: dict[str, int] = {
             "additive": {},
@@ -121,14 +121,15 @@ class InputTuning(ContinualModule):
         self.identity_penalty = identity_penalty
         #: ``[g]`` when shared, ``[g_0, g_1, ...]`` per task; built at the first task from its image shape.
         self.transforms = nn.ModuleList()
-        #: Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it).
-        self.task_conditioned = sharing == "per_task"  # type: ignore[misc]
 
-    def train(self, mode: bool = True) -> InputTuning:
+    @property
+    def capabilities(self) -> Capabilities:
+        """Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it)."""
+        return Capabilities(task_conditioned=self.sharing == "per_task")
+
+    def eval_mode_modules(self) -> Iterable[nn.Module]:
         """The backbone stays in eval mode whatever the mode (its BatchNorm statistics never move)."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        return (self.backbone,)
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
+from cl_bench.methods.base import Capabilities
 from cl_bench.methods.seq_ft import SequentialFineTuning
 
 
@@ -15,4 +14,4 @@ class JointTraining(SequentialFineTuning):
     undefined (``null``) for a single task.
     """
 
-    single_task: ClassVar[bool] = True
+    CAPABILITIES = Capabilities(single_task=True)

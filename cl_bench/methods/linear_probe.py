@@ -8,19 +8,16 @@ epoch. The backbone's BatchNorm statistics stay fixed (eval mode).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
-from torch.utils.data import Dataset
+import torch.nn.functional as F
 
 from cl_bench.backbones.base import Backbone
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.methods.base import Capabilities, ContinualModule, HeadTraining, Phase, TaskContext
 
 
 class LinearProbe(ContinualModule):
     """Frozen backbone, continually trained linear head on cached features."""
 
-    frozen_backbone: ClassVar[bool] = True
+    CAPABILITIES = Capabilities(frozen_backbone=True)
 
     def __init__(
         self,
@@ -46,10 +43,13 @@ class LinearProbe(ContinualModule):
             loss_scope=loss_scope,
         )
 
-    def train_dataset(self, ctx: TaskContext) -> Dataset:
-        """The task's training images embedded once by the frozen backbone."""
-        return self.features_dataset(*self.extract_features(ctx, ctx.train_eval_set))
-
-    def training_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Training batches hold cached embeddings, not images."""
-        return self.classify(inputs)
+    def phases(self, ctx: TaskContext) -> list[Phase]:
+        """One head-only phase on the task's training images embedded once by the frozen backbone."""
+        features = self.features_dataset(*self.extract_features(ctx, ctx.train_eval_set))
+        training = HeadTraining(
+            self.head,
+            loss=lambda logits, labels: F.cross_entropy(*self.task_logits(logits, labels)),
+            optimizer=lambda params: self.make_optimizer([{"params": params, "lr": self.lr, "name": "head"}]),
+            scheduler=self.make_scheduler,
+        )
+        return [Phase("train", self.epochs, features, self.batch_size, head_training=training)]

@@ -6,19 +6,21 @@ read; everything below follows the official code ``tdemin16/Continual-LayerNorm-
 ``train_two.sh``) as specified in ``shared/research/methods_vit.md`` §4 (section numbers below refer to it).
 
 Model (§4.2): the pre-trained backbone is frozen except for one set of LayerNorm scales and biases per task
-(:class:`~cl_bench.modules.norm_sets.NormSets`: every ``nn.LayerNorm`` of the backbone, 25 in ViT-B/16);
+(:class:`~cl_bench.methods.norm_sets.NormSets`: every ``nn.LayerNorm`` of the backbone, 25 in ViT-B/16);
 set ``t`` starts as a copy of set ``t-1`` (task 0: the pre-trained values). Each task also has a key
-(:class:`~cl_bench.modules.task_keys.TaskKeys`, orthogonal initialisation, ``--new_key``). Two linear heads
+(:class:`~cl_bench.methods.task_keys.TaskKeys`, orthogonal initialisation, ``--new_key``). Two linear heads
 grow with the tasks: ``fake_head`` is trained with the LayerNorm sets, ``head`` (the one evaluated) only in
 the classifier rectification (official ``--unbiased``).
 
-Training task ``c`` (§4.3), one Lightning fit of ``key_epochs + epochs + rectification_epochs`` epochs:
+Training task ``c`` (§4.3), three phases (:class:`~cl_bench.methods.base.Phase`, one Lightning fit each):
 
 1. keys, ``key_epochs`` (official: ``epochs``): ``q`` = the frozen pre-trained model's embedding of the
    augmented image (the [CLS] token after the final LayerNorm for a timm ViT), loss ``-mean_b cos(q_b, k_c)``;
 2. LayerNorms, ``epochs``: set ``c`` in every LayerNorm for every image (the ground-truth task), logits of
    ``fake_head`` restricted to task ``c``'s classes (``loss_scope=task``: the official logit mask),
-   cross-entropy; trains set ``c`` and ``fake_head``'s block ``c``. Steps 1-2 share one optimiser (official).
+   cross-entropy; trains set ``c`` and ``fake_head``'s block ``c``. Steps 1-2 share one optimiser in the
+   official code; here each has a fresh Adam over the same parameters, which is the same: the two stages'
+   gradients fall on disjoint parameters and Adam's state is per parameter.
 3. classifier rectification, ``rectification_epochs``: a new optimiser at ``rectification_lr`` on ``head``
    only; features come, without gradient, from the model with the sets that the keys *select* (the
    inference-time selection), so the head learns to live with wrong selections. Logits restricted to task
@@ -49,17 +51,19 @@ Deviations from the official code (each with the switch that restores it, where 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.methods.base import Capabilities, ContinualModule, Phase, Prediction, TaskContext, freeze
+from cl_bench.methods.norm_sets import NormSets
+from cl_bench.methods.task_keys import KEY_INITS, TaskKeys
 from cl_bench.modules.heads import IncrementalLinearHead
-from cl_bench.modules.norm_sets import NormSets
-from cl_bench.modules.task_keys import KEY_INITS, TaskKeys
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +95,8 @@ class LayerNormTuning(ContinualModule):
         loss_scope: ``task`` (official logit mask: the current task's classes) or ``seen``.
     """
 
+    CAPABILITIES = Capabilities(task_conditioned=True, selects_task=True)
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"layernorm"})  # one LayerNorm set per task
-
-    task_conditioned = True
-    selects_task = True
 
     def __init__(
         self,
@@ -137,27 +139,22 @@ class LayerNormTuning(ContinualModule):
             scheduler=scheduler,
             loss_scope=loss_scope,
         )
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        freeze(self.backbone)
         self.norm_sets = NormSets(self.backbone)
         self.key_init = key_init
         self.new_key = new_key
         self.ln_init = ln_init
         self.rectification_lr = rectification_lr
-        #: Epochs of each stage; the runner fits ``self.epochs`` = their sum.
+        #: Epochs of each stage (phase).
         self.stage_epochs = {"keys": key_epochs, "norms": epochs, "rectify": rectification_epochs}
-        self.epochs = sum(self.stage_epochs.values())
         #: Built at the first task, when the number of tasks (for the orthogonal keys) is known.
         self.keys: TaskKeys | None = None
         #: Trained with the LayerNorm sets when the head is rectified afterwards (official ``fake_head``).
         self.fake_head = IncrementalLinearHead(self.backbone.feat_dim) if rectification_epochs else None
-        self.automatic_optimization = False
 
-    def train(self, mode: bool = True) -> LayerNormTuning:
+    def eval_mode_modules(self) -> Iterable[nn.Module]:
         """The backbone stays in eval mode (dropout and drop-path off; the official rates are 0)."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        return (self.backbone,)
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
@@ -207,22 +204,38 @@ class LayerNormTuning(ContinualModule):
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Logits of ``head`` over all seen classes; ``task`` given: that task's set (oracle selection)."""
         if task is None:
-            return self.predict(x)[0]
+            return self.predict(x).logits
         return self.head(self.embed(x, task))
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor) -> Prediction:
         """Logits with the key-selected sets, and the selected task of each image."""
         features, tasks = self.selected_embedding(x)
-        return self.head(features), tasks
+        return Prediction(self.head(features), chosen_task=tasks)
 
     # ----------------------------------------------------------------- training
-    def stage(self, epoch: int) -> str:
-        """``keys``, ``norms`` or ``rectify``: the stage of a task's training epoch ``epoch``."""
-        for name in STAGES:
-            if epoch < self.stage_epochs[name]:
-                return name
-            epoch -= self.stage_epochs[name]
-        raise ValueError(f"epoch beyond the {self.epochs} epochs of a task")
+    def phases(self, ctx: TaskContext) -> list[Phase]:
+        """``keys``, ``norms``, ``rectify`` (module docstring, steps 1-3), all on the task's images, each
+        training only its own parameters (:meth:`param_groups`)."""
+        return [
+            Phase(
+                name,
+                self.stage_epochs[name],
+                ctx.train_set,
+                self.batch_size,
+                trainable=self.stage_parameters(name),
+            )
+            for name in STAGES
+        ]
+
+    def stage_parameters(self, stage: str) -> tuple[nn.Parameter, ...]:
+        """What ``stage`` trains: task ``c``'s key; task ``c``'s LayerNorm set and the trained head's block
+        (``fake_head`` if the head is rectified afterwards); ``head``'s trainable blocks."""
+        assert self.task is not None and self.keys is not None
+        if stage == "keys":
+            return (self.keys.keys[self.task.index],)
+        head = self.head if self.fake_head is None or stage == "rectify" else self.fake_head
+        trained = tuple(p for p in head.parameters() if p.requires_grad)
+        return trained if stage == "rectify" else (*self.norm_sets.parameters_of(self.task.index), *trained)
 
     def stage_loss(self, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of one training batch in ``stage`` (module docstring, steps 1-3)."""
@@ -241,33 +254,13 @@ class LayerNormTuning(ContinualModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        stage = self.stage(self.current_epoch)
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        optimizer = optimizers[-1] if stage == "rectify" else optimizers[0]
+        stage = self.phase_name
         loss = self.stage_loss(stage, x, y)
         self.check_finite(loss, batch_idx)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
         self.log(f"train/{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Key and LayerNorm stages (one optimiser, official): task ``c``'s set and key, the trained head."""
-        assert self.task is not None and self.keys is not None
-        head = self.head if self.fake_head is None else self.fake_head
-        params = [
-            *self.norm_sets.parameters_of(self.task.index),
-            self.keys.keys[self.task.index],
-            *(p for p in head.parameters() if p.requires_grad),
-        ]
-        return [{"params": params, "lr": self.lr, "name": "norms_keys_head"}]
-
-    def configure_optimizers(self) -> Any:
-        """Fresh optimisers per task: keys + LayerNorms at ``lr``, then (rectification) ``head``."""
-        optimizers = [self.make_optimizer()]
-        if self.fake_head is not None:
-            head = [p for p in self.head.parameters() if p.requires_grad]
-            optimizers.append(self.make_optimizer([{"params": head, "lr": self.rectification_lr}]))
-        return optimizers
+        """The phase's :meth:`stage_parameters`, at ``rectification_lr`` when rectifying, else at ``lr``."""
+        lr = self.rectification_lr if self.phase_name == "rectify" else self.lr
+        return [{"params": list(self.stage_parameters(self.phase_name)), "lr": lr, "name": self.phase_name}]

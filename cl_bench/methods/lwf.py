@@ -22,8 +22,9 @@ Old head blocks:
 
 ``warmup_epochs > 0`` first trains only the new task's head block for that many epochs on the frozen
 backbone (eval mode) with plain SGD at ``lr`` (no momentum or weight decay), as Mammoth's ``lwf``
-``begin_task`` and Li & Hoiem's warm-up step. Unlike Mammoth, which runs the backbone on augmented images
-every warm-up epoch, the features of the task's training images (evaluation transform) are computed once.
+``begin_task`` and Li & Hoiem's warm-up step: a head-only phase ``warmup`` before the phase ``train``. Unlike
+Mammoth, which runs the backbone on augmented images every warm-up epoch, the features of the task's training
+images (evaluation transform) are computed once; each warm-up epoch draws a new order of them.
 
 Defaults (``cl_bench/conf/method/lwf.yaml``): ``alpha`` 1 and ``temperature`` 2 (Avalanche; Li & Hoiem's
 ``lambda_o = 1``, ``T = 2``), no warm-up (Avalanche; Mammoth warms up for its ``n_epochs``); the optimiser
@@ -41,7 +42,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.methods.base import ContinualModule, HeadTraining, Phase, TaskContext
 from cl_bench.scenario import Task
 
 
@@ -113,27 +114,27 @@ class LwF(ContinualModule):
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
-        """Snapshot the teacher (old classes only), grow the head, then optionally warm the new block up."""
+        """Snapshot the teacher (old classes only), then grow the head."""
         self.old_tasks = ctx.scenario.tasks[: ctx.task.index]
         self._teacher = (FrozenTeacher(self.backbone, self.head),) if self.old_tasks else ()
         super().on_task_start(ctx)
-        if self.old_tasks and self.warmup_epochs > 0 and self.epochs > 0:
-            self.warm_up_head(ctx)
 
-    def warm_up_head(self, ctx: TaskContext) -> None:
-        """Train only the new head block on frozen-backbone features (cross-entropy over its classes)."""
+    def phases(self, ctx: TaskContext) -> list[Phase]:
+        """``warmup`` (optional, tasks after the first), then ``train``."""
+        if not (self.old_tasks and self.warmup_epochs > 0 and self.epochs > 0):
+            return list(super().phases(ctx))
+        return [self.warmup_phase(ctx), *super().phases(ctx)]
+
+    def warmup_phase(self, ctx: TaskContext) -> Phase:
+        """Only the new head block, on frozen-backbone features, cross-entropy over its classes, plain SGD."""
         assert self.task is not None
         block = self.head.blocks[-1]
-        feats, labels = self.extract_features(ctx, ctx.train_eval_set)
-        data = self.features_dataset(feats, labels - self.task.start)
-        optimizer = torch.optim.SGD(block.parameters(), lr=self.lr)
-        with torch.enable_grad():
-            for _ in range(self.warmup_epochs):
-                for f, y in ctx.loader(data, self.batch_size, shuffle=True):
-                    loss = F.cross_entropy(block(f.to(self.device)), y.to(self.device))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
+        features, labels = self.extract_features(ctx, ctx.train_eval_set)
+        training = HeadTraining(
+            block, loss=F.cross_entropy, optimizer=lambda params: torch.optim.SGD(params, lr=self.lr)
+        )
+        data = self.features_dataset(features, labels - self.task.start)
+        return Phase("warmup", self.warmup_epochs, data, self.batch_size, head_training=training)
 
     def on_fit_start(self) -> None:
         if self.teacher is not None:

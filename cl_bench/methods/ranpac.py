@@ -15,91 +15,21 @@ Pre-trained Models for Continual Learning" (NeurIPS 2023; code ``RanPAC/RanPAC``
 the features themselves (the code's ``M=0``: "no RP, only decorrelation"). The official ``sigma`` scaling of
 the ridge logits does not change the argmax and is left out.
 
-:class:`FirstSessionPetl` holds phase 1 and is shared with APER (:mod:`cl_bench.methods.aper`).
+:class:`~cl_bench.methods.first_session.FirstSessionPetl` holds phase 1 (shared with APER): after the first
+task RanPAC has no training phase.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.modules.analytic_heads import CosineLinear, RandomProjectionRidgeHead, ridge_grid
-from cl_bench.modules.peft import attach_peft, freeze_all_but_peft
-
-
-class FirstSessionPetl(ContinualModule):
-    """A PET module trained with a cosine head on the first task only, then frozen with the backbone.
-
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; ``epochs`` are the first task's):
-        peft: ``adapter``, ``ssf``, ``vpt`` or ``none`` (no first-session training).
-        adapter_bottleneck, adapter_scale, adapter_dropout, prompt_tokens: PET sizes
-            (:func:`~cl_bench.modules.peft.attach_peft`; official 64, 0.1, 0.1, 5).
-        cosine_sigma: the initial scale of the first-session cosine head.
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        peft: str = "adapter",
-        adapter_bottleneck: int = 64,
-        adapter_scale: float = 0.1,
-        adapter_dropout: float = 0.1,
-        prompt_tokens: int = 5,
-        cosine_sigma: float = 1.0,
-        epochs: int = 20,
-        batch_size: int = 48,
-        **base_args: Any,
-    ) -> None:
-        super().__init__(backbone, epochs=epochs, batch_size=batch_size, **base_args)
-        attach_peft(
-            backbone,
-            peft,
-            adapter_bottleneck=adapter_bottleneck,
-            adapter_scale=adapter_scale,
-            adapter_dropout=adapter_dropout,
-            prompt_tokens=prompt_tokens,
-        )
-        freeze_all_but_peft(backbone)
-        self.peft = peft
-        self.cosine_sigma = cosine_sigma
-        #: The first session's cosine head (training only; ``None`` before it and without PET).
-        self.cosine_head: CosineLinear | None = None
-
-    @property
-    def adapts(self) -> bool:
-        """Whether the first task trains a PET module."""
-        return self.peft != "none" and self.epochs > 0
-
-    def on_task_start(self, ctx: TaskContext) -> None:
-        super().on_task_start(ctx)
-        if ctx.task.index == 0 and self.adapts:
-            self.cosine_head = CosineLinear(self.backbone.feat_dim, self.cosine_sigma)
-            self.cosine_head.add_task(ctx.task.num_classes)
-
-    def train_dataset(self, ctx: TaskContext) -> Any:
-        return ctx.train_set if ctx.task.index == 0 and self.adapts else None
-
-    def training_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        assert self.cosine_head is not None
-        return self.cosine_head(self.backbone(inputs))
-
-    def on_task_end(self, ctx: TaskContext) -> None:
-        """After the first task the backbone (with its PET module) is frozen for good."""
-        if ctx.task.index == 0:
-            self.backbone.requires_grad_(False)
-            if self.cosine_head is not None:
-                self.cosine_head.requires_grad_(False)
-            self.frozen_backbone = True  # type: ignore[misc]  # from now on: cached features, eval mode
-            self.backbone.eval()
-
-    def task_generator(self, ctx: TaskContext) -> torch.Generator:
-        """A generator seeded by (run seed, task) for the analytic heads' random choices."""
-        return torch.Generator().manual_seed(ctx.seed * 1000 + ctx.task.index)
+from cl_bench.methods.base import TaskContext
+from cl_bench.methods.first_session import FirstSessionPetl
+from cl_bench.modules.analytic_heads import RandomProjectionRidgeHead, ridge_grid
 
 
 class RanPAC(FirstSessionPetl):
@@ -135,4 +65,4 @@ class RanPAC(FirstSessionPetl):
         """Freeze after the first task, then add this task's features to the ridge statistics and solve."""
         super().on_task_end(ctx)
         features, labels = self.extract_features(ctx, ctx.train_eval_set)
-        self.head.fit(features, labels, generator=self.task_generator(ctx))
+        self.head.fit(features, labels, generator=ctx.generator())

@@ -34,7 +34,7 @@ and solve from one ``G``/``Q`` (fast first, then slow); ``separate``: one each.
 ``H(z) = -sum p log(p + 1e-9)``, ``p = softmax(z)``; after the first session only the fast learner is used.
 The official ``eval_task`` then keeps the better of the aggregate and the fast learner *measured with the
 test labels*; cl_bench does not: ``forward`` is the aggregate (the method's result) and the fast learner's
-and slow learner's accuracies are reported beside it (:meth:`SAFE.alternative_logits`: ``fast``, ``slow``).
+and slow learner's accuracies are reported beside it (:meth:`SAFE.predict`'s alternatives ``fast``, ``slow``).
 
 Ablation switches: each loss weight (0 turns it off), ``aggregation`` (``entropy``, ``fast``, ``slow``,
 ``add``, ``max``), ``later_epochs=0`` (no fast learner), ``ridge_stats``, ``imprint_slow_protos``.
@@ -47,6 +47,7 @@ Defaults are the released CIFAR-100 config (``args/cifar224_publish.csv``); the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -55,7 +56,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.methods.base import ContinualModule, Phase, Prediction, TaskContext
 from cl_bench.modules.analytic_heads import CosineLinear, RandomProjectionRidgeHead, ridge_grid
 from cl_bench.modules.peft import attach_peft, freeze_all_but_peft, independent_copy, peft_disabled
 
@@ -163,7 +164,6 @@ class SAFE(ContinualModule):
         super().__init__(backbone, epochs=epochs, batch_size=batch_size, **base_args)
         attach_peft(backbone, peft, adapter_bottleneck, adapter_scale, adapter_dropout, prompt_tokens)
         freeze_all_but_peft(backbone)
-        self.first_epochs = self.epochs
         self.later_epochs = later_epochs
         self.diag_weight = diag_weight
         self.redundancy_weight = redundancy_weight
@@ -181,27 +181,25 @@ class SAFE(ContinualModule):
         #: The slow learner (a frozen copy of backbone and cosine head), made at the end of session 1.
         self.slow_backbone: nn.Module | None = None
         self.slow_cosine: CosineLinear | None = None
-        #: ``(inputs, fast logits, slow logits)`` of the last evaluation batch (:meth:`alternative_logits`).
-        self._last_outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
-    def train(self, mode: bool = True) -> SAFE:
+    def eval_mode_modules(self) -> Iterable[nn.Module]:
         """The slow learner stays in eval mode."""
-        super().train(mode)
-        for module in (self.slow_backbone, self.slow_cosine):
-            if module is not None:
-                module.eval()
-        return self
+        return [m for m in (self.slow_backbone, self.slow_cosine) if m is not None]
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
-        """Grow the heads; session 1 trains for ``epochs``, later sessions for ``later_epochs``."""
+        """Grow the heads (the cosine head's new rows: uniform in session 1, zero later)."""
         super().on_task_start(ctx)
         self.slow_head.add_task(ctx.task.num_classes)
         first = ctx.task.index == 0
         self.cosine_head.add_task(ctx.task.num_classes, init="uniform" if first else "zeros")
         if self.slow_cosine is not None:
             self.slow_cosine.add_task(ctx.task.num_classes, init="zeros")
-        self.epochs = self.first_epochs if first else self.later_epochs
+
+    def phases(self, ctx: TaskContext) -> list[Phase]:
+        """Session 1 trains for ``epochs`` (the slow learner), later sessions for ``later_epochs``."""
+        epochs = self.epochs if ctx.task.index == 0 else self.later_epochs
+        return [Phase("train", epochs, ctx.train_set, self.batch_size)]
 
     def on_task_end(self, ctx: TaskContext) -> None:
         """Session 1: copy the slow learner. Every session: refit both ridge heads (fast first)."""
@@ -219,7 +217,7 @@ class SAFE(ContinualModule):
             with torch.no_grad():
                 for c in torch.unique(labels):
                     self.slow_cosine.weight[c] = slow[labels == c].mean(dim=0).to(self.slow_cosine.weight)
-        generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.task.index)
+        generator = ctx.generator()
         self.head.fit(fast, labels, generator=generator)
         shared = self.head if self.ridge_stats == "shared" else None
         self.slow_head.fit(slow, labels, statistics=shared, generator=generator)
@@ -229,7 +227,7 @@ class SAFE(ContinualModule):
         """The cosine period is session 1's epochs in every session (the code's ``T_max=tuned_epoch``)."""
         if self.scheduler_name == "none":
             return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.first_epochs))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
 
     @torch.no_grad()
     def _pretrained_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,24 +288,20 @@ class SAFE(ContinualModule):
             return fast, None
         return fast, self.slow_cosine.sigma * self.slow_head(self.slow_backbone(x))
 
-    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+    def combine(self, fast: torch.Tensor, slow: torch.Tensor | None) -> torch.Tensor:
         """The aggregate of the two learners (session 1: the fast learner, as the code)."""
-        fast, slow = self.learner_logits(x)
-        if not self.training:
-            self._last_outputs = (x, fast, slow)
         first_session = self.task is None or self.task.index == 0
         if slow is None or (first_session and self.aggregation != "slow"):
             return fast
         return aggregate(fast, slow, self.aggregation, self.gamma)
 
-    def alternative_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The fast and the slow learner alone, reported beside the aggregate and never used to select it.
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """The aggregate of the two learners."""
+        return self.combine(*self.learner_logits(x))
 
-        Called by the evaluator right after :meth:`forward` on the same batch, whose logits it reuses.
-        """
-        if self._last_outputs is not None and self._last_outputs[0] is x:
-            _, fast, slow = self._last_outputs
-        else:
-            fast, slow = self.learner_logits(x)
-        self._last_outputs = None
-        return {"fast": fast} if slow is None else {"fast": fast, "slow": slow}
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """The aggregate, with the fast and the slow learner alone as alternatives (reported beside it and
+        never used to select it)."""
+        fast, slow = self.learner_logits(x)
+        alternatives = {"fast": fast} if slow is None else {"fast": fast, "slow": slow}
+        return Prediction(self.combine(fast, slow), alternatives=alternatives)

@@ -9,20 +9,18 @@ beyond the backbone.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
 from cl_bench.backbones.base import Backbone
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.methods.base import Capabilities, ContinualModule, Phase, TaskContext
 from cl_bench.modules.heads import PrototypeHead
 
 
 class SimpleCIL(ContinualModule):
     """Frozen backbone + class-mean prototypes with a cosine classifier; no gradient training."""
 
-    frozen_backbone: ClassVar[bool] = True
+    CAPABILITIES = Capabilities(frozen_backbone=True)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone, epochs=0)
@@ -30,8 +28,9 @@ class SimpleCIL(ContinualModule):
     def build_head(self) -> nn.Module:
         return PrototypeHead(self.backbone.feat_dim)
 
-    def train_dataset(self, ctx: TaskContext) -> None:
-        return None
+    def phases(self, ctx: TaskContext) -> list[Phase]:
+        """No training phase: prototypes are set when the task ends."""
+        return []
 
     def on_task_end(self, ctx: TaskContext) -> None:
         """Set each new class's prototype to the mean embedding of its training images."""

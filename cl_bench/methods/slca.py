@@ -37,12 +37,16 @@ Deviation (pitfall 5 of the spec): the code gives class ``c`` the task ``c // ta
 task's size, which is wrong for a shorter last task (Cars: 9 x 20 + 16). Here a class's task is the task
 that owns it; ``official_task_index=true`` restores the code's rule.
 
-CA samples from a generator seeded by ``(seed, task)`` on the module's device, so CA is repeatable.
+Each task is two phases (:class:`~cl_bench.methods.base.Phase`): ``train`` (the slow learner) and, from the
+second task on, ``align`` (CA: the head alone on sampled features, one Lightning fit like any phase). CA
+samples from a generator seeded by ``(seed, task)`` on the module's device, so CA is repeatable.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,7 +54,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.methods.base import ContinualModule, HeadTraining, Phase, TaskContext
 from cl_bench.modules.class_statistics import ClassStatistics
 from cl_bench.modules.classifier_alignment import ClassifierAlignment, FeatureScaler, slca_mean_scales
 
@@ -200,8 +204,9 @@ class SLCA(ContinualModule):
             for block in self.head.blocks[:-1]:
                 block.requires_grad_(False)
 
-    def on_task_end(self, ctx: TaskContext) -> None:
-        """Store the new classes' statistics, then align the classifier on all seen classes (task > 0)."""
+    def phases(self, ctx: TaskContext) -> Iterator[Phase]:
+        """``train``; then the new classes' statistics, and (task > 0) ``align`` on all seen classes."""
+        yield from super().phases(ctx)
         if not self.ca:
             return
         features, labels = self.extract_features(ctx, ctx.train_eval_set)
@@ -209,7 +214,9 @@ class SLCA(ContinualModule):
         if ctx.task.index == 0 or self.alignment.epochs == 0:
             return
         self._stage1_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
-        self.align_classifier(ctx)
+        yield self.alignment_phase(ctx)
+        self.on_alignment_end(ctx)
+        log.info("task %d: classifier alignment on %d classes done", ctx.task.index, ctx.task.stop)
 
     # ----------------------------------------------------------------- classifier alignment
     def class_tasks(self, ctx: TaskContext) -> torch.Tensor:
@@ -219,33 +226,42 @@ class SLCA(ContinualModule):
         sizes = [task.num_classes for task in ctx.scenario.tasks[: ctx.task.index + 1]]
         return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
 
-    def ca_generator(self, ctx: TaskContext) -> torch.Generator:
-        """CA's random source on the module's device, seeded by ``(seed, task)``."""
-        return torch.Generator(device=self.device).manual_seed(ctx.seed * 1000 + ctx.task.index)
-
     def ca_feature_scaler(
         self, class_tasks: torch.Tensor, ctx: TaskContext, generator: torch.Generator
     ) -> FeatureScaler | None:
         """A per-sample factor for CA's sampled features (none in SLCA; SLCA++ shrinks old ones)."""
         return None
 
-    def align_classifier(self, ctx: TaskContext) -> None:
-        """Classifier Alignment on every class seen up to ``ctx.task``."""
+    def alignment_phase(self, ctx: TaskContext) -> Phase:
+        """Classifier Alignment on every class seen up to ``ctx.task``: every head parameter trains."""
         class_tasks = self.class_tasks(ctx)
-        generator = self.ca_generator(ctx)
+        generator = ctx.generator(self.device)
         mean_scales = slca_mean_scales(class_tasks, ctx.task.index) if self.ca_mean_shrink else None
-        losses = self.alignment.align(
-            self.head,
+        samples = self.alignment.samples(
             self.statistics,
-            classes=list(range(ctx.task.stop)),
-            task_sizes=self.head.task_sizes,
-            generator=generator,
-            mean_scales=mean_scales,
-            feature_scaler=self.ca_feature_scaler(class_tasks.to(self.device), ctx, generator),
+            list(range(ctx.task.stop)),
+            generator,
+            mean_scales,
+            self.ca_feature_scaler(class_tasks.to(self.device), ctx, generator),
         )
-        log.info(
-            "task %d: classifier alignment losses per epoch %s", ctx.task.index, [round(v, 4) for v in losses]
+        training = HeadTraining(
+            self.head,
+            loss=partial(self.alignment.loss, task_sizes=self.head.task_sizes),
+            optimizer=self.alignment.optimizer,
+            scheduler=self.alignment.scheduler,
         )
+        return Phase(
+            "align",
+            self.alignment.epochs,
+            samples,
+            batch_size=None,  # the samples come in batches
+            trainable=tuple(self.head.parameters()),
+            head_training=training,
+            shuffle=False,
+        )
+
+    def on_alignment_end(self, ctx: TaskContext) -> None:
+        """After CA (SLCA++ sets the old heads' input scales here)."""
 
     # ----------------------------------------------------------------- optimisation
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:

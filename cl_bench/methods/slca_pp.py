@@ -7,7 +7,7 @@ sequential fine-tuning is run with "a parameter-efficient strategy". The rest fo
 (``GengDavid/SLCA`` @169d4e6, ``models/slca_pp.py``, ``convs/vits.py``, ``convs/linears.py``;
 ``shared/research/methods_vit.md`` §2.2-2.5):
 
-* **Hybrid SL**: LoRA (:mod:`cl_bench.modules.lora`) of rank 4 and scale 0.8 on ``attn.qkv`` (fused),
+* **Hybrid SL**: LoRA (:mod:`cl_bench.methods.lora`) of rank 4 and scale 0.8 on ``attn.qkv`` (fused),
   ``mlp.fc1`` and ``mlp.fc2`` of every block, ``A`` initialised with the top right singular vectors of the
   pre-trained weight and ``B = 0``, never merged; the trainable backbone parameters are those whose name
   contains ``norm``, ``bias``, ``cls_token`` or ``lora`` (``trainable``); the rest stays frozen.
@@ -15,7 +15,7 @@ sequential fine-tuning is run with "a parameter-efficient strategy". The rest fo
   task (``0.5 * lr``) and the backbone's rate afterwards. SGD, momentum 0.9, weight decay 5e-4 (0 in the
   ImageNet-R and Cars configs); a cosine schedule to ``eta_min = lr * bcb_lrscale * 0.1^len(milestones)`` =
   1e-4, one absolute floor for every group.
-* **Loss**: ``sce_alpha * CE + sce_beta * RCE`` (:func:`~cl_bench.modules.losses.symmetric_cross_entropy`)
+* **Loss**: ``sce_alpha * CE + sce_beta * RCE`` (:func:`~cl_bench.methods.losses.symmetric_cross_entropy`)
   over the current task's logits; (1.0, 0.1) for CIFAR and CUB, (0.5, 0.5) for ImageNet-R and Cars.
 * **CA** as SLCA's but without the mean shrink: each sampled feature of a class of task ``t_c`` is divided
   by ``1 + s (T - t_c)`` with ``s = mu + 0.02 (U(0,1) - 0.5)``, ``mu = feature_scale_mu = 0.02``. After CA
@@ -37,11 +37,11 @@ from torch import nn
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
+from cl_bench.methods.lora import LORA_INITS, add_lora, lora_parameters
+from cl_bench.methods.losses import symmetric_cross_entropy
 from cl_bench.methods.slca import SLCA
 from cl_bench.modules.classifier_alignment import FeatureScaler, random_feature_scales
 from cl_bench.modules.heads import IncrementalLinearHead
-from cl_bench.modules.lora import LORA_INITS, add_lora, lora_parameters
-from cl_bench.modules.losses import symmetric_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,7 @@ class SLCAPlusPlus(SLCA):
         current, mu, jitter = ctx.task.index, self.feature_scale_mu, self.feature_scale_jitter
         return lambda labels: random_feature_scales(class_tasks[labels], current, mu, jitter, generator)
 
-    def align_classifier(self, ctx: TaskContext) -> None:
-        """SLCA's CA with SLCA++'s sample scaling, then the old heads' input scales for evaluation."""
-        super().align_classifier(ctx)
+    def on_alignment_end(self, ctx: TaskContext) -> None:
+        """After CA with SLCA++'s sample scaling: the old heads' input scales for evaluation."""
         assert isinstance(self.head, ScaledIncrementalLinearHead)
         self.head.scale_old_tasks(self.feature_scale_mu)

@@ -21,16 +21,21 @@ below follows the official code (``GengDavid/SLCA`` ``models/slca.py::_stage2_co
   each *sample* by ``1 + s (T - t_c)`` with ``s ~ U(mu - jitter/2, mu + jitter/2)``
   (:func:`random_feature_scales`).
 
-All randomness (samples, shuffling, random scales) comes from the caller's generator.
+All randomness (samples, shuffling, random scales) comes from the caller's generator. A method runs CA as a
+head-only training phase (:class:`~cl_bench.methods.base.HeadTraining`) on :meth:`ClassifierAlignment.samples`
+with :meth:`~ClassifierAlignment.optimizer`, :meth:`~ClassifierAlignment.scheduler` and
+:meth:`~ClassifierAlignment.loss`; :meth:`ClassifierAlignment.align` is the same training as a plain loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from cl_bench.errors import TrainingDivergedError
 from cl_bench.modules.class_statistics import ClassStatistics
@@ -61,6 +66,46 @@ def random_feature_scales(
     uniform = torch.rand(sample_tasks.shape, generator=generator, device=sample_tasks.device)
     strength = mu + jitter * (uniform - 0.5)
     return 1.0 / (1.0 + strength * (current_task - sample_tasks).float())
+
+
+class AlignmentSamples(IterableDataset):
+    """CA's training data, a dataset of whole batches: each pass (epoch) draws ``samples_per_class`` fresh
+    features of every class, scales them, shuffles them and cuts them into batches of ``batch_size``.
+
+    Features lie on ``generator``'s device; the draws continue ``generator`` from epoch to epoch.
+    """
+
+    def __init__(
+        self,
+        statistics: ClassStatistics,
+        classes: Sequence[int],
+        samples_per_class: int,
+        batch_size: int,
+        generator: torch.Generator,
+        mean_scales: torch.Tensor | None = None,
+        feature_scaler: FeatureScaler | None = None,
+    ) -> None:
+        self.statistics = statistics
+        self.classes = list(classes)
+        self.samples_per_class = samples_per_class
+        self.batch_size = batch_size
+        self.generator = generator
+        self.mean_scales = mean_scales
+        self.feature_scaler = feature_scaler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.classes) * self.samples_per_class / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.generator.device
+        features, labels = self.statistics.sample(
+            self.classes, self.samples_per_class, self.generator, self.mean_scales, device
+        )
+        if self.feature_scaler is not None:
+            features = features * self.feature_scaler(labels).unsqueeze(1)
+        order = torch.randperm(len(labels), generator=self.generator, device=device)
+        for batch in order.split(self.batch_size):
+            yield features[batch], labels[batch]
 
 
 class ClassifierAlignment:
@@ -103,6 +148,34 @@ class ClassifierAlignment:
             logits = task_normalized_logits(logits, task_sizes, self.logit_norm)
         return F.cross_entropy(logits, labels)
 
+    def samples(
+        self,
+        statistics: ClassStatistics,
+        classes: Sequence[int],
+        generator: torch.Generator,
+        mean_scales: torch.Tensor | None = None,
+        feature_scaler: FeatureScaler | None = None,
+    ) -> AlignmentSamples:
+        """CA's training batches for ``classes`` (see :class:`AlignmentSamples`); ``mean_scales[i]``
+        multiplies ``classes[i]``'s mean before sampling, ``feature_scaler(labels)`` gives a factor for each
+        sampled feature."""
+        return AlignmentSamples(
+            statistics,
+            classes,
+            self.samples_per_class,
+            self.batch_size,
+            generator,
+            mean_scales,
+            feature_scaler,
+        )
+
+    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Cosine over the CA epochs, stepped per epoch."""
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+
     def align(
         self,
         head: nn.Module,
@@ -114,33 +187,22 @@ class ClassifierAlignment:
         feature_scaler: FeatureScaler | None = None,
     ) -> list[float]:
         """Train ``head`` (features -> logits over the class positions ``0..sum(task_sizes)-1``) on samples
-        of ``classes``; returns the mean loss of each epoch.
-
-        ``mean_scales[i]`` multiplies ``classes[i]``'s mean before sampling; ``feature_scaler(labels)``
-        gives a factor for each sampled feature. Samples are drawn on ``generator``'s device.
-        """
+        of ``classes`` in a plain loop (the training a CA phase runs under Lightning); returns the mean loss
+        of each epoch."""
         params = list(head.parameters())
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.SGD(
-            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
-        device = generator.device
+        optimizer = self.optimizer(params)
+        scheduler = self.scheduler(optimizer)
+        samples = self.samples(statistics, classes, generator, mean_scales, feature_scaler)
         epoch_losses = []
         try:
             with torch.enable_grad():
                 for epoch in range(self.epochs):
-                    features, labels = statistics.sample(
-                        classes, self.samples_per_class, generator, mean_scales, device
-                    )
-                    if feature_scaler is not None:
-                        features = features * feature_scaler(labels).unsqueeze(1)
-                    order = torch.randperm(len(labels), generator=generator, device=device)
-                    total = 0.0
-                    for batch in order.split(self.batch_size):
-                        loss = self.loss(head(features[batch]), labels[batch], task_sizes)
+                    total, count = 0.0, 0
+                    for features, labels in samples:
+                        loss = self.loss(head(features), labels, task_sizes)
                         if not torch.isfinite(loss):
                             raise TrainingDivergedError(
                                 f"classifier alignment loss became {loss.item()} in CA epoch {epoch}; lower "
@@ -149,9 +211,10 @@ class ClassifierAlignment:
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
-                        total += loss.item() * len(batch)
+                        total += loss.item() * len(labels)
+                        count += len(labels)
                     scheduler.step()
-                    epoch_losses.append(total / len(labels))
+                    epoch_losses.append(total / count)
         finally:
             for p, flag in zip(params, flags, strict=True):
                 p.requires_grad_(flag)

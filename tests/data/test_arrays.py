@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 from cl_bench.data.arrays import load_npz
 from cl_bench.errors import DataError

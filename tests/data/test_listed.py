@@ -221,7 +221,7 @@ def test_imagenet_r_coda_split_files(tmp_path: Path) -> None:
     ]
     assert abs(int(data.test.image(1).float().mean()) - 70) <= 1  # n01/art_4: 30 + 40
 
-    from conftest import compose_config
+    from helpers import compose_config
 
     from cl_bench.config import build_from_config
 

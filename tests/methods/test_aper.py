@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from helpers import task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.config import ScenarioType
 from cl_bench.methods.aper import APER
 from cl_bench.methods.base import TaskContext
 from cl_bench.modules.peft import peft_disabled, peft_parameters
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 3, (0, 1, 2)), Task(1, 3, 6, (3, 4, 5)))
+SIZES = (3, 3)
+TASKS = toy_scenario(SIZES).tasks
 
 
 def _ctx(task: int) -> TaskContext:
-    scenario = Scenario(ScenarioType.cil, tuple(range(6)), TASKS)
     g = torch.Generator().manual_seed(task)
     x = torch.randn(12, 3, 8, 8, generator=g)
     data = TensorDataset(x, torch.arange(12) % 3 + 3 * task)
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+    return task_context(toy_scenario(SIZES), task, data)
 
 
 def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_are_means() -> None:
@@ -33,14 +32,15 @@ def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_a
     module = APER(backbone, adapter_bottleneck=4)
     ctx0 = _ctx(0)
     module.on_task_start(ctx0)
-    assert module.train_dataset(ctx0) is ctx0.train_set
+    (phase,) = module.phases(ctx0)
+    assert phase.data is ctx0.train_set
     with torch.no_grad():
         for p in peft_parameters(module.backbone):
             p.add_(0.5 * torch.randn_like(p))  # as after the first-session training
     module.on_task_end(ctx0)
     ctx1 = _ctx(1)
     module.on_task_start(ctx1)
-    assert module.train_dataset(ctx1) is None
+    assert module.phases(ctx1) == []
     module.on_task_end(ctx1)
     module.eval()
     x = ctx1.train_set.tensors[0]

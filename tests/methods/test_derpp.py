@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import task_context, toy_scenario
 from torch import nn
 
 from cl_bench.backbones.base import Backbone, DataConfig
-from cl_bench.config import ScenarioType
 from cl_bench.data.base import ArrayImages, TaskDataset
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.derpp import DERPlusPlus
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)))
+SIZES = (2, 2)
+TASKS = toy_scenario(SIZES).tasks
 
 
 class TinyBackbone(Backbone):
@@ -50,8 +50,7 @@ def _sets() -> tuple[ArrayImages, list[TaskDataset]]:
 
 
 def _ctx(task: int, sets: list[TaskDataset], til: bool = False) -> TaskContext:
-    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, (0, 1, 2, 3), TASKS)
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=sets[task], train_eval_set=sets[task])
+    return task_context(toy_scenario(SIZES, til), task, sets[task])
 
 
 def _module(**kwargs) -> DERPlusPlus:

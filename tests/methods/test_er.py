@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import task_context, toy_scenario
 from scipy.stats import chisquare
 from torch import nn
 
 from cl_bench.backbones.base import Backbone, DataConfig
-from cl_bench.config import ScenarioType
 from cl_bench.data.base import ArrayImages, TaskDataset
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.er import ExperienceReplay
 from cl_bench.modules.replay import ReservoirBuffer
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)))
+SIZES = (2, 2)
+TASKS = toy_scenario(SIZES).tasks
 
 
 def _stream_counts(n_items: int, capacity: int, runs: int, chunk: int) -> np.ndarray:
@@ -105,8 +105,7 @@ def _data() -> tuple[ArrayImages, list[TaskDataset], CountingTransform]:
 
 
 def _ctx(task: int, sets: list[TaskDataset], til: bool = False) -> TaskContext:
-    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, (0, 1, 2, 3), TASKS)
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=sets[task], train_eval_set=sets[task])
+    return task_context(toy_scenario(SIZES, til), task, sets[task])
 
 
 def _steps(module: ExperienceReplay, ctx: TaskContext) -> list[tuple[torch.Tensor, ...]]:

@@ -6,27 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearBackbone
+from helpers import LinearBackbone, task_context, toy_scenario
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.ewc import EWC
 from cl_bench.modules.regularizers import trainable_parameters
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)))
+SIZES = (2, 2)
+TASKS = toy_scenario(SIZES).tasks
 
 
 def _ctx(task: int, til: bool = False, seed: int = 0) -> TaskContext:
-    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, (0, 1, 2, 3), TASKS)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 4, generator=gen)
     y = torch.randint(0, 2, (6,), generator=gen) + TASKS[task].start
     data = TensorDataset(x, y)
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+    return task_context(toy_scenario(SIZES, til), task, data)
 
 
 def _module(**kwargs) -> EWC:

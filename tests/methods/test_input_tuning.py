@@ -81,13 +81,17 @@ def test_param_groups_use_transform_lr() -> None:
 def test_shared_keeps_one_transform_per_task_grows_and_freezes_them() -> None:
     shared = InputTuning(CifarResNet(20))
     _start_tasks(shared, [2, 2, 2], (3, 16, 16))
-    assert len(shared.transforms) == 1 and not shared.task_conditioned
+    assert len(shared.transforms) == 1 and not shared.capabilities.task_conditioned
     assert all(
         p.requires_grad for p in shared.parameters() if not any(p is q for q in shared.backbone.parameters())
     )
     per_task = InputTuning(CifarResNet(20), sharing="per_task")
     _start_tasks(per_task, [2, 2, 2], (3, 16, 16))
-    assert len(per_task.transforms) == 3 and per_task.task_conditioned and per_task.loss_scope == "task"
+    assert (
+        len(per_task.transforms) == 3
+        and per_task.capabilities.task_conditioned
+        and per_task.loss_scope == "task"
+    )
     trainable = sorted(n for n, p in per_task.named_parameters() if p.requires_grad)
     assert trainable == ["head.blocks.2.bias", "head.blocks.2.weight", "transforms.2.delta"]
 

@@ -7,16 +7,16 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import learn, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.cifar_resnet import CifarResNet
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation import TASK_SELECTION, Evaluator
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lnt import LayerNormTuning
-from cl_bench.scenario import Scenario, Task
+from cl_bench.scenario import Scenario
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*the `self.trainer` reference is not registered")
 TINY_VIT = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -29,11 +29,7 @@ def _tiny_vit() -> TimmBackbone:
 
 
 def _scenario(sizes: tuple[int, ...] = SIZES) -> Scenario:
-    tasks, start = [], 0
-    for index, size in enumerate(sizes):
-        tasks.append(Task(index, start, start + size, tuple(range(start, start + size))))
-        start += size
-    return Scenario(ScenarioType.cil, tuple(range(start)), tuple(tasks))
+    return toy_scenario(sizes)
 
 
 def _task_data(task: int, n_per_class: int = 16, seed: int = 0) -> TensorDataset:
@@ -50,22 +46,7 @@ def _task_data(task: int, n_per_class: int = 16, seed: int = 0) -> TensorDataset
 
 
 def _ctx(task: int, scenario: Scenario, data: TensorDataset) -> TaskContext:
-    return TaskContext(scenario.tasks[task], scenario, data, data, seed=0)
-
-
-def _fit(module: LayerNormTuning, ctx: TaskContext) -> None:
-    module.on_task_start(ctx)
-    trainer = pl.Trainer(
-        max_epochs=module.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, train_dataloaders=ctx.loader(ctx.train_set, module.batch_size, shuffle=True))
-    module.on_task_end(ctx)
+    return task_context(scenario, task, data)
 
 
 def _snapshot(tensors) -> list[torch.Tensor]:
@@ -91,23 +72,31 @@ def two_tasks() -> dict:
     )
     frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     scenario = _scenario()
-    _fit(module, _ctx(0, scenario, _task_data(0)))
+    learn(module, _ctx(0, scenario, _task_data(0)))
     after_first = {
         "set": _snapshot(module.norm_sets.parameters_of(0)),
         "key": _snapshot([module.keys.keys[0]]),
         "head": _snapshot(module.head.blocks[0].parameters()),
         "fake_head": _snapshot(module.fake_head.blocks[0].parameters()),
     }
-    _fit(module, _ctx(1, scenario, _task_data(1)))
+    learn(module, _ctx(1, scenario, _task_data(1)))
     return {"module": module, "frozen": frozen, "after_first": after_first, "scenario": scenario}
 
 
-def test_stages_and_epochs() -> None:
+def _phases(module: LayerNormTuning) -> list[tuple[str, int]]:
+    scenario = _scenario()
+    data = _task_data(0)
+    ctx = _ctx(0, scenario, data)
+    module.on_task_start(ctx)
+    return [(phase.name, phase.epochs) for phase in module.phases(ctx)]
+
+
+def test_stages_are_three_phases() -> None:
     module = LayerNormTuning(_tiny_vit(), epochs=3, key_epochs=None, rectification_epochs=2)
-    assert module.epochs == 3 + 3 + 2
-    assert [module.stage(e) for e in range(8)] == ["keys"] * 3 + ["norms"] * 3 + ["rectify"] * 2
+    assert module.epochs == 3  # never changed
+    assert _phases(module) == [("keys", 3), ("norms", 3), ("rectify", 2)]
     single = LayerNormTuning(_tiny_vit(), epochs=2, key_epochs=1, rectification_epochs=0)
-    assert single.fake_head is None and [single.stage(e) for e in range(3)] == ["keys", "norms", "norms"]
+    assert single.fake_head is None and _phases(single) == [("keys", 1), ("norms", 2), ("rectify", 0)]
 
 
 def test_each_stage_sends_gradients_only_where_the_official_code_does() -> None:
@@ -149,7 +138,7 @@ def test_keys_pick_the_right_task_and_the_evaluator_reports_it(two_tasks: dict) 
     tests = [_task_data(t, n_per_class=8, seed=1) for t in range(2)]
     with torch.no_grad():
         for task, data in enumerate(tests):
-            _, chosen = module.predict(data.tensors[0])
+            chosen = module.predict(data.tensors[0]).chosen_task
             assert (chosen == task).all()
     rows = Evaluator(two_tasks["scenario"], tests, batch_size=16).evaluate_rows(module, 1)
     assert rows.extra == {TASK_SELECTION: [100.0, 100.0]}
@@ -163,7 +152,8 @@ def test_a_perfect_oracle_reduces_to_task_specific_layernorm_tuning(two_tasks: d
     truth = torch.tensor([0] * 6 + [1] * 6)
     monkeypatch.setattr(module.keys, "select", lambda queries: truth)
     with torch.no_grad():
-        logits, chosen = module.predict(x)
+        prediction = module.predict(x)
+        logits, chosen = prediction.logits, prediction.chosen_task
         assert torch.equal(chosen, truth)
         for task in range(2):
             plain = copy.deepcopy(module.backbone)  # a backbone whose LayerNorms simply hold set `task`
@@ -190,7 +180,8 @@ def test_six_block_vit_of_the_cifar_experiments() -> None:
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
     for task in range(2):
         module.on_task_start(_ctx(task, scenario, data))
-    logits, chosen = module.eval().predict(data.tensors[0])
+    prediction = module.eval().predict(data.tensors[0])
+    logits, chosen = prediction.logits, prediction.chosen_task
     assert logits.shape == (4, 4) and chosen.shape == (4,)
 
 

@@ -9,25 +9,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyBackbone
+from helpers import TinyBackbone, fit_phase, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lwf import LwF, distillation
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)), Task(2, 4, 6, (4, 5)))
+SIZES = (2, 2, 2)
+TASKS = toy_scenario(SIZES).tasks
 
 
 def _ctx(task: int, til: bool = False) -> TaskContext:
-    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, tuple(range(6)), TASKS)
     gen = torch.Generator().manual_seed(task)
     data = TensorDataset(
         torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen) + 2 * task
     )
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+    return task_context(toy_scenario(SIZES, til), task, data)
 
 
 def _module(**kwargs) -> LwF:
@@ -112,10 +110,16 @@ def test_task_incremental_distils_each_old_task_separately() -> None:
 def test_warm_up_trains_only_the_new_block() -> None:
     module = _module(warmup_epochs=20, lr=0.5)
     module.on_task_start(_ctx(0))
-    before = {n: p.detach().clone() for n, p in module.named_parameters()}
     ctx = _ctx(1)
     module.on_task_start(ctx)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    warmup, train = module.phases(ctx)
+    assert (warmup.name, warmup.epochs, train.name) == ("warmup", 20, "train")
+    assert warmup.head_training is not None and warmup.head_training.head is module.head.blocks[-1]
+    fit_phase(module, warmup, ctx)
     after = dict(module.named_parameters())
+    for name in ("head.blocks.1.weight", "head.blocks.1.bias"):
+        assert not torch.equal(after[name], before.pop(name)), f"{name} did not train"
     for name, value in before.items():
         assert torch.equal(after[name], value), f"{name} changed during the warm-up"
     x, y = ctx.train_set.tensors

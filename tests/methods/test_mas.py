@@ -8,16 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LinearBackbone
+from helpers import LinearBackbone, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.mas import MAS
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)))
+SIZES = (2, 2)
+TASKS = toy_scenario(SIZES).tasks
 
 
 def _ctx(task: int, til: bool = False) -> TaskContext:
@@ -25,8 +24,7 @@ def _ctx(task: int, til: bool = False) -> TaskContext:
     data = TensorDataset(
         torch.randn(6, 4, generator=gen), torch.randint(0, 2, (6,), generator=gen) + 2 * task
     )
-    scenario = Scenario(ScenarioType.til if til else ScenarioType.cil, (0, 1, 2, 3), TASKS)
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+    return task_context(toy_scenario(SIZES, til), task, data)
 
 
 def _module(**kwargs) -> MAS:

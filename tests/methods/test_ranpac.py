@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.cifar_resnet import CifarResNet
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.ranpac import RanPAC
 from cl_bench.modules.peft import peft_parameters
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 3, (0, 1, 2)), Task(1, 3, 6, (3, 4, 5)))
+SIZES = (3, 3)
+TASKS = toy_scenario(SIZES).tasks
 TINY_VIT = (
     "dataset.size=8",
     "transform.input_size=8",
@@ -33,11 +33,10 @@ TINY_VIT = (
 
 
 def _ctx(task: int) -> TaskContext:
-    scenario = Scenario(ScenarioType.cil, tuple(range(6)), TASKS)
     g = torch.Generator().manual_seed(task)
     x = torch.randn(12, 3, 8, 8, generator=g)
     data = TensorDataset(x, torch.randint(0, 3, (12,), generator=g) + 3 * task)
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+    return task_context(toy_scenario(SIZES), task, data)
 
 
 def _vit() -> TimmBackbone:
@@ -55,10 +54,12 @@ def test_first_task_trains_pet_then_everything_is_frozen_and_the_head_is_ridge()
     trained = {id(p) for g in module.param_groups() for p in g["params"]}
     assert trained == {id(p) for p in [*peft_parameters(module.backbone), *module.cosine_head.parameters()]}
     module.on_task_end(ctx0)
-    assert module.frozen_backbone and not any(p.requires_grad for p in module.backbone.parameters())
+    assert module.capabilities.frozen_backbone and not any(
+        p.requires_grad for p in module.backbone.parameters()
+    )
     ctx1 = _ctx(1)
     module.on_task_start(ctx1)
-    assert module.train_dataset(ctx1) is None
+    assert module.phases(ctx1) == []  # no training phase after the first task
     module.on_task_end(ctx1)
     with torch.no_grad():
         features = torch.cat([module.backbone.eval()(c.train_set.tensors[0]) for c in (ctx0, ctx1)])
@@ -73,7 +74,7 @@ def test_no_phase_one_trains_nothing_and_pet_needs_a_vit() -> None:
     module = RanPAC(CifarResNet(20), peft="none", rp_dim=8)
     ctx0 = _ctx(0)
     module.on_task_start(ctx0)
-    assert module.train_dataset(ctx0) is None
+    assert module.phases(ctx0) == []
     with pytest.raises(ConfigError, match="timm ViT"):
         RanPAC(CifarResNet(20), peft="adapter")
     with pytest.raises(ConfigError, match="ridge_exponents"):

@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.safe import SAFE, aggregate, aggregation_weights, entropy, transfer_loss
 from cl_bench.modules.peft import peft_parameters
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 3, (0, 1, 2)), Task(1, 3, 6, (3, 4, 5)))
+SIZES = (3, 3)
+TASKS = toy_scenario(SIZES).tasks
 #: A one-block 192-d ViT on 8 px digits, one epoch per session: a SAFE run in about 30 s on 2 busy cores.
 TINY_VIT = (
     "dataset.size=8",
@@ -73,12 +73,11 @@ def test_aggregation_weights_follow_the_entropy_formula_and_sum_to_one() -> None
 
 
 def _ctx(task: int) -> TaskContext:
-    scenario = Scenario(ScenarioType.cil, tuple(range(6)), TASKS)
     g = torch.Generator().manual_seed(task)
     data = TensorDataset(
         torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g) + 3 * task
     )
-    return TaskContext(task=TASKS[task], scenario=scenario, train_set=data, train_eval_set=data)
+    return task_context(toy_scenario(SIZES), task, data)
 
 
 def _safe(**kwargs) -> SAFE:
@@ -105,7 +104,7 @@ def test_slow_learner_is_frozen_after_session_one_and_the_fast_learner_trains_on
     module = _safe()
     ctx0 = _ctx(0)
     module.on_task_start(ctx0)
-    assert module.epochs == 20
+    assert [(p.name, p.epochs) for p in module.phases(ctx0)] == [("train", 20)]
     _sgd_steps(module, ctx0)
     module.on_task_end(ctx0)
     assert module.slow_backbone is not None and module.slow_cosine is not None
@@ -114,7 +113,8 @@ def test_slow_learner_is_frozen_after_session_one_and_the_fast_learner_trains_on
     assert not any(p.requires_grad for p in module.slow_cosine.parameters())
     ctx1 = _ctx(1)
     module.on_task_start(ctx1)
-    assert module.epochs == 15 and module.cosine_head.num_classes == 6 and module.slow_cosine.num_classes == 6
+    assert [p.epochs for p in module.phases(ctx1)] == [15] and module.epochs == 20
+    assert module.cosine_head.num_classes == 6 and module.slow_cosine.num_classes == 6
     assert not module.slow_cosine.weight[3:].any()  # never trained, never imprinted (code)
     fast_before = [p.detach().clone() for p in peft_parameters(module.backbone)]
     _sgd_steps(module, ctx1)

@@ -10,17 +10,17 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import end_task, task_context, toy_scenario
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.base import Backbone, DataConfig
-from cl_bench.config import ScenarioType
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.slca import SLCA, final_layer_norm_name
-from cl_bench.scenario import Scenario, Task
 
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)), Task(2, 4, 5, (4,)))
+SIZES = (2, 2, 1)
+TASKS = toy_scenario(SIZES).tasks
 TINY_VIT = (
     "backbone=timm",
     "backbone.name=vit_tiny_patch16_224",
@@ -72,12 +72,11 @@ class NoNorm(Backbone):
 
 
 def _ctx(task: int, seed: int = 0) -> TaskContext:
-    scenario = Scenario(ScenarioType.cil, tuple(range(5)), TASKS)
     t = TASKS[task]
     gen = torch.Generator().manual_seed(100 + task)
     labels = torch.arange(t.start, t.stop).repeat_interleave(12)
     data = TensorDataset(torch.randn(len(labels), 6, generator=gen) + labels[:, None].float(), labels)
-    return TaskContext(task=t, scenario=scenario, train_set=data, train_eval_set=data, seed=seed)
+    return task_context(toy_scenario(SIZES), task, data, seed=seed)
 
 
 def _module(backbone: Backbone | None = None, **kwargs) -> SLCA:
@@ -155,7 +154,7 @@ def test_statistics_then_ca_changes_only_the_classifier_and_recall_restores_it()
     module = _module()
     ctx0 = _ctx(0)
     module.on_task_start(ctx0)
-    module.on_task_end(ctx0)
+    end_task(module, ctx0)
     assert module.statistics.classes == [0, 1] and module._stage1_head is None  # no CA on task 0
     x0, y0 = ctx0.train_eval_set.tensors
     with torch.no_grad():
@@ -165,7 +164,7 @@ def test_statistics_then_ca_changes_only_the_classifier_and_recall_restores_it()
     _train_head_a_bit(module)
     backbone_before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
-    module.on_task_end(ctx1)
+    end_task(module, ctx1)
     assert module.statistics.classes == [0, 1, 2, 3]
     assert all(torch.equal(v, backbone_before[k]) for k, v in module.backbone.state_dict().items())
     assert all(not torch.equal(v, head_before[k]) for k, v in module.head.state_dict().items())
@@ -179,7 +178,7 @@ def test_without_recall_the_aligned_heads_stay() -> None:
     for task in (0, 1):
         module.on_task_start(_ctx(task))
         _train_head_a_bit(module)
-        module.on_task_end(_ctx(task))
+        end_task(module, _ctx(task))
     aligned = {k: v.clone() for k, v in module.head.state_dict().items()}
     module.on_task_start(_ctx(2))
     assert all(torch.equal(module.head.state_dict()[k], v) for k, v in aligned.items())
@@ -192,7 +191,7 @@ def test_ca_is_repeatable_and_can_be_switched_off() -> None:
         for task in (0, 1):
             module.on_task_start(_ctx(task))
             _train_head_a_bit(module)
-            module.on_task_end(_ctx(task))
+            end_task(module, _ctx(task))
         heads.append(module.head.state_dict())
     assert all(torch.equal(v, heads[1][k]) for k, v in heads[0].items())
     assert not torch.equal(heads[0]["blocks.0.weight"], heads[2]["blocks.0.weight"])
@@ -226,4 +225,4 @@ def test_cnn_run_without_final_layer_norm_still_aligns(run_tiny, caplog) -> None
             "method=slca", *(o for o in TINY_VIT if not o.startswith(("backbone", "+backbone")))
         )
     assert doc["status"] == "complete" and doc["config"]["backbone"]["name"] == "resnet20_cifar"
-    assert "reset_final_norm has no effect" in caplog.text and "classifier alignment losses" in caplog.text
+    assert "reset_final_norm has no effect" in caplog.text and "classifier alignment on" in caplog.text

@@ -9,19 +9,19 @@ import copy
 
 import pytest
 import torch
+from helpers import end_task, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.config import ScenarioType
 from cl_bench.methods.base import TaskContext
+from cl_bench.methods.lora import LoRALinear
+from cl_bench.methods.losses import symmetric_cross_entropy
 from cl_bench.methods.slca import reset_final_layer_norm
 from cl_bench.methods.slca_pp import ScaledIncrementalLinearHead, SLCAPlusPlus
-from cl_bench.modules.lora import LoRALinear
-from cl_bench.modules.losses import symmetric_cross_entropy
-from cl_bench.scenario import Scenario, Task
 
 DIM, DEPTH = 32, 2
-TASKS = (Task(0, 0, 2, (0, 1)), Task(1, 2, 4, (2, 3)), Task(2, 4, 6, (4, 5)))
+SIZES = (2, 2, 2)
+TASKS = toy_scenario(SIZES).tasks
 TINY_VIT = (
     "backbone=timm",
     "backbone.name=vit_tiny_patch16_224",
@@ -56,12 +56,7 @@ def _ctx(task: int) -> TaskContext:
     labels = torch.arange(t.start, t.stop).repeat_interleave(6)
     images = torch.randn(len(labels), 3, 16, 16, generator=gen) + 0.3 * labels[:, None, None, None]
     data = TensorDataset(images, labels)
-    return TaskContext(
-        task=t,
-        scenario=Scenario(ScenarioType.cil, tuple(range(6)), TASKS),
-        train_set=data,
-        train_eval_set=data,
-    )
+    return task_context(toy_scenario(SIZES), task, data)
 
 
 def test_hybrid_slow_learner_adds_svd_lora_and_keeps_the_output() -> None:
@@ -135,7 +130,7 @@ def test_ca_scales_old_heads_for_evaluation_and_recall_resets_them() -> None:
         module.on_task_start(_ctx(task))
         assert torch.equal(module.head.input_scales, torch.ones(task + 1))  # recall: scales back to 1
         before = {k: v.clone() for k, v in module.head.state_dict().items()}
-        module.on_task_end(_ctx(task))
+        end_task(module, _ctx(task))
     torch.testing.assert_close(module.head.input_scales, torch.tensor([1.04, 1.02, 1.0]))
     assert not torch.equal(module.head.blocks[0].weight, before["blocks.0.weight"])
     features = torch.randn(3, DIM)

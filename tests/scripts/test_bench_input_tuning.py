@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location(
     "bench_input_tuning", REPO_ROOT / "scripts" / "bench_input_tuning.py"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
 

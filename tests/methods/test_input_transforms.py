@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cl_bench.errors import ConfigError
-from cl_bench.modules.input_transforms import INPUT_TRANSFORMS, PaddingPrompt, build_input_transform
+from cl_bench.methods.input_transforms import INPUT_TRANSFORMS, PaddingPrompt, build_input_transform
 
 
 @pytest.mark.parametrize("name", sorted(INPUT_TRANSFORMS))

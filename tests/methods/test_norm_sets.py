@@ -1,4 +1,4 @@
-"""Per-task LayerNorm affine sets swapped into a backbone (cl_bench/modules/norm_sets.py)."""
+"""Per-task LayerNorm affine sets swapped into a backbone (cl_bench/methods/norm_sets.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from cl_bench.backbones.cifar_resnet import CifarResNet
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.errors import ConfigError
-from cl_bench.modules.norm_sets import NormSets, TaskLayerNorm
+from cl_bench.methods.norm_sets import NormSets, TaskLayerNorm
 
 TINY_VIT = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 

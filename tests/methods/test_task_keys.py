@@ -1,4 +1,4 @@
-"""Task keys matched to a frozen model's query by cosine similarity (cl_bench/modules/task_keys.py)."""
+"""Task keys matched to a frozen model's query by cosine similarity (cl_bench/methods/task_keys.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_bench.errors import ConfigError
-from cl_bench.modules.task_keys import TaskKeys
+from cl_bench.methods.task_keys import TaskKeys
 
 
 def test_orthogonal_initial_keys_and_independent_frozen_old_keys() -> None:

@@ -1,4 +1,4 @@
-"""Symmetric cross-entropy (cl_bench/modules/losses.py) matches its formula: alpha * CE + beta * RCE with
+"""Symmetric cross-entropy (cl_bench/methods/losses.py) matches its formula: alpha * CE + beta * RCE with
 RCE = -sum_k clamp(p_k) log clamp(onehot_k) = -log(1e-4) * (1 - p_y) away from the clamps."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cl_bench.modules.losses import reverse_cross_entropy, symmetric_cross_entropy
+from cl_bench.methods.losses import reverse_cross_entropy, symmetric_cross_entropy
 
 
 def test_reverse_ce_is_a_times_one_minus_p_y() -> None:

@@ -1,4 +1,4 @@
-"""LoRA (cl_bench/modules/lora.py): a wrapped layer is the same nn.Linear at init (same output, same
+"""LoRA (cl_bench/methods/lora.py): a wrapped layer is the same nn.Linear at init (same output, same
 parameters, same state-dict keys), only the factors train once the rest is frozen, the fused timm qkv gets
 one update, SVD init takes W0's top right singular vectors, and bad targets fail with the valid names."""
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.errors import ConfigError
-from cl_bench.modules.lora import LoRALinear, add_lora, lora_parameters, mark_only_lora_trainable
+from cl_bench.methods.lora import LoRALinear, add_lora, lora_parameters, mark_only_lora_trainable
 
 TARGETS = ["attn.qkv", "mlp.fc1", "mlp.fc2"]
 

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from cl_bench.backbones.cifar_resnet import CifarResNet
-from cl_bench.modules.xconv_bn import (
+from cl_bench.methods.xconv_bn import (
     PhaseMeanTracker,
     XconvBatchNorm,
     find_conv_bn_pairs,

@@ -1,0 +1,124 @@
+"""Building an experiment from its config: data, scenario, backbone, method, per-task datasets, evaluator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench.config import TrainerConfig, build_from_config
+from cl_bench.data.base import ClassificationData, TaskDataset
+from cl_bench.data.transforms import build_transforms
+from cl_bench.devices import autocast_dtype, reset_peak_memory, select_device
+from cl_bench.evaluation import Evaluator
+from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.scenario import Scenario, Task, build_scenario
+
+
+@dataclass
+class Experiment:
+    """Everything a run builds from its config before the first task."""
+
+    data: ClassificationData
+    method: ContinualModule
+    #: The tasks the method learns (one merged task for ``single_task`` methods).
+    scenario: Scenario
+    train_sets: list[TaskDataset]
+    train_eval_sets: list[TaskDataset]
+    test_sets: list[TaskDataset]
+    evaluator: Evaluator
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    trainer: TrainerConfig
+    seed: int
+    #: Objects a checkpoint refers to by name: the resuming run rebuilds them from the same config.
+    external: dict[str, Any]
+
+    def task_context(self, task: Task) -> TaskContext:
+        """What the method may use while learning ``task``."""
+        return TaskContext(
+            task=task,
+            scenario=self.scenario,
+            train_set=self.train_sets[task.index],
+            train_eval_set=self.train_eval_sets[task.index],
+            num_workers=self.trainer.num_workers,
+            eval_batch_size=self.trainer.eval_batch_size,
+            seed=self.seed,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+
+def task_datasets(
+    data: ClassificationData, scenario: Scenario, train_tf: Any, eval_tf: Any
+) -> tuple[list[TaskDataset], list[TaskDataset], list[TaskDataset]]:
+    """Per task: train images (train transform), the same with the eval transform, and test images."""
+    label_map = scenario.label_map
+    train, train_eval, test = [], [], []
+    for task in scenario.tasks:
+        classes = np.asarray(task.original_classes)
+        train_idx = np.flatnonzero(np.isin(data.train.labels, classes))
+        test_idx = np.flatnonzero(np.isin(data.test.labels, classes))
+        train.append(TaskDataset(data.train, train_idx, label_map, train_tf))
+        train_eval.append(TaskDataset(data.train, train_idx, label_map, eval_tf))
+        test.append(TaskDataset(data.test, test_idx, label_map, eval_tf))
+    return train, train_eval, test
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    """Data, backbone, method, scenario, transforms, datasets and evaluator of ``cfg``, in that order (the
+    order draws the same random numbers in every run of the config)."""
+    trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+    data: ClassificationData = build_from_config("dataset", cfg.dataset)
+    data.name = cfg.dataset.get("name", data.name)
+    backbone = build_from_config("backbone", cfg.backbone)
+    method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
+    split = build_scenario(cfg.scenario, data.num_classes)
+    scenario = split.merged() if method.capabilities.single_task else split
+    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.transform, data.hflip_invariant)
+    train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf)
+
+    device = select_device(trainer.accelerator)
+    reset_peak_memory(device)
+    amp_dtype = autocast_dtype(trainer.precision, device)
+    evaluator = Evaluator(
+        scenario,
+        test_sets,
+        batch_size=trainer.eval_batch_size,
+        num_workers=trainer.num_workers,
+        autocast_dtype=amp_dtype,
+        til_tasks=split,
+    )
+    external: dict[str, Any] = {"data": data, "data.train": data.train, "data.test": data.test}
+    external.update({"train_transform": train_tf, "eval_transform": eval_tf})
+    for name, sets in (("train", train_sets), ("train_eval", train_eval_sets), ("test", test_sets)):
+        external.update({f"{name}_set[{i}]": ds for i, ds in enumerate(sets)})
+    return Experiment(
+        data=data,
+        method=method,
+        scenario=scenario,
+        train_sets=train_sets,
+        train_eval_sets=train_eval_sets,
+        test_sets=test_sets,
+        evaluator=evaluator,
+        device=device,
+        autocast_dtype=amp_dtype,
+        trainer=trainer,
+        seed=cfg.seed,
+        external=external,
+    )
+
+
+def tracker_config(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config plus flat top-level fields to filter runs by on a dashboard."""
+    return {
+        **config,
+        "dataset_name": cfg.dataset.get("name"),
+        "method_name": cfg.method.get("name"),
+        "backbone_name": cfg.backbone.get("name"),
+        "scenario_type": str(cfg.scenario.type),
+        "order_seed": cfg.scenario.order_seed,
+        "seed": cfg.seed,
+    }

@@ -1,0 +1,90 @@
+"""First-session parameter-efficient tuning, shared by RanPAC (:mod:`cl_bench.methods.ranpac`) and APER
+(:mod:`cl_bench.methods.aper`): a PET module (:mod:`cl_bench.modules.peft`) trained with a cosine head on the
+first task only (one ``train`` phase), then frozen with the backbone; later tasks have no training phase.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cl_bench.backbones.base import Backbone
+from cl_bench.methods.base import Capabilities, ContinualModule, Phase, TaskContext
+from cl_bench.modules.analytic_heads import CosineLinear
+from cl_bench.modules.peft import attach_peft, freeze_all_but_peft
+
+
+class FirstSessionPetl(ContinualModule):
+    """A PET module trained with a cosine head on the first task only, then frozen with the backbone.
+
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; ``epochs`` are the first task's):
+        peft: ``adapter``, ``ssf``, ``vpt`` or ``none`` (no first-session training).
+        adapter_bottleneck, adapter_scale, adapter_dropout, prompt_tokens: PET sizes
+            (:func:`~cl_bench.modules.peft.attach_peft`; official 64, 0.1, 0.1, 5).
+        cosine_sigma: the initial scale of the first-session cosine head.
+    """
+
+    #: Set when the first task ends: the backbone never trains again.
+    backbone_frozen: bool = False
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        peft: str = "adapter",
+        adapter_bottleneck: int = 64,
+        adapter_scale: float = 0.1,
+        adapter_dropout: float = 0.1,
+        prompt_tokens: int = 5,
+        cosine_sigma: float = 1.0,
+        epochs: int = 20,
+        batch_size: int = 48,
+        **base_args: Any,
+    ) -> None:
+        super().__init__(backbone, epochs=epochs, batch_size=batch_size, **base_args)
+        attach_peft(
+            backbone,
+            peft,
+            adapter_bottleneck=adapter_bottleneck,
+            adapter_scale=adapter_scale,
+            adapter_dropout=adapter_dropout,
+            prompt_tokens=prompt_tokens,
+        )
+        freeze_all_but_peft(backbone)
+        self.peft = peft
+        self.cosine_sigma = cosine_sigma
+        #: The first session's cosine head (training only; ``None`` before it and without PET).
+        self.cosine_head: CosineLinear | None = None
+
+    @property
+    def adapts(self) -> bool:
+        """Whether the first task trains a PET module."""
+        return self.peft != "none" and self.epochs > 0
+
+    def on_task_start(self, ctx: TaskContext) -> None:
+        super().on_task_start(ctx)
+        if ctx.task.index == 0 and self.adapts:
+            self.cosine_head = CosineLinear(self.backbone.feat_dim, self.cosine_sigma)
+            self.cosine_head.add_task(ctx.task.num_classes)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The backbone is frozen (features cached by the evaluator) once the first task is learnt."""
+        return Capabilities(frozen_backbone=self.backbone_frozen)
+
+    def phases(self, ctx: TaskContext) -> list[Phase]:
+        """The first task's PET training; no training phase after it."""
+        return list(super().phases(ctx)) if ctx.task.index == 0 and self.adapts else []
+
+    def training_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        assert self.cosine_head is not None
+        return self.cosine_head(self.backbone(inputs))
+
+    def on_task_end(self, ctx: TaskContext) -> None:
+        """After the first task the backbone (with its PET module) is frozen for good."""
+        if ctx.task.index == 0:
+            self.backbone.requires_grad_(False)
+            if self.cosine_head is not None:
+                self.cosine_head.requires_grad_(False)
+            self.backbone_frozen = True  # from now on: cached features, eval mode
+            self.backbone.eval()

@@ -1,0 +1,107 @@
+"""Helpers shared by the tests (`from helpers import ...`); the fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from cl_bench.backbones.base import Backbone, DataConfig
+from cl_bench.config import TrainerConfig
+from cl_bench.methods.base import ContinualModule, Phase, TaskContext
+from cl_bench.scenario import Scenario, ScenarioType, Task
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "cl_bench" / "conf"
+SHARED = REPO_ROOT.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights"
+SHARED_DATA = SHARED / "data"
+
+#: Overrides that make a run tiny and quiet: fake-free real digits, 2 tasks, no W&B, one epoch.
+TINY = (
+    "dataset=digits",
+    "dataset.size=16",
+    "transform.input_size=16",
+    "scenario.n_tasks=2",
+    "scenario.order_seed=0",
+    "logger.mode=disabled",
+    "trainer.accelerator=cpu",
+    "save_model=false",
+)
+
+
+def compose_config(*overrides: str):
+    """Compose ``cl_bench/conf/config.yaml`` with command-line style overrides, as ``cl-bench`` would."""
+    from hydra import compose, initialize_config_dir
+
+    import cl_bench.config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def toy_scenario(sizes: Sequence[int], til: bool = False) -> Scenario:
+    """Tasks of ``sizes`` classes in class order ``0, 1, ...`` (the identity order)."""
+    tasks, start = [], 0
+    for index, size in enumerate(sizes):
+        tasks.append(Task(index, start, start + size, tuple(range(start, start + size))))
+        start += size
+    return Scenario(ScenarioType.til if til else ScenarioType.cil, tuple(range(start)), tuple(tasks))
+
+
+def task_context(
+    scenario: Scenario, task: int, train: Dataset, train_eval: Dataset | None = None, seed: int = 0
+) -> TaskContext:
+    """The context of learning task ``task`` of ``scenario`` on ``train`` (``train_eval``: ``train``)."""
+    return TaskContext(
+        scenario.tasks[task], scenario, train, train if train_eval is None else train_eval, seed=seed
+    )
+
+
+def learn(method: ContinualModule, ctx: TaskContext) -> float:
+    """Learn one task as the runner does (its phases, each one Lightning fit on the CPU)."""
+    from cl_bench.learning import learn_task
+
+    return learn_task(
+        method, ctx, TrainerConfig(accelerator="cpu"), torch.device("cpu"), Path("."), lambda _: None
+    )
+
+
+def fit_phase(method: ContinualModule, phase: Phase, ctx: TaskContext) -> None:
+    """Fit one phase as the runner does (one Lightning fit on the CPU)."""
+    from cl_bench.learning import run_phase
+
+    run_phase(method, phase, ctx, TrainerConfig(accelerator="cpu"), Path("."), [])
+
+
+def end_task(method: ContinualModule, ctx: TaskContext, skip: tuple[str, ...] = ("train",)) -> None:
+    """Run the task's phases except those named in ``skip`` (a test stands in for them), then
+    ``on_task_end``: e.g. SLCA's statistics and classifier alignment after a hand-made ``train``."""
+    for phase in method.phases(ctx):
+        if phase.name not in skip and phase.trains:
+            fit_phase(method, phase, ctx)
+    method.on_task_end(ctx)
+
+
+class LinearBackbone(Backbone):
+    """``f = A x + a`` with ``A`` 3x4: small enough to differentiate by hand (unit tests of the maths)."""
+
+    feat_dim = 3
+    data_config = DataConfig(input_size=1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class TinyBackbone(LinearBackbone):
+    """``f = tanh(A x + a)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
