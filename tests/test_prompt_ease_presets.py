@@ -4,7 +4,7 @@ and carries the official values (shared/research/methods_vit.md §5)."""
 from __future__ import annotations
 
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 
 from cl_bench.config import validate_config
 

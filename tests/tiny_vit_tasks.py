@@ -3,14 +3,13 @@ DualPrompt, CODA-Prompt, EASE): building blocks, not tests."""
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
+from helpers import learn, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.config import ScenarioType
 from cl_bench.methods.base import ContinualModule, TaskContext
-from cl_bench.scenario import Scenario, Task
+from cl_bench.scenario import Scenario
 
 TINY_VIT = {"img_size": 16, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}
 #: ``run_tiny`` overrides for the same ViT on fake 16 px data (2 tasks of the digits-sized fake set).
@@ -31,11 +30,7 @@ def tiny_vit(seed: int = 0) -> TimmBackbone:
 
 
 def scenario(sizes: tuple[int, ...] = (3, 3)) -> Scenario:
-    tasks, start = [], 0
-    for index, size in enumerate(sizes):
-        tasks.append(Task(index, start, start + size, tuple(range(start, start + size))))
-        start += size
-    return Scenario(ScenarioType.cil, tuple(range(start)), tuple(tasks))
+    return toy_scenario(sizes)
 
 
 def task_data(task: int, n_per_class: int = 16, seed: int = 0) -> TensorDataset:
@@ -49,23 +44,12 @@ def task_data(task: int, n_per_class: int = 16, seed: int = 0) -> TensorDataset:
 
 
 def context(task: int, tasks: Scenario, data: TensorDataset) -> TaskContext:
-    return TaskContext(tasks.tasks[task], tasks, data, data, seed=0)
+    return task_context(tasks, task, data)
 
 
 def fit(module: ContinualModule, ctx: TaskContext) -> None:
-    """One task as the runner does it: start hook, Lightning fit, end hook."""
-    module.on_task_start(ctx)
-    trainer = pl.Trainer(
-        max_epochs=module.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, train_dataloaders=ctx.loader(ctx.train_set, module.batch_size, shuffle=True))
-    module.on_task_end(ctx)
+    """One task as the runner does it (start hook, the method's phases, end hook)."""
+    learn(module, ctx)
 
 
 def snapshot(tensors) -> list[torch.Tensor]:

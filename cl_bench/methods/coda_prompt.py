@@ -139,4 +139,6 @@ class CodaPromptMethod(PromptMethod):
         """The official per-epoch cosine (``coda_cosine``), else the base class's."""
         if not self.coda_schedule:
             return super().make_scheduler(optimizer)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(coda_cosine_factor, epochs=self.epochs))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(coda_cosine_factor, epochs=self.phase_epochs)
+        )

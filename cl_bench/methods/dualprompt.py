@@ -44,7 +44,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import TaskContext
+from cl_bench.methods.base import Capabilities, TaskContext
 from cl_bench.methods.prompt_method import PromptMethod
 from cl_bench.modules.prompts import Prefix, PromptPool, prompted_tokens, select_top_k
 
@@ -64,8 +64,7 @@ class DualPrompt(PromptMethod):
         batchwise_selection: the batch's majority E-prompt at test time (module docstring).
     """
 
-    task_conditioned = True
-    selects_task = True
+    CAPABILITIES = Capabilities(task_conditioned=True, selects_task=True)
 
     def __init__(
         self,

@@ -9,14 +9,16 @@ model twice: once without prompts for the query (the [CLS] token after the final
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, TaskContext
+from cl_bench.methods.base import ContinualModule, Prediction, TaskContext
 from cl_bench.modules.prompts import timm_vit
 
 
@@ -67,11 +69,9 @@ class PromptMethod(ContinualModule):
         self.backbone.eval()
         self.clip_grad_norm = clip_grad_norm
 
-    def train(self, mode: bool = True) -> PromptMethod:
-        """The backbone stays in eval mode (its dropout and drop-path rates are 0 in the official code)."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
+    def eval_mode_modules(self) -> Iterable[nn.Module]:
+        """The frozen backbone stays in eval mode (its dropout and drop-path rates are 0 officially)."""
+        return (self.backbone,)
 
     # ----------------------------------------------------------------- to implement
     def prompted(
@@ -100,12 +100,14 @@ class PromptMethod(ContinualModule):
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Logits over all seen classes (``task``: that task's prompts where a method has per-task ones)."""
-        features, _, _ = self.prompted(x, self.query(x), task if self.task_conditioned else None)
+        task = task if self.capabilities.task_conditioned else None
+        features, _, _ = self.prompted(x, self.query(x), task)
         return self.head(features)
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """Logits and, for methods that choose task-specific prompts, each image's chosen task."""
         features, _, chosen = self.prompted(x, self.query(x), None)
-        return self.head(features), chosen
+        return Prediction(self.head(features), chosen_task=chosen)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

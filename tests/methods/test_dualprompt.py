@@ -84,7 +84,7 @@ def test_keys_pick_the_right_task_and_the_evaluator_reports_it(two_tasks: dict) 
     tests = [task_data(t, n_per_class=8, seed=1) for t in range(2)]
     with torch.no_grad():
         for task, data in enumerate(tests):
-            _, chosen = module.predict(data.tensors[0])
+            chosen = module.predict(data.tensors[0]).chosen_task
             assert (chosen == task).all()
             similarity = module.e_pool.similarity(module.query(data.tensors[0]))
             assert torch.equal(chosen, similarity.argmax(dim=1))  # the nearest key

@@ -103,7 +103,8 @@ def test_prediction_uses_every_subspace(two_tasks: dict) -> None:
     module = two_tasks["module"].eval()
     x = task_data(0, n_per_class=2, seed=3).tensors[0]
     with torch.no_grad():
-        logits, chosen = module.predict(x)
+        prediction = module.predict(x)
+        logits, chosen = prediction.logits, prediction.chosen_task
         weights = subspace_weights(module.class_tasks, 2, 1, module.alpha, module.beta, 0)
         expected = reweighted_logits(module.subspace_features(x), module.prototypes, weights)
     torch.testing.assert_close(logits, expected)

@@ -170,7 +170,7 @@ def test_coda_attention_weights_match_the_formula_and_are_differentiable() -> No
     alpha = coda_attention_weights(queries, keys, attention)
     expected = torch.tensor(
         [
-            [float(F.cosine_similarity(queries[b] * attention[m], keys[m], dim=0)) for m in range(3)]
+            [float(F.cosine_similarity(queries[b] * attention[m], keys[m], dim=0).detach()) for m in range(3)]
             for b in range(2)
         ]
     )
