@@ -130,12 +130,23 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
     method.on_task_start(ctx)
     method.to(device)
     start = time.perf_counter()
-    train_set = method.train_dataset(ctx)
+    phase = next(iter(method.phases(ctx)))  # the task's first phase (linear_probe: embeds the images here)
+    train_set = phase.data
     sync()
     setup_s = time.perf_counter() - start
-    opt = method.configure_optimizers()
-    optimizer = opt["optimizer"] if isinstance(opt, dict) else opt
-    loader = ctx.loader(train_set, method.batch_size, shuffle=True)
+    if phase.head_training is not None:  # a head alone on cached features
+        head = phase.head_training
+        optimizer = head.optimizer([p for p in head.head.parameters() if p.requires_grad])
+
+        def training_step(batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            return head.loss(head.head(batch[0]), batch[1])
+
+    else:
+        method.phase = phase
+        opt = method.configure_optimizers()
+        optimizer = opt["optimizer"] if isinstance(opt, dict) else opt
+        training_step = method.training_step
+    loader = ctx.loader(train_set, phase.batch_size, shuffle=True)
     weights = {p.untyped_storage().data_ptr() for p in [*method.parameters(), *method.buffers()]}
     meter = SavedTensorMeter(weights)
     method.train()
@@ -154,7 +165,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
         sync()
         t1 = time.perf_counter()
         with meter.hooks:
-            loss = method.training_step((x, y), i)
+            loss = training_step((x, y), i)
         saved.append(meter.step_bytes())
         loss.backward()
         optimizer.step()
