@@ -23,7 +23,9 @@ Everything the abstract leaves open is a config choice, and every default is our
   block's log-softmax within its task. Their argmax is the class of highest confidence over tasks, i.e. the
   task whose own model gives the maximum softmax probability (the max-softmax score of Hendrycks & Gimpel,
   ICLR 2017, used for task selection), then the argmax within that task; after ``T`` tasks an image costs
-  ``T`` backbone passes. With a task id only ``g_task`` runs.
+  ``T`` backbone passes. With a task id only ``g_task`` runs. The chosen task is reported: results carry
+  the task-selection accuracy (``selects_task``), as for the other methods that pick task-specific
+  parameters at test time.
 * ``identity_penalty`` (``beta``, default 0) adds ``beta * MSE(g(x), x)``, the penalty of the authors'
   Neural Friendly Training (AAAI 2022), to keep the transformed input close to the original.
 
@@ -44,7 +46,7 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import Capabilities, ContinualModule, TaskContext, freeze
+from cl_bench.methods.base import Capabilities, ContinualModule, Prediction, TaskContext, freeze
 from cl_bench.methods.input_transforms import INPUT_TRANSFORMS, build_input_transform
 
 SHARING = ("shared", "per_task")
@@ -124,8 +126,10 @@ class InputTuning(ContinualModule):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it)."""
-        return Capabilities(task_conditioned=self.sharing == "per_task")
+        """Per-task transformations make ``forward(x, task)`` depend on the task id (TIL uses it), and without
+        a task id the method picks one per image (its task-selection accuracy is reported)."""
+        per_task = self.sharing == "per_task"
+        return Capabilities(task_conditioned=per_task, selects_task=per_task)
 
     def eval_mode_modules(self) -> Iterable[nn.Module]:
         """The backbone stays in eval mode whatever the mode (its BatchNorm statistics never move)."""
@@ -165,6 +169,15 @@ class InputTuning(ContinualModule):
         return torch.cat(
             [F.log_softmax(block(self.embed(x, j)), dim=1) for j, block in enumerate(self.head.blocks)], dim=1
         )
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """Logits without a task id and, ``per_task``, each image's chosen task (that of its top class)."""
+        logits = self(x)
+        if self.sharing == "shared":
+            return Prediction(logits)
+        sizes = torch.tensor([block.out_features for block in self.head.blocks], device=logits.device)
+        class_task = torch.repeat_interleave(torch.arange(len(sizes), device=logits.device), sizes)
+        return Prediction(logits, chosen_task=class_task[logits.argmax(dim=1)])
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -43,8 +43,10 @@ Deviations from the official code (each with the switch that restores it, where 
   as long as ``backbone.drop_path_rate=0`` and dropout 0, the official setting;
 * no input normalisation in the official data pipeline; cl_bench normalises with the backbone's mean/std
   (0.5/0.5 for the augreg ViT-B/16, i.e. inputs in [-1, 1]): the presets say how to restore it;
-* the heads are ``nn.Linear`` blocks with PyTorch's default initialisation (official: one linear layer over
-  all classes, timm's init); ``fake_head``'s block starts equal to ``head``'s, as the official ``deepcopy``;
+* the heads are one ``nn.Linear`` block per task (official: one linear layer over all classes, created up
+  front); each block starts as timm's ``init_weights_vit_timm`` initialises the official head (weights
+  ``trunc_normal(std=0.02)``, bias 0; the pre-trained head is not loaded for a new number of classes), and
+  ``fake_head``'s block starts equal to ``head``'s, as the official ``deepcopy``;
 * the single-stage variant (per-layer keys, ``--method single_stage``) is not implemented.
 """
 
@@ -175,6 +177,9 @@ class LayerNormTuning(ContinualModule):
         self.norm_sets.add_set(None if index == 0 or self.ln_init == "pretrained" else index - 1)
         self.keys.add_key(copy_previous=not self.new_key)
         new_block = self.head.blocks[-1]
+        with torch.no_grad():  # timm's init_weights_vit_timm, as the official head
+            nn.init.trunc_normal_(new_block.weight, std=0.02)
+            nn.init.zeros_(new_block.bias)
         if self.fake_head is not None:
             self.fake_head.add_task(ctx.task.num_classes).load_state_dict(new_block.state_dict())
         if self.loss_scope == "task" or self.task_incremental:  # old blocks get no gradient: freeze them

@@ -3,27 +3,33 @@
 ``L_new + lambda * sum_k Omega_k (theta_k - theta*_k)^2``.
 
 At the end of each task, in eval mode, the new importance is the mean over mini-batches (``batch_size``) of
-``|d/dtheta mean_i ||f(x_i)||_2^2|``, where ``f`` are the logits the task was trained on (all seen classes in
+``|d/dtheta mean_i n(f(x_i))|``, where ``f`` are the logits the task was trained on (all seen classes in
 the class-incremental setting; the task's own block in the task-incremental one or with
 ``loss_scope=task``), on the task's training images with the evaluation transform (``ctx.train_eval_set``).
-The paper averages per-example absolute gradients; the per-batch form is Avalanche's (``plugins/mas.py``)
-and much cheaper. Importances are folded in as Avalanche does::
+The paper averages per-example absolute gradients; the per-batch form is Avalanche's and FACIL's (much
+cheaper). Two conventions (``convention``):
 
-    Omega <- alpha * Omega + (1 - alpha) * Omega_new
+* ``avalanche`` (default): current Avalanche ``MASPlugin`` (``avalanche/training/plugins/mas.py``, since
+  commit ``3e925faf``, Nov 2022): ``n = ||f||_2^2`` (the squared norm, as the paper's "squared L2-norm of
+  the learned function output"); after the first task ``Omega = Omega_1``, then
+  ``Omega <- alpha * Omega + (1 - alpha) * Omega_new``, and a parameter without an old ``Omega`` (a head
+  block created since) takes ``Omega_new``; penalty ``lambda_reg * sum_k Omega_k (theta_k - theta*_k)^2``.
+* ``facil``: FACIL (``mmasana/FACIL`` ``src/approach/mas.py``) and Avalanche's first MAS (``c3ae415b``,
+  Mar 2022, "based on FACIL"): ``n = ||f||_2`` (unsquared), ``Omega`` starts at 0 so
+  ``Omega <- alpha * Omega + (1 - alpha) * Omega_new`` gives ``(1 - alpha) Omega_1`` after the first task,
+  and the penalty is halved: ``lambda_reg / 2 * sum_k Omega_k (theta_k - theta*_k)^2``.
 
-(``Omega`` starts at 0, so after the first task it is ``(1 - alpha) Omega_1``), and the anchor moves to
-the task's final weights. Differences from Avalanche: the output norm is squared as in the paper (recent
-Avalanche and FACIL use the unsquared norm), eval mode instead of train mode (which would also update
-BatchNorm statistics after training), and no ``1/2`` in the penalty (Avalanche divides by 2, so our
-``lambda_reg`` is Avalanche's ``lambda_reg / 2``); the paper's own accumulation is a plain sum over tasks.
+The anchor moves to each task's final weights. Deviations from both: eval mode instead of train mode (which
+would also update BatchNorm statistics after training); FACIL keeps importances for the feature extractor
+only, here (as Avalanche) every trainable parameter is penalised, heads included.
 
 Head: importance and anchor cover every trainable parameter at the end of the task (backbone and all head
 blocks so far); later blocks are free until their own task ends. In the task-incremental setting the output
 norm of the current block does not depend on the old blocks, so they get no new importance (``alpha``
 decays their old one).
 
-Defaults (``cl_bench/conf/method/mas.yaml``): ``lambda_reg`` 1 and ``alpha`` 0.5 (Avalanche's ``MASPlugin``);
-the optimiser settings are the repository's ``seq_ft`` protocol.
+Defaults (``cl_bench/conf/method/mas.yaml``): ``lambda_reg`` 1 and ``alpha`` 0.5 (Avalanche's ``MASPlugin``
+and FACIL); the optimiser settings are the repository's ``seq_ft`` protocol.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from cl_bench.modules.regularizers import (
     trainable_parameters,
 )
 
+CONVENTIONS = ("avalanche", "facil")
+
 
 class MAS(ContinualModule):
     """Fine-tuning with the MAS quadratic penalty (see the module docstring).
@@ -50,6 +58,7 @@ class MAS(ContinualModule):
     Args:
         lambda_reg: weight of the penalty.
         alpha: weight of the old importance when a task's importance is folded in.
+        convention: ``avalanche`` (current Avalanche, default) or ``facil`` (FACIL / early Avalanche).
         (the rest as :class:`~cl_bench.methods.base.ContinualModule`)
     """
 
@@ -58,6 +67,7 @@ class MAS(ContinualModule):
         backbone: Backbone,
         lambda_reg: float = 1.0,
         alpha: float = 0.5,
+        convention: str = "avalanche",
         **base_args: Any,
     ) -> None:
         super().__init__(
@@ -68,12 +78,16 @@ class MAS(ContinualModule):
             raise ConfigError(f"method.lambda_reg={lambda_reg} must be >= 0")
         if not 0.0 <= alpha < 1.0:
             raise ConfigError(f"method.alpha={alpha} must lie in [0, 1) (1 would ignore every new task)")
+        if convention not in CONVENTIONS:
+            raise ConfigError(f"method.convention={convention!r}: choose one of {list(CONVENTIONS)}")
         self.lambda_reg = lambda_reg
         self.alpha = alpha
+        self.convention = convention
         self.penalty = QuadraticPenalty()
 
     def importance(self, ctx: TaskContext) -> TensorDict:
-        """Mean absolute gradient of the mean squared output norm on the task's training images."""
+        """Mean absolute gradient of the mean output norm (squared for ``avalanche``) on the task's training
+        images."""
         was_training = self.training
         self.eval()
 
@@ -81,7 +95,8 @@ class MAS(ContinualModule):
             x, y = batch
             with autocast(self.device, ctx.autocast_dtype):
                 logits, _ = self.task_logits(self(x.to(self.device)), y.to(self.device))
-            return logits.float().pow(2).sum(dim=1).mean()
+            norms = torch.linalg.vector_norm(logits.float(), dim=1)
+            return (norms if self.convention == "facil" else norms.pow(2)).mean()
 
         loader = ctx.shard_loader(ctx.train_eval_set, self.batch_size)
         importance = gradient_importance(trainable_parameters(self), loader, batch_norm_sq, torch.abs)
@@ -92,11 +107,17 @@ class MAS(ContinualModule):
         """Fold the task's importance in and anchor the penalty at the task's final weights."""
         importance = self.importance(ctx)
         self.penalty.consolidate(
-            snapshot(trainable_parameters(self)), importance, decay=self.alpha, scale=1.0 - self.alpha
+            snapshot(trainable_parameters(self)),
+            importance,
+            decay=self.alpha,
+            scale=1.0 - self.alpha,
+            fresh_scale=1.0 if self.convention == "avalanche" else None,
         )
 
     def regularizer(self) -> torch.Tensor | None:
-        """``lambda_reg`` times the quadratic penalty (nothing before the first task ends)."""
+        """``lambda_reg`` (``facil``: ``lambda_reg / 2``) times the quadratic penalty (nothing before the
+        first task ends)."""
         if not len(self.penalty):
             return None
-        return self.lambda_reg * self.penalty(dict(self.named_parameters()))
+        weight = self.lambda_reg / 2 if self.convention == "facil" else self.lambda_reg
+        return weight * self.penalty(dict(self.named_parameters()))

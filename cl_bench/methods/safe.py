@@ -11,6 +11,9 @@ on the frozen pre-trained model (PTM) is trained with a cosine head (``sigma`` 1
 
 the transfer loss (``slow_cm``; the PTM pass is the same backbone with PET off, in eval mode, no grad).
 The trained model is then copied, frozen and kept as the **slow learner** (backbone and cosine head).
+Both cosine heads' ``sigma`` then go back to their initial value (10), as the code's ``setup_RP`` and
+``setup_RP_branch`` call ``fc.reset_parameters()`` after session 1: the slow learner's ``sigma`` is 10 for
+good, and the fast learner starts session 2 at 10 (it trains ``sigma`` from then on and carries it over).
 
 **Sessions t > 1 (fast learner).** The original keeps training (``later_epochs`` 15, on a cosine schedule
 whose period stays the first session's 20 epochs, as the code's ``T_max=tuned_epoch``) with::
@@ -25,10 +28,13 @@ one grows by zero rows that are never trained (``imprint_slow_protos=true`` sets
 features' class means instead, the figure's "(Imprinted)" W_slow).
 
 **Classifiers.** After every session each learner has a RanPAC head
-(:class:`~cl_bench.modules.analytic_heads.RandomProjectionRidgeHead`, ``M`` 10000, independent ``W_rand``,
-lambda in ``10^{3..8}``) on its features of the session's training images (evaluation transform); its
-logits are multiplied by the learner's cosine ``sigma``. ``ridge_stats=shared`` (code): both heads add to
-and solve from one ``G``/``Q`` (fast first, then slow); ``separate``: one each.
+(:class:`~cl_bench.modules.analytic_heads.RandomProjectionRidgeHead`, ``M`` 10000, lambda in ``10^{3..8}``)
+on its features of the session's training images (evaluation transform); its logits are multiplied by the
+learner's cosine ``sigma``. Both heads project with **one** ``W_rand``: ``setup_RP_branch`` draws a second
+matrix, but ``replace_fc_branch`` overwrites the slow head's with the fast one (``fc.W_rand = self.W_rand``)
+before every fit and the second is never used (``independent_projections=true``: one each).
+``ridge_stats=shared`` (code): both heads add to and solve from one ``G``/``Q`` (fast first, then slow);
+``separate``: one each.
 
 **Inference.** ``z = w_f z_fast + w_s z_slow`` with ``[w_f, w_s] = softmax(-gamma [H(z_fast), H(z_slow)])``,
 ``H(z) = -sum p log(p + 1e-9)``, ``p = softmax(z)``; after the first session only the fast learner is used.
@@ -38,8 +44,17 @@ and slow learner's accuracies are reported beside it (:meth:`SAFE.predict`'s alt
 
 Ablation switches: each loss weight (0 turns it off), ``aggregation`` (``entropy``, ``fast``, ``slow``,
 ``add``, ``max``), ``later_epochs=0`` (no fast learner), ``ridge_stats``, ``imprint_slow_protos``.
-``share_forward_pass=true`` reuses the CE pass's features for the transfer/alignment losses instead of the
-code's second forward pass (faster; differs through the adapter's dropout).
+
+Deviations from the official code (each with the switch that gives the other behaviour):
+
+* no selection between the aggregate and the fast learner with test labels (above; no switch: the fast and
+  slow learners' accuracies are reported beside the aggregate instead);
+* ``share_forward_pass=true`` reuses the CE pass's features for the transfer/alignment losses instead of
+  the code's second forward pass (faster; differs through the adapter's dropout); default off, as the code;
+* ``reset_sigma=false`` keeps the trained session-1 ``sigma`` in both learners,
+  ``independent_projections=true`` uses the second ``W_rand`` that ``setup_RP_branch`` draws, and
+  ``ridge_stats=separate`` and ``imprint_slow_protos=true`` follow the paper's figure: all four differ from
+  the code, whose behaviour is the default.
 
 Defaults are the released CIFAR-100 config (``args/cifar224_publish.csv``); the ImageNet-A one
 (``imageneta_publish.csv``) is in ``cl_bench/conf/experiment/safe/imagenet_a.yaml``.
@@ -122,6 +137,8 @@ class SAFE(ContinualModule):
         ridge_stats: ``shared`` (code) or ``separate`` ``G``/``Q`` for the two heads.
         imprint_slow_protos: set the slow cosine head's new rows to class means (default: zero, as the code).
         share_forward_pass: reuse the CE pass's features for the extra losses (default: a second pass).
+        reset_sigma: after session 1, set both cosine heads' ``sigma`` back to ``cosine_sigma`` (code).
+        independent_projections: give the slow head its own ``W_rand`` (default: the fast one's, as the code).
     """
 
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # its PET module (no peft=none)
@@ -147,6 +164,8 @@ class SAFE(ContinualModule):
         ridge_stats: str = "shared",
         imprint_slow_protos: bool = False,
         share_forward_pass: bool = False,
+        reset_sigma: bool = True,
+        independent_projections: bool = False,
         epochs: int = 20,
         batch_size: int = 48,
         **base_args: Any,
@@ -174,10 +193,14 @@ class SAFE(ContinualModule):
         self.ridge_stats = ridge_stats
         self.imprint_slow_protos = imprint_slow_protos
         self.share_forward_pass = share_forward_pass
+        self.cosine_sigma = cosine_sigma
+        self.reset_sigma = reset_sigma
         ridges = ridge_grid(*ridge_exponents)
         self.cosine_head = CosineLinear(backbone.feat_dim, cosine_sigma)
         self.head: nn.Module = RandomProjectionRidgeHead(backbone.feat_dim, rp_dim, ridges)
         self.slow_head = RandomProjectionRidgeHead(backbone.feat_dim, rp_dim, ridges)
+        if not independent_projections:  # the code's replace_fc_branch: the slow head uses W_rand
+            self.slow_head.projection.copy_(self.head.projection)
         #: The slow learner (a frozen copy of backbone and cosine head), made at the end of session 1.
         self.slow_backbone: nn.Module | None = None
         self.slow_cosine: CosineLinear | None = None
@@ -202,10 +225,15 @@ class SAFE(ContinualModule):
         return [Phase("train", epochs, ctx.train_set, self.batch_size)]
 
     def on_task_end(self, ctx: TaskContext) -> None:
-        """Session 1: copy the slow learner. Every session: refit both ridge heads (fast first)."""
+        """Session 1: copy the slow learner and reset both ``sigma`` (``reset_sigma``). Every session: refit
+        both ridge heads (fast first)."""
         if ctx.task.index == 0:
             self.slow_backbone = independent_copy(self.backbone, trainable=False)
             self.slow_cosine = independent_copy(self.cosine_head, trainable=False)  # type: ignore[assignment]
+            if self.reset_sigma:  # setup_RP / setup_RP_branch: fc.reset_parameters() fills sigma with 10
+                with torch.no_grad():
+                    self.cosine_head.sigma.fill_(self.cosine_sigma)
+                    self.slow_cosine.sigma.fill_(self.cosine_sigma)
         assert self.slow_backbone is not None and self.slow_cosine is not None
         fast, labels = self.extract_features(ctx, ctx.train_eval_set)
         # at the end of session 1 the slow learner is an exact copy: its features are the fast ones

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_bench.errors import ConfigError
+from cl_bench.modules.precision import float32
 
 KEY_INITS = ("orthogonal", "uniform")
 
@@ -74,15 +75,19 @@ class TaskKeys(nn.Module):
         return torch.stack(tuple(self.keys))
 
     def similarity(self, queries: torch.Tensor) -> torch.Tensor:
-        """``[B, num_keys]`` cosine similarities between queries ``[B, D]`` and every key."""
-        return F.normalize(queries, dim=-1) @ F.normalize(self.stacked(), dim=-1).T
+        """``[B, num_keys]`` cosine similarities between queries ``[B, D]`` and every key, in float32 whatever
+        the autocast (:mod:`cl_bench.modules.precision`)."""
+        with float32(queries.device):
+            keys = F.normalize(self.stacked().float(), dim=-1)
+            return F.normalize(queries.float(), dim=-1) @ keys.T
 
     @torch.no_grad()
     def select(self, queries: torch.Tensor) -> torch.Tensor:
         """The most similar key's index per query, ``[B]`` (ties: the lowest index)."""
-        return self.similarity(queries.float()).argmax(dim=1)
+        return self.similarity(queries).argmax(dim=1)
 
     def pull_loss(self, queries: torch.Tensor, task: int) -> torch.Tensor:
         """``-mean_b cos(q_b, k_task)``: minimising it pulls key ``task`` towards its task's queries."""
-        key = F.normalize(self.keys[task], dim=-1)
-        return -(F.normalize(queries.float(), dim=-1) @ key).mean()
+        with float32(queries.device):
+            key = F.normalize(self.keys[task].float(), dim=-1)
+            return -(F.normalize(queries.float(), dim=-1) @ key).mean()

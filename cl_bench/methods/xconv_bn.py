@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_bench.modules.precision import float32
+
 log = logging.getLogger(__name__)
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -94,10 +96,15 @@ def phase_mean_map(
 
 @torch.no_grad()
 def recover_post_conv_mean(conv: nn.Conv2d, input_mean_map: torch.Tensor) -> torch.Tensor:
-    """Xconv recovery: the spatial mean of ``conv`` applied to the stored input-mean map (one per channel)."""
+    """Xconv recovery: the spatial mean of ``conv`` applied to the stored input-mean map (one per channel),
+    in float32 (float64 for a float64 conv) whatever the autocast or the conv's dtype
+    (:mod:`cl_bench.modules.precision`); returned in the conv's dtype."""
     weight = conv.weight
-    out = conv(input_mean_map.to(device=weight.device, dtype=weight.dtype))
-    return out.mean(dim=(0, 2, 3))
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    with float32(weight.device):
+        out = conv._conv_forward(input_mean_map.to(weight.device, dtype), weight.to(dtype), bias)
+        return out.mean(dim=(0, 2, 3)).to(weight.dtype)
 
 
 @dataclass

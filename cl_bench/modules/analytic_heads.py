@@ -11,7 +11,8 @@ NeurIPS 2023; code ``RanPAC/RanPAC`` ``RanPAC.py``::``setup_RP``/``replace_fc``/
   task's* (shuffled) features, keep the lambda with the smallest MSE on the other 20 %;
 * ``W_o = solve(G + lambda I, Q)^T`` and logits ``h W_o^T``.
 
-Everything is computed in float32 on the buffers' device, as the official code (which solves on the CPU).
+Everything is computed in float32 on the buffers' device, as the official code (which solves on the CPU),
+whatever the autocast (:mod:`cl_bench.modules.precision`): fits and logits use the same projection.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl_bench.errors import ConfigError
+from cl_bench.modules.precision import float32
 
 
 def ridge_grid(low_exponent: int, high_exponent: int) -> list[float]:
@@ -108,9 +110,10 @@ class RandomProjectionRidgeHead(nn.Module):
         self.weight = torch.cat([self.weight, self.weight.new_zeros(n_classes, self.width)])
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """``h = ReLU(f W_rand)`` (``f`` itself when ``rp_dim = 0``)."""
-        features = features.float()
-        return torch.relu(features @ self.projection) if self.rp_dim else features
+        """``h = ReLU(f W_rand)`` (``f`` itself when ``rp_dim = 0``), in float32."""
+        with float32(features.device):
+            features = features.float()
+            return torch.relu(features @ self.projection.float()) if self.rp_dim else features
 
     def accumulate(self, h: torch.Tensor, y_onehot: torch.Tensor) -> None:
         """``G += H^T H``, ``Q += H^T Y`` (``Q`` grows to ``Y``'s number of classes)."""
@@ -138,18 +141,20 @@ class RandomProjectionRidgeHead(nn.Module):
         selected on this task's features in a random order drawn from ``generator``.
         """
         device = self.weight.device
-        h = self.project(features.to(device))
-        y = F.one_hot(labels.to(device).long(), self.num_classes).float()
-        order = torch.randperm(len(h), generator=generator).to(device)
-        ridge = select_ridge(h[order], y[order], self.ridges, self.train_fraction)
-        owner = self if statistics is None else statistics
-        owner.accumulate(h, y)
-        self.weight = ridge_solve(owner.gram, owner.cross[:, : self.num_classes], ridge)
+        with float32(device):
+            h = self.project(features.to(device))
+            y = F.one_hot(labels.to(device).long(), self.num_classes).float()
+            order = torch.randperm(len(h), generator=generator).to(device)
+            ridge = select_ridge(h[order], y[order], self.ridges, self.train_fraction)
+            owner = self if statistics is None else statistics
+            owner.accumulate(h, y)
+            self.weight = ridge_solve(owner.gram, owner.cross[:, : self.num_classes], ridge)
         self.last_ridge = ridge
         return ridge
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.project(features) @ self.weight.T
+        with float32(features.device):
+            return self.project(features) @ self.weight.float().T
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         for name in ("weight", "gram", "cross"):  # resize to the saved shapes before copying

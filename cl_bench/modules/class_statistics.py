@@ -12,9 +12,11 @@ and later samples pseudo-features from ``N(mu_c, Sigma_c)``. Following the offic
 * A class's statistics are written once, when its task ends, and never refreshed (old classes keep the
   statistics of the backbone that learnt them), unless :meth:`update` is called for it again.
 
-Sampling draws ``mean + z @ L^T`` with ``L`` the Cholesky factor of ``Sigma_c`` and ``z ~ N(0, I)`` from the
-caller's ``torch.Generator``, so it is repeatable (``torch.distributions.MultivariateNormal``, which the
-code uses, samples the same distribution the same way but only from the global RNG).
+Statistics are computed in float64 and samples drawn in float32 whatever the trainer's autocast
+(:mod:`cl_bench.modules.precision`). Sampling draws ``mean + z @ L^T`` with ``L`` the Cholesky factor of
+``Sigma_c`` and ``z ~ N(0, I)`` from the caller's ``torch.Generator``, so it is repeatable
+(``torch.distributions.MultivariateNormal``, which the code uses, samples the same distribution the same way
+but only from the global RNG).
 
 The statistics are plain tensors, not module state: they are not part of a saved model (a 768-d covariance
 per class is 2.25 MiB; 200 classes take 450 MiB).
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from cl_bench.errors import ConfigError
+from cl_bench.modules.precision import float32
 
 
 class ClassStatistics:
@@ -102,17 +105,18 @@ class ClassStatistics:
             raise ValueError(f"mean_scales must have shape [{len(classes)}], got {tuple(mean_scales.shape)}")
         device = torch.device(device) if device is not None else generator.device
         samples = []
-        for i, cls in enumerate(classes):
-            mean = self.means[cls].to(device)
-            if mean_scales is not None:
-                mean = mean * float(mean_scales[i])
-            factor, info = torch.linalg.cholesky_ex(self.covariances[cls].to(device))
-            if info.item() != 0:
-                raise ConfigError(
-                    f"the covariance of class {cls} is not positive definite; raise covariance_shrink "
-                    f"(now {self.covariance_shrink})"
-                )
-            noise = torch.randn(per_class, mean.shape[0], generator=generator, device=device)
-            samples.append(mean + noise @ factor.T)
+        with float32(device):
+            for i, cls in enumerate(classes):
+                mean = self.means[cls].to(device)
+                if mean_scales is not None:
+                    mean = mean * float(mean_scales[i])
+                factor, info = torch.linalg.cholesky_ex(self.covariances[cls].to(device))
+                if info.item() != 0:
+                    raise ConfigError(
+                        f"the covariance of class {cls} is not positive definite; raise covariance_shrink "
+                        f"(now {self.covariance_shrink})"
+                    )
+                noise = torch.randn(per_class, mean.shape[0], generator=generator, device=device)
+                samples.append(mean + noise @ factor.T)
         labels = torch.as_tensor(classes, device=device).repeat_interleave(per_class)
         return torch.cat(samples), labels

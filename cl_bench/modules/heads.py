@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cl_bench.modules.precision import float32
+
 
 class IncrementalLinearHead(nn.Module):
     """One ``nn.Linear`` block per task, concatenated: task t's block scores its own classes.
@@ -70,7 +72,9 @@ class PrototypeHead(nn.Module):
         self.prototypes[class_positions.to(self.prototypes.device)] = prototypes.to(self.prototypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(x, dim=1) @ F.normalize(self.prototypes, dim=1).T
+        """Cosine scores in float32 whatever the autocast (:mod:`cl_bench.modules.precision`)."""
+        with float32(x.device):
+            return self.scale * F.normalize(x.float(), dim=1) @ F.normalize(self.prototypes.float(), dim=1).T
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         key = prefix + "prototypes"

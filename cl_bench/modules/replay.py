@@ -35,8 +35,8 @@ class ReservoirBuffer(nn.Module):
 
     Args:
         capacity: the number of slots ``M``.
-        store_logits: also keep each example's logits at insertion time (DER/DER++); rows are as wide as
-            the widest logits offered so far, and ``logit_width[slot]`` says how many columns are valid.
+        store_logits: also keep each example's logits at insertion time (DER/DER++); every offer must
+            have the same width (DER++ stores the scenario's every class, as Mammoth's fixed-size head).
     """
 
     def __init__(self, capacity: int, store_logits: bool = False) -> None:
@@ -51,7 +51,6 @@ class ReservoirBuffer(nn.Module):
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.long))
         if store_logits:
             self.register_buffer("logits", torch.zeros(capacity, 0))
-            self.register_buffer("logit_width", torch.zeros(capacity, dtype=torch.long))
 
     def __len__(self) -> int:
         """The number of filled slots."""
@@ -96,14 +95,13 @@ class ReservoirBuffer(nn.Module):
                 self._store_logits(target, logits[source].detach())
 
     def _store_logits(self, target: torch.Tensor, logits: torch.Tensor) -> None:
-        width = logits.shape[1]
-        if width > self.logits.shape[1]:  # a new task grew the head: widen the rows with zeros
-            self.logits = torch.cat(
-                [self.logits, self.logits.new_zeros(self.capacity, width - self.logits.shape[1])], 1
+        if self.logits.shape[1] == 0:  # the first offer fixes the width
+            self.logits = self.logits.new_zeros(self.capacity, logits.shape[1])
+        if logits.shape[1] != self.logits.shape[1]:
+            raise ValueError(
+                f"logits of width {logits.shape[1]} offered to a buffer storing width {self.logits.shape[1]}"
             )
-        self.logits[target] = 0.0
-        self.logits[target, :width] = logits.to(self.logits)
-        self.logit_width[target] = width
+        self.logits[target] = logits.to(self.logits)
 
     def sample(self, n: int) -> torch.Tensor:
         """``min(n, len(self))`` distinct filled slots drawn uniformly (on the buffer's device)."""
@@ -132,7 +130,8 @@ class IndexedDataset(Dataset):
 
 def load_examples(dataset: TaskDataset, indices: Sequence[int]) -> torch.Tensor:
     """The images at ``indices`` of ``dataset``'s image source, through its (training) transform again."""
-    return torch.stack([dataset.transform(dataset.images.image(int(i))) for i in indices])
+    batch = torch.stack([dataset.transform(dataset.images.image(int(i))) for i in indices])
+    return batch if dataset.batch_transform is None else dataset.batch_transform(batch)
 
 
 def replayable(dataset: Dataset) -> TaskDataset:

@@ -1,6 +1,7 @@
-"""DER++: the buffer keeps the logits of insertion time, the loss is CE + alpha * MSE + beta * CE on two
-independent buffer draws (one draw and no CE term when beta = 0, i.e. DER), logits stored before the head
-grew are matched on their own columns, and a task-incremental run completes.
+"""DER++: the buffer keeps the full-width logits of insertion time (every class of the scenario, as
+Mammoth's fixed-size head), the loss is CE + alpha * MSE over every column + beta * CE on two independent
+buffer draws (one draw and no CE term when beta = 0, i.e. DER), evaluation sees the seen classes only, and a
+task-incremental run completes.
 """
 
 from __future__ import annotations
@@ -73,20 +74,22 @@ def test_stored_logits_are_those_at_insertion_time() -> None:
     module = _module(buffer_size=8)
     first, second, *_ = _batches(module, _ctx(0, sets))
     with torch.no_grad():
-        at_insertion = module(first[0])
+        at_insertion = module.all_logits(first[0])
+    assert at_insertion.shape == (4, 4)  # task 1's classes too, before task 1 starts
     _step(module, first)  # empty buffer: the four examples fill slots 0-3
+    assert module.buffer.logits.shape == (8, 4)
     torch.testing.assert_close(module.buffer.logits[:4], at_insertion)
-    assert module.buffer.logit_width[:4].tolist() == [2, 2, 2, 2]
     assert torch.equal(module.buffer.index[:4], first[2])
     with torch.no_grad():
         module.head.blocks[0].bias.add_(1.0)  # the model moves on...
     _step(module, second)
     torch.testing.assert_close(module.buffer.logits[:4], at_insertion)  # ...the stored logits do not
     with torch.no_grad():
-        assert not torch.allclose(module(first[0]), at_insertion)
+        assert not torch.allclose(module.all_logits(first[0]), at_insertion)
         torch.testing.assert_close(
-            module.buffer.logits[4:8], module(second[0])
+            module.buffer.logits[4:8], module.all_logits(second[0])
         )  # the new rows: current logits
+        assert module(first[0]).shape == (4, 2)  # evaluation: the seen classes only
 
 
 def _filled(module: DERPlusPlus) -> tuple[list[TaskDataset], tuple[torch.Tensor, ...]]:
@@ -115,8 +118,8 @@ def _step_then_rewind(module: DERPlusPlus, batch: tuple[torch.Tensor, ...]) -> t
 
 
 def _matching(module: DERPlusPlus, sets: list[TaskDataset], slots: torch.Tensor) -> torch.Tensor:
-    assert (module.buffer.logit_width[slots] == 2).all()  # stored during task 0, before the head grew
-    return F.mse_loss(module(_buffer_inputs(module, sets, slots))[:, :2], module.buffer.logits[slots, :2])
+    """Mammoth: ``F.mse_loss(net(x'), z')`` over all columns (stored during task 0, task 1's included)."""
+    return F.mse_loss(module.all_logits(_buffer_inputs(module, sets, slots)), module.buffer.logits[slots])
 
 
 def test_loss_is_ce_plus_alpha_mse_plus_beta_ce_on_two_draws() -> None:
@@ -141,15 +144,28 @@ def test_beta_zero_is_der_with_one_draw(monkeypatch) -> None:
     torch.testing.assert_close(loss, F.cross_entropy(module(x), y) + 0.3 * _matching(module, sets, draws[0]))
 
 
-def test_logit_matching_uses_each_slot_s_stored_columns() -> None:
+def test_logit_matching_is_the_mean_over_every_column_and_holds_future_classes() -> None:
     module = _module(buffer_size=4)
-    module.buffer.add(torch.arange(2), torch.tensor([0, 1]), 0, logits=torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    module.buffer.add(torch.arange(2, 4), torch.tensor([2, 3]), 1, logits=torch.ones(2, 4))
-    assert module.buffer.logits.shape == (4, 4) and module.buffer.logits[:2, 2:].abs().sum() == 0
-    current = torch.zeros(4, 4)
-    # slots 0-1: 4 valid squared errors 1+4+9+16; slots 2-3: 8 of 1
-    expected = torch.tensor((1 + 4 + 9 + 16 + 8) / 12)
-    torch.testing.assert_close(module.logit_matching(torch.arange(4), current), expected)
+    module.on_task_start(_ctx(0, _sets()[1]))
+    stored = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 2.0]])
+    module.buffer.add(torch.arange(2), torch.tensor([0, 1]), 0, logits=stored)
+    current = torch.zeros(2, 4, requires_grad=True)
+    loss = module.logit_matching(torch.arange(2), current)
+    torch.testing.assert_close(loss, torch.tensor((1 + 4 + 9 + 16 + 4) / 8))
+    loss.backward()
+    assert current.grad is not None and current.grad[:, 2:].abs().sum() > 0  # future columns are matched
+    with pytest.raises(ValueError, match="width"):
+        module.buffer.add(torch.arange(2, 4), torch.tensor([2, 3]), 1, logits=torch.ones(2, 2))
+
+
+def test_head_reserves_every_task_block_and_opens_them_in_order() -> None:
+    _, sets = _sets()
+    module = _module()
+    module.on_task_start(_ctx(0, sets))
+    assert module.head.task_sizes == [2, 2] and module.head.num_classes == 2
+    future = module.head.blocks[1]
+    module.on_task_start(_ctx(1, sets))
+    assert module.head.blocks[1] is future and module.head.num_classes == 4  # opened, not re-created
 
 
 def test_invalid_arguments_are_config_errors() -> None:

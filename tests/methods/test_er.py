@@ -54,7 +54,7 @@ def test_reservoir_exact_small_case() -> None:
 
 def test_reservoir_never_exceeds_capacity_and_round_trips_through_state_dict() -> None:
     buffer = ReservoirBuffer(5, store_logits=True)
-    buffer.add(torch.arange(3), torch.tensor([0, 1, 0]), task=0, logits=torch.randn(3, 2))
+    buffer.add(torch.arange(3), torch.tensor([0, 1, 0]), task=0, logits=torch.randn(3, 4))
     buffer.add(torch.arange(3, 20), torch.randint(0, 4, (17,)), task=1, logits=torch.randn(17, 4))
     assert len(buffer) == 5 and int(buffer.num_seen) == 20 and buffer.logits.shape == (5, 4)
     restored = ReservoirBuffer(5, store_logits=True)

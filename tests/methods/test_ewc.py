@@ -1,5 +1,7 @@
-"""EWC: the Fisher matches a hand computation, the penalty is exactly quadratic around the anchor, the online
-Fisher accumulates as ``gamma F + F_new``, and a tiny real run completes in both scenarios."""
+"""EWC: the per-example Fisher (torch.func) equals a per-example loop and a hand computation, Mammoth's
+p(y|x)-weighted variant and Avalanche's mini-batch estimator match theirs, the penalty is exactly quadratic
+around the anchor, the online Fisher accumulates as ``gamma F + F_new``, and a tiny real run completes in both
+scenarios."""
 
 from __future__ import annotations
 
@@ -32,37 +34,101 @@ def _module(**kwargs) -> EWC:
     return EWC(LinearBackbone(), batch_size=4, **kwargs)
 
 
-def _hand_fisher(module: EWC, ctx: TaskContext) -> dict[str, torch.Tensor]:
-    """Mean over mini-batches (4 + 2 examples) of squared mini-batch CE gradients, derived by hand."""
+def _hand_gradients(module: EWC, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the mean CE over the rows of ``xb``, derived by hand."""
     fc, block = module.backbone.fc, module.head.blocks[0]
+    feats = xb @ fc.weight.T + fc.bias
+    probs = torch.softmax(feats @ block.weight.T + block.bias, dim=1)
+    delta = (probs - F.one_hot(yb, 2)) / len(yb)  # dCE/dlogits of the batch mean
+    back = delta @ block.weight  # dCE/dfeatures
+    return {
+        "head.blocks.0.weight": (delta.T @ feats).detach(),
+        "head.blocks.0.bias": delta.sum(0).detach(),
+        "backbone.fc.weight": (back.T @ xb).detach(),
+        "backbone.fc.bias": back.sum(0).detach(),
+    }
+
+
+def _hand_fisher(module: EWC, ctx: TaskContext, estimator: str) -> dict[str, torch.Tensor]:
+    """``batch``: mean over mini-batches (4 + 2 examples) of squared mini-batch gradients; ``per_example``:
+    mean over the 6 examples of squared per-example gradients (``per_example_weighted``: times p(y|x))."""
     x, y = ctx.train_eval_set.tensors
+    if estimator == "batch":
+        groups = [slice(0, 4), slice(4, 6)]
+    else:
+        groups = [slice(i, i + 1) for i in range(6)]
     squares: dict[str, torch.Tensor] = {}
-    for rows in (slice(0, 4), slice(4, 6)):
-        xb, yb = x[rows], y[rows]
-        feats = xb @ fc.weight.T + fc.bias
-        probs = torch.softmax(feats @ block.weight.T + block.bias, dim=1)
-        delta = (probs - F.one_hot(yb, 2)) / len(yb)  # dCE/dlogits of the batch mean
-        back = delta @ block.weight  # dCE/dfeatures
-        grads = {
-            "head.blocks.0.weight": delta.T @ feats,
-            "head.blocks.0.bias": delta.sum(0),
-            "backbone.fc.weight": back.T @ xb,
-            "backbone.fc.bias": back.sum(0),
-        }
-        for name, g in grads.items():
-            squares[name] = squares.get(name, 0) + g.detach() ** 2 / 2
+    for rows in groups:
+        weight = 1.0
+        if estimator == "per_example_weighted":
+            with torch.no_grad():
+                weight = torch.softmax(module(x[rows]), dim=1)[0, y[rows][0]]
+        for name, g in _hand_gradients(module, x[rows], y[rows]).items():
+            squares[name] = squares.get(name, 0) + weight * g**2 / len(groups)
     return squares
 
 
-def test_fisher_equals_hand_computation() -> None:
-    module = _module()
+@pytest.mark.parametrize("estimator", ["per_example", "per_example_weighted", "batch"])
+def test_fisher_equals_hand_computation(estimator: str) -> None:
+    module = _module(fisher=estimator, fisher_chunk_size=4)  # chunks of 4 and 2 within the first batch
     ctx = _ctx(0)
     module.on_task_start(ctx)
     fisher = module.fisher(ctx)
-    expected = _hand_fisher(module, ctx)
+    expected = _hand_fisher(module, ctx, estimator)
     assert set(fisher) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(fisher[name], value, rtol=1e-5, atol=1e-8)
+
+
+def test_per_example_fisher_equals_a_loop_over_examples_on_a_cnn() -> None:
+    """torch.func on a conv + BatchNorm (eval) + linear network against one backward pass per example."""
+    torch.manual_seed(0)
+    backbone = _ConvBackbone()
+    module = EWC(backbone, batch_size=5, fisher_chunk_size=3)
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(7, 3, 6, 6, generator=gen), torch.randint(0, 2, (7,), generator=gen))
+    ctx = task_context(toy_scenario(SIZES), 0, data)
+    module.on_task_start(ctx)
+    with torch.no_grad():
+        backbone.bn.running_mean.uniform_(-0.5, 0.5)
+        backbone.bn.running_var.uniform_(0.5, 2.0)
+    fisher = module.fisher(ctx)
+    module.eval()
+    params = trainable_parameters(module)
+    loop = {name: torch.zeros_like(p) for name, p in params.items()}
+    for x, y in zip(*data.tensors):
+        grads = torch.autograd.grad(F.cross_entropy(module(x[None]), y[None]), list(params.values()))
+        for name, g in zip(params, grads):
+            loop[name] += g**2 / 7
+    for name, value in loop.items():
+        torch.testing.assert_close(fisher[name], value, rtol=1e-5, atol=1e-9)
+
+
+class _ConvBackbone(nn.Module):
+    feat_dim = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+
+
+def test_per_example_fisher_does_not_depend_on_the_batch_size() -> None:
+    """The mini-batch estimator shrinks with the batch size; the per-example one does not."""
+    ctx = _ctx(0)
+    fishers = {}
+    for estimator in ("per_example", "batch"):
+        for batch_size in (1, 6):
+            torch.manual_seed(0)
+            module = EWC(LinearBackbone(), batch_size=batch_size, fisher=estimator)
+            module.on_task_start(ctx)
+            fishers[estimator, batch_size] = module.fisher(ctx)["backbone.fc.weight"]
+    torch.testing.assert_close(fishers["per_example", 1], fishers["per_example", 6])
+    torch.testing.assert_close(fishers["batch", 1], fishers["per_example", 6])  # one example per batch
+    assert fishers["batch", 6].sum() < fishers["per_example", 6].sum() / 2
 
 
 def test_fisher_is_taken_in_eval_mode_and_restores_train_mode() -> None:
@@ -167,6 +233,8 @@ def test_task_incremental_fisher_uses_the_task_block_only() -> None:
         ({"ewc_lambda": -1.0}, "ewc_lambda"),
         ({"mode": "online", "gamma": 1.5}, "gamma"),
         ({"mode": "separate", "gamma": 0.9}, "online"),
+        ({"fisher": "true"}, "fisher"),
+        ({"fisher_chunk_size": 0}, "fisher_chunk_size"),
     ],
 )
 def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:

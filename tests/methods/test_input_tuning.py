@@ -127,6 +127,12 @@ def test_per_task_cil_picks_the_most_confident_task_model() -> None:
     ).tolist() == [2, 3]
     assert torch.allclose(logits[:, 2:].exp().sum(dim=1), torch.ones(2))  # per-task log-probabilities
     assert torch.allclose(module(x, task=1), module.head(x.flatten(1) + torch.tensor([0.0, 1.0])))
+    assert module.capabilities.selects_task
+    prediction = module.predict(x)
+    assert torch.equal(prediction.logits, logits)
+    assert prediction.chosen_task.tolist() == [0, 1]  # the task of each top class
+    shared = InputTuning(Flatten()).eval()
+    assert not shared.capabilities.selects_task
 
 
 @pytest.mark.parametrize(
@@ -182,5 +188,7 @@ def test_per_task_run_cannot_forget_with_the_task_id(run_tiny, scenario: str) ->
     )
     til = doc["til_acc_matrix"]
     assert til[1][0] == til[0][0]  # task 0's transformation and head block are frozen after task 0
+    selection = doc["extra_matrices"]["task_selection_acc"]
+    assert len(selection) == 2 and selection[0][0] == 100.0  # one task: always chosen
     if scenario == "til":
         assert doc["acc_matrix"] == til

@@ -99,6 +99,22 @@ def test_stages_are_three_phases() -> None:
     assert single.fake_head is None and _phases(single) == [("keys", 1), ("norms", 2), ("rectify", 0)]
 
 
+def test_head_blocks_start_with_timm_init_and_fake_head_copies_them() -> None:
+    """The official head is timm's ``init_weights_vit_timm``: trunc_normal(std 0.02) weights, zero bias."""
+    module = LayerNormTuning(_tiny_vit())
+    scenario = _scenario((200, 200))
+    torch.manual_seed(5)
+    module.on_task_start(_ctx(0, scenario, _task_data(0)))
+    block, fake = module.head.blocks[0], module.fake_head.blocks[0]
+    assert torch.equal(block.bias, torch.zeros(200))
+    weight = block.weight.detach()
+    assert abs(weight.std().item() - 0.02) < 0.001 and weight.abs().max().item() < 0.1  # PyTorch's: std ~0.1
+    assert torch.equal(fake.weight, block.weight) and torch.equal(fake.bias, block.bias)
+    module.on_task_start(_ctx(1, scenario, _task_data(1)))
+    assert torch.equal(module.head.blocks[1].bias, torch.zeros(200))
+    assert abs(module.head.blocks[1].weight.std().item() - 0.02) < 0.001
+
+
 def test_each_stage_sends_gradients_only_where_the_official_code_does() -> None:
     module = LayerNormTuning(_tiny_vit())
     scenario = _scenario()

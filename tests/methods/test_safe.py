@@ -153,6 +153,47 @@ def test_later_loss_is_ce_plus_alignment_sum_plus_cross_classification() -> None
     torch.testing.assert_close(module.cross_classification(fast, slow, y), s2f + f2s)
 
 
+def test_sigma_is_reset_after_session_one_as_the_codes_setup_rp() -> None:
+    """``setup_RP``/``setup_RP_branch`` call ``fc.reset_parameters()``: the slow learner's sigma is 10 for
+    good, the fast learner starts session 2 at 10 and carries its trained sigma on from there."""
+    module = _safe()
+    ctx0 = _ctx(0)
+    module.on_task_start(ctx0)
+    _sgd_steps(module, ctx0)
+    trained = module.cosine_head.sigma.item()
+    assert trained != 10.0  # session 1 trains sigma
+    module.on_task_end(ctx0)
+    assert module.slow_cosine is not None
+    assert module.cosine_head.sigma.item() == 10.0 and module.slow_cosine.sigma.item() == 10.0
+    module.eval()
+    x = ctx0.train_set.tensors[0]
+    fast, slow = module.learner_logits(x)
+    torch.testing.assert_close(fast, 10.0 * module.head(module.backbone(x)))  # ridge logits times 10
+    ctx1 = _ctx(1)
+    module.on_task_start(ctx1)
+    assert module.cosine_head.sigma.item() == 10.0  # the fast learner's session 2 starts at 10
+    _sgd_steps(module, ctx1)
+    session_two = module.cosine_head.sigma.item()
+    assert session_two != 10.0 and module.slow_cosine.sigma.item() == 10.0
+    module.on_task_end(ctx1)
+    assert module.cosine_head.sigma.item() == session_two  # no reset after later sessions (setup_RP_follow)
+    kept = _safe(reset_sigma=False)
+    kept.on_task_start(ctx0)
+    _sgd_steps(kept, ctx0)
+    sigma = kept.cosine_head.sigma.item()
+    kept.on_task_end(ctx0)
+    assert kept.slow_cosine is not None
+    assert kept.cosine_head.sigma.item() == sigma == kept.slow_cosine.sigma.item()
+
+
+def test_both_ridge_heads_project_with_one_w_rand_as_the_code() -> None:
+    """``replace_fc_branch`` sets the slow head's ``W_rand`` to the fast head's before every fit."""
+    shared = _safe()
+    assert torch.equal(shared.head.projection, shared.slow_head.projection)
+    independent = _safe(independent_projections=True)
+    assert not torch.equal(independent.head.projection, independent.slow_head.projection)
+
+
 def test_invalid_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="aggregation"):
         _safe(aggregation="concat")
