@@ -145,6 +145,8 @@ TINY_TUNED = {
     "slca_pp": "ca_epochs: 1\nca_samples_per_class: 8\n",
     "lwf": "warmup_epochs: 0\n",
     "lnt": "rectification_epochs: 1\n",
+    "dualprompt": "g_length: 0\ne_layers: [0]\n",  # a one-block ViT
+    "coda_prompt": "layers: [0]\npool_size: 4\n",
 }
 
 
