@@ -101,6 +101,9 @@ class TrainerConfig:
     deterministic: bool = True
     num_workers: int = 0
     eval_batch_size: int = 256
+    #: Drop the last partial training batch of every phase (``true``) or keep it (``false``); ``null``: each
+    #: method's official loader (ConFiT drops it, the others keep it).
+    drop_last: bool | None = None
     enable_progress_bar: bool = False
     log_every_n_steps: int = 10
 
