@@ -1,7 +1,8 @@
 """LwF: the distillation term is the temperature-scaled KL of its formula (zero when the student is the
 teacher), the loss is CE + alpha * KD over the old classes (one softmax in CIL, one per old task in TIL), the
-teacher is a frozen snapshot outside the module, the warm-up trains only the new block, and on a real run it
-keeps more of the first task than seq_ft.
+teacher is a frozen snapshot outside the module, the warm-up (on by default, ``epochs`` long) trains only the
+new block, the teacher's logits are recorded on the un-augmented images by default (or computed on the augmented
+batch), and on a real run it keeps more of the first task than seq_ft.
 """
 
 from __future__ import annotations
@@ -130,9 +131,57 @@ def test_warm_up_trains_only_the_new_block() -> None:
     assert new_block_ce < F.cross_entropy(fresh(x)[:, 2:], y - 2)
 
 
+def test_warm_up_is_on_by_default_for_as_many_epochs_as_training() -> None:
+    module = _module(epochs=3)
+    ctx = _ctx(0)
+    module.on_task_start(ctx)
+    assert [p.name for p in module.phases(ctx)] == ["train"]  # nothing to warm up on the first task
+    ctx = _ctx(1)
+    module.on_task_start(ctx)
+    assert [(p.name, p.epochs) for p in module.phases(ctx)] == [("warmup", 3), ("train", 3)]
+    module = _module(epochs=3, warmup_epochs=0)
+    module.on_task_start(_ctx(0))
+    module.on_task_start(ctx)
+    assert [p.name for p in module.phases(ctx)] == ["train"]
+
+
+def test_unaugmented_teacher_logits_are_recorded_on_the_eval_images() -> None:
+    module = _module(alpha=0.5)
+    module.on_task_start(_ctx(0))
+    ctx = _advance(module, 1)
+    x, y = ctx.train_set.tensors
+    augmented = TensorDataset(x + 0.5 * torch.randn_like(x), y)  # stands in for the train transform
+    ctx.train_set = augmented
+    assert module.teacher is not None
+    data = module.train_dataset(ctx)
+    assert len(data) == len(x)
+    x_aug, y_0, recorded = data[0]
+    torch.testing.assert_close(recorded, module.teacher(x[:1])[0])  # the eval-transform image's logits
+    assert torch.equal(x_aug, augmented[0][0]) and y_0 == y[0]
+    batch = (augmented.tensors[0], y, torch.stack([data[i][2] for i in range(len(data))]))
+    logits = module(batch[0])
+    expected = F.cross_entropy(logits, y) + 0.5 * distillation(logits[:, :2], module.teacher(x), 2.0)
+    with pytest.warns(UserWarning, match="self.log"):
+        torch.testing.assert_close(module.training_step(batch, 0), expected)
+
+
+def test_augmented_teacher_inputs_run_the_teacher_on_the_training_batch() -> None:
+    module = _module(teacher_inputs="augmented")
+    module.on_task_start(_ctx(0))
+    ctx = _advance(module, 1)
+    assert module.train_dataset(ctx) is ctx.train_set
+    train = module.phases(ctx)[-1]
+    assert train.data is ctx.train_set
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"alpha": -1.0}, "alpha"), ({"temperature": 0.0}, "temperature"), ({"warmup_epochs": -1}, "warmup")],
+    [
+        ({"alpha": -1.0}, "alpha"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"warmup_epochs": -1}, "warmup"),
+        ({"teacher_inputs": "raw"}, "teacher_inputs"),
+    ],
 )
 def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
