@@ -26,19 +26,20 @@ Old head blocks:
   tasks (Li & Hoiem's multi-head ``L_old`` summed over old tasks, and Avalanche's per-task-head sum); the
   cross-entropy reaches only the new block, so old blocks move only under distillation (and weight decay).
 
-Warm-up: before each task after the first, only the new task's head block is trained for ``warmup_epochs``
-epochs (default ``None``: ``epochs``, Mammoth's ``n_epochs``) on the frozen backbone (eval mode) with plain SGD
-at ``lr`` (no momentum or weight decay), as Mammoth's ``lwf`` ``begin_task`` and Li & Hoiem's warm-up step: a
-head-only phase ``warmup`` before the phase ``train`` (``warmup_epochs=0``: none, as Avalanche). Unlike
-Mammoth, which runs the backbone on augmented images every warm-up epoch, the features of the task's training
-images (evaluation transform) are computed once; each warm-up epoch draws a new order of them.
+Warm-up: before each task after the first, only the new task's head block is trained for
+``warmup_epochs`` epochs (default ``None``: ``epochs``, Mammoth's ``n_epochs``) on the frozen backbone (eval
+mode) with plain SGD at ``lr`` (no momentum or weight decay), as Mammoth's ``lwf`` ``begin_task`` and Li &
+Hoiem's warm-up step: a head-only phase ``warmup`` before the phase ``train`` (``warmup_epochs=0``: none, as
+Avalanche). The features of the task's training images are computed once; each warm-up epoch draws a new
+order of them.
 
 Defaults (``cl_bench/conf/method/lwf.yaml``): ``alpha`` 1 and ``temperature`` 2 (Avalanche; Li & Hoiem's
 ``lambda_o = 1``, ``T = 2``; Mammoth's ``alpha`` is 0.5), a warm-up of ``epochs`` epochs and un-augmented
 teacher inputs (Mammoth, Li & Hoiem); the optimiser settings are the repository's ``seq_ft`` protocol.
 
 Deviations: the warm-up's features and the recorded teacher logits use the evaluation transform (Mammoth's
-warm-up runs the backbone on augmented images every epoch; its teacher inputs are the raw tensors).
+warm-up runs the backbone on augmented images every epoch; its teacher inputs are the not-augmented
+tensors).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """LwF: the distillation term is the temperature-scaled KL of its formula (zero when the student is the
 teacher), the loss is CE + alpha * KD over the old classes (one softmax in CIL, one per old task in TIL), the
-teacher is a frozen snapshot outside the module, the warm-up (on by default, ``epochs`` long) trains only the
-new block, the teacher's logits are recorded on the un-augmented images by default (or computed on the augmented
-batch), and on a real run it keeps more of the first task than seq_ft.
+teacher is a frozen snapshot outside the module, the warm-up (on by default, ``epochs`` long) trains only
+the new block, the teacher's logits are recorded on the un-augmented images by default (or computed on the
+augmented batch), and on a real run it keeps more of the first task than seq_ft.
 """
 
 from __future__ import annotations
