@@ -189,10 +189,12 @@ def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
 
 
 def test_lwf_on_real_digits_forgets_less_than_seq_ft_given_the_task(run_tiny) -> None:
-    common = ("method.epochs=1", "method.batch_size=16", "method.lr=0.02")
+    # 3 epochs: after 1 the first task is barely learned and the gap is within seed noise (seeds 1-3 of the
+    # old 1-epoch setting: LwF 20-26 % vs seq_ft 14-29 %); at 3, LwF keeps 42-43 % vs 31-35 % (seeds 0, 1).
+    common = ("method.epochs=3", "method.batch_size=16", "method.lr=0.02")
     doc, _ = run_tiny("method=lwf", *common)
     baseline, _ = run_tiny("method=seq_ft", *common)
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
-    # Task-aware accuracy on the first task after the second: the features it needs survive distillation
-    # (seq_ft is near the 20 % chance level here). Without task ids both lose it to the new head's bias.
-    assert doc["til_acc_matrix"][1][0] > baseline["til_acc_matrix"][1][0] + 10.0
+    # Task-aware accuracy on the first task after the second: the features it needs survive distillation.
+    # Without task ids both lose it to the new head's bias.
+    assert doc["til_acc_matrix"][1][0] > baseline["til_acc_matrix"][1][0] + 5.0
