@@ -195,6 +195,7 @@ HELP_GROUPS = (
     "paths",
     "launcher",
     "sweep",
+    "debug",
 )
 
 

@@ -64,12 +64,24 @@ class LoggerMode(_StrEnum):
     disabled = "disabled"
 
 
+class LoggerBackend(_StrEnum):
+    """Where per-task metrics go (``logger=NAME``, see :mod:`cl_bench.tracking`)."""
+
+    wandb = "wandb"
+    csv = "csv"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    none = "none"
+
+
 class TrainAugment(_StrEnum):
     """Train-time augmentation. ``auto``: ``crop_flip`` for inputs of at most 64 px, else ``rrc_flip``."""
 
     auto = "auto"
     crop_flip = "crop_flip"  # pad 4 + random crop + horizontal flip (CIFAR recipe, He et al. 2016)
     rrc_flip = "rrc_flip"  # RandomResizedCrop + horizontal flip (ImageNet recipe; SLCA/PILOT use it)
+    #: square resize to ``transform.train_resize`` + random crop + flip (SLCA on CUB/Cars: 300 -> 224)
+    resize_crop_flip = "resize_crop_flip"
     none = "none"  # the evaluation transform
 
 
@@ -100,25 +112,58 @@ class TrainerConfig:
     precision: str = "32-true"
     deterministic: bool = True
     num_workers: int = 0
+    #: CPU threads of the run (torch, OpenMP/BLAS; caps the data workers); ``null``: ``OMP_NUM_THREADS`` if
+    #: set, else the available cores / ``concurrent_jobs`` (:mod:`cl_bench.threads`).
+    threads: int | None = None
+    #: Runs sharing the machine's cores at once (``launcher=local`` sets its ``n_jobs``).
+    concurrent_jobs: int = 1
+    #: Head-only phases (a head on cached features) train by a plain loop with the same optimiser, schedule,
+    #: batches and result instead of a Lightning fit (:func:`cl_bench.learning.head_fast_path`).
+    head_fast_path: bool = True
     eval_batch_size: int = 256
     #: Drop the last partial training batch of every phase (``true``) or keep it (``false``); ``null``: each
     #: method's official loader (ConFiT drops it, the others keep it).
     drop_last: bool | None = None
     enable_progress_bar: bool = False
     log_every_n_steps: int = 10
+    #: Cap on the epochs of every training phase, i.e. every Lightning fit (``null``: the phase's own);
+    #: ``debug=smoke`` sets 1.
+    max_epochs: int | None = None
+    #: Training batches per epoch: a count (int) or a fraction of the loader (float); ``null``: all.
+    limit_train_batches: Any = None
+    #: Test batches per task's test set at each evaluation (an evenly spread subset); ``null``: all.
+    limit_eval_batches: int | None = None
+    #: Gradient clipping (Lightning's ``gradient_clip_val``/``_algorithm``: ``norm`` or ``value``).
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    #: Optimizer step every N batches (the effective batch is ``N * method.batch_size``).
+    accumulate_grad_batches: int = 1
+    #: Lightning profiler per training phase: ``simple``, ``advanced`` or ``pytorch`` (reports and traces in
+    #: RUN_DIR/profiler/, named ``task_NN_<phase>``).
+    profiler: str | None = None
 
 
 @dataclass
 class LoggerConfig:
-    """Weights & Biases; ``offline`` needs no account (``wandb sync RUN_DIR/wandb/offline-run-*`` later)."""
+    """The experiment tracker (``logger=wandb|csv|tensorboard|mlflow|none``, see :mod:`cl_bench.tracking`).
 
+    W&B ``mode``: ``offline`` needs no account (``wandb sync RUN_DIR/wandb/offline-run-*`` later).
+    """
+
+    backend: LoggerBackend = LoggerBackend.wandb
     mode: LoggerMode = LoggerMode.offline
     project: str = "cl_bench"
     entity: str | None = None
+    #: ``null``: the benchmark protocol (dataset, scenario, split, backbone), the same in every sweep.
     group: str | None = None
+    #: ``null``: the method and the command-line overrides that differ from the preset.
     name: str | None = None
     job_type: str | None = None
     tags: list[str] = field(default_factory=list)
+    #: CSV/TensorBoard: the folder (``null``: RUN_DIR/<backend>); MLflow: its local file store.
+    save_dir: str | None = None
+    #: MLflow server or database URI (``null``: the file store in ``save_dir``).
+    tracking_uri: str | None = None
 
 
 @dataclass
@@ -142,6 +187,39 @@ class TransformConfig:
     #: ``false``: feed images scaled to [0, 1] without mean/std normalisation (the official RanPAC, APER and
     #: SimpleCIL ViT code does so), whatever ``mean``/``std`` say.
     normalize: bool = True
+    #: ``rrc_flip``: RandomResizedCrop's area fraction and aspect-ratio ranges (torchvision's defaults;
+    #: SAFE/RanPAC/LN tuning use scale [0.05, 1]).
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    rrc_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    #: ``resize_crop_flip``: the side of the square resize before the random crop (SLCA CUB/Cars: 300).
+    train_resize: int | None = None
+    #: ColorJitter brightness after the flip: factor drawn from [max(0, 1 - b), 1 + b]; 0 = none (SLCA CIFAR:
+    #: 63/255).
+    brightness: float = 0.0
+    #: Evaluation: ``null`` resizes the shorter side to ``input_size / crop_pct`` (timm, the backbone's
+    #: crop_pct); ``R`` resizes it to R (``Resize(R) + CenterCrop(input_size)``, e.g. 256 or 224).
+    eval_resize: int | None = None
+    #: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``) of the train / eval pipelines; ``null``:
+    #: the backbone's.
+    train_interpolation: str | None = None
+    eval_interpolation: str | None = None
+    #: Where the train-time augmentation runs: ``true`` on whole uint8 batches on the training device
+    #: (:mod:`cl_bench.data.batch_transforms`), ``false`` image by image in the data loader, ``null`` (auto):
+    #: on the device when it is a GPU and the images have one fixed size.
+    on_device: bool | None = None
+
+
+@dataclass
+class DebugConfig:
+    """Debug runs (``debug=smoke``, :mod:`cl_bench.debug`): marked in results.json, left out of reports."""
+
+    #: A smoke run: checks that a preset runs end to end; its numbers mean nothing.
+    smoke: bool = False
+    #: Keep only the first N train and N test images of each class (``null``: all).
+    samples_per_class: int | None = None
+    #: A backbone whose weights cannot be loaded (no file, no network) starts from random weights instead of
+    #: stopping the run (allowed in smoke runs only).
+    random_weights_if_missing: bool = False
 
 
 @dataclass
@@ -171,7 +249,10 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 0
+    #: No progress display (neither the terminal status line nor the per-epoch log lines).
+    quiet: bool = False
     #: Save the final model state (``final_model.pt``) in the run folder.
     save_model: bool = True
     #: Write ``checkpoint.pt`` after every task so that an interrupted run can resume (deleted at the end).

@@ -9,13 +9,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cl_bench import debug
 from cl_bench.config import TrainerConfig, build_from_config
 from cl_bench.data.base import ClassificationData, TaskDataset
-from cl_bench.data.transforms import build_transforms
+from cl_bench.data.batch_transforms import BatchAugment, build_input_pipeline
 from cl_bench.devices import autocast_dtype, reset_peak_memory, select_device
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.scenario import Scenario, Task, build_scenario
+from cl_bench.threads import configure_threads
 
 
 @dataclass
@@ -53,7 +55,11 @@ class Experiment:
 
 
 def task_datasets(
-    data: ClassificationData, scenario: Scenario, train_tf: Any, eval_tf: Any
+    data: ClassificationData,
+    scenario: Scenario,
+    train_tf: Any,
+    eval_tf: Any,
+    batch_tf: BatchAugment | None = None,
 ) -> tuple[list[TaskDataset], list[TaskDataset], list[TaskDataset]]:
     """Per task: train images (train transform), the same with the eval transform, and test images."""
     label_map = scenario.label_map
@@ -62,7 +68,7 @@ def task_datasets(
         classes = np.asarray(task.original_classes)
         train_idx = np.flatnonzero(np.isin(data.train.labels, classes))
         test_idx = np.flatnonzero(np.isin(data.test.labels, classes))
-        train.append(TaskDataset(data.train, train_idx, label_map, train_tf))
+        train.append(TaskDataset(data.train, train_idx, label_map, train_tf, batch_tf))
         train_eval.append(TaskDataset(data.train, train_idx, label_map, eval_tf))
         test.append(TaskDataset(data.test, test_idx, label_map, eval_tf))
     return train, train_eval, test
@@ -72,21 +78,26 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     """Data, backbone, method, scenario, transforms, datasets and evaluator of ``cfg``, in that order (the
     order draws the same random numbers in every run of the config)."""
     trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+    trainer.num_workers = configure_threads(
+        trainer.threads, trainer.concurrent_jobs, trainer.num_workers
+    ).num_workers
     data: ClassificationData = build_from_config("dataset", cfg.dataset)
     data.name = cfg.dataset.get("name", data.name)
-    backbone = build_from_config("backbone", cfg.backbone)
+    data = debug.subset_per_class(data, cfg.debug.samples_per_class)
+    backbone = debug.build_backbone(cfg)
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
     split = build_scenario(cfg.scenario, data.num_classes)
     scenario = split.merged() if method.capabilities.single_task else split
-    train_tf, eval_tf = build_transforms(backbone.data_config, cfg.transform, data.hflip_invariant)
-    train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf)
-
     device = select_device(trainer.accelerator)
+    pipeline = build_input_pipeline(backbone.data_config, cfg.transform, data, device)
+    method.batch_transform = pipeline.batch
+    train_tf, eval_tf = pipeline.train, pipeline.eval
+    train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf, pipeline.batch)
     reset_peak_memory(device)
     amp_dtype = autocast_dtype(trainer.precision, device)
     evaluator = Evaluator(
         scenario,
-        test_sets,
+        debug.limit_eval(test_sets, trainer.limit_eval_batches, trainer.eval_batch_size),
         batch_size=trainer.eval_batch_size,
         num_workers=trainer.num_workers,
         autocast_dtype=amp_dtype,
@@ -94,6 +105,8 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     )
     external: dict[str, Any] = {"data": data, "data.train": data.train, "data.test": data.test}
     external.update({"train_transform": train_tf, "eval_transform": eval_tf})
+    if pipeline.batch is not None:  # a resumed method's batch_transform is this run's
+        external["batch_transform"] = pipeline.batch
     for name, sets in (("train", train_sets), ("train_eval", train_eval_sets), ("test", test_sets)):
         external.update({f"{name}_set[{i}]": ds for i, ds in enumerate(sets)})
     return Experiment(

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ import pytorch_lightning as pl
 import torch
 
 from cl_bench.config import TrainerConfig
+from cl_bench.debug import trainer_options
 from cl_bench.errors import ConfigError, TrainingDivergedError
 from cl_bench.methods.base import ContinualModule, HeadTraining, Phase, TaskContext
+from cl_bench.modules.feature_fit import fit_on_features
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ class EpochLossLogger(pl.Callback):
         self.phase = phase
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self.record({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    def record(self, values: dict[str, float]) -> None:
         self.log_epoch({**values, "train/task": self.task})
 
 
@@ -59,6 +63,7 @@ class HeadFit(pl.LightningModule):
         self.head = training.head
         self.training_spec = training
         self.phase_name = phase.name
+        self.loss_name = "train/loss" if phase.name == "train" else f"train/{phase.name}_loss"
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features, labels = batch
@@ -68,8 +73,7 @@ class HeadFit(pl.LightningModule):
                 f"the {self.phase_name} loss became {loss.item()} in epoch {self.current_epoch}, batch "
                 f"{batch_idx}; lower that phase's learning rate or check its inputs"
             )
-        name = "train/loss" if self.phase_name == "train" else f"train/{self.phase_name}_loss"
-        self.log(name, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(self.loss_name, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -82,13 +86,18 @@ class HeadFit(pl.LightningModule):
 
 
 def make_trainer(
-    trainer_cfg: TrainerConfig, epochs: int, run_dir: Path, callbacks: list[pl.Callback]
+    trainer_cfg: TrainerConfig,
+    epochs: int,
+    run_dir: Path,
+    callbacks: list[pl.Callback],
+    profile_name: str = "fit",
 ) -> pl.Trainer:
-    """The Lightning Trainer of one phase: every phase of every method is fitted by one of these."""
+    """The Lightning Trainer of one phase: every phase of every method is fitted by one of these;
+    ``profile_name`` names its profiler report (:func:`cl_bench.debug.trainer_options`)."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):  # its info lines: noise here
         logging.getLogger(name).setLevel(logging.WARNING)
     return pl.Trainer(
-        max_epochs=epochs,
+        **trainer_options(trainer_cfg, epochs, run_dir, profile_name),
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
@@ -129,6 +138,33 @@ def trainable_only(method: ContinualModule, phase: Phase) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+#: Trainer precisions the head-only fast path reproduces, with their autocast dtype.
+FAST_PATH_PRECISIONS: dict[str, torch.dtype | None] = {
+    "32-true": None,
+    "32": None,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+}
+
+
+def head_fast_path(phase: Phase, trainer_cfg: TrainerConfig) -> bool:
+    """Whether ``phase`` trains by :func:`fit_on_features` instead of a Lightning fit: a head-only phase,
+    ``trainer.head_fast_path``, one process, a precision the plain loop reproduces and none of the Lightning
+    knobs it does not (batch limit, clipping, accumulation, profiler)."""
+    return (
+        phase.head_only
+        and trainer_cfg.head_fast_path
+        and trainer_cfg.limit_train_batches is None
+        and trainer_cfg.gradient_clip_val is None
+        and trainer_cfg.accumulate_grad_batches == 1
+        and trainer_cfg.profiler is None
+        and str(trainer_cfg.precision) in FAST_PATH_PRECISIONS
+        and trainer_cfg.devices in (1, "1")
+        and trainer_cfg.num_nodes == 1
+        and trainer_cfg.strategy == "auto"
+    )
+
+
 def run_phase(
     method: ContinualModule,
     phase: Phase,
@@ -137,11 +173,16 @@ def run_phase(
     run_dir: Path,
     callbacks: list[pl.Callback],
 ) -> None:
-    """Fit ``phase`` with Lightning: the method itself, or a :class:`HeadFit` for a head-only phase
-    (``phase.head_only``: a head on in-memory features; a head-only fast path without Lightning plugs in
-    here, in place of that fit)."""
-    trainer = make_trainer(trainer_cfg, phase.epochs, run_dir, callbacks)
-    processes = trainer.world_size
+    """Fit ``phase``: the method itself with Lightning, or a :class:`HeadFit` for a head-only phase
+    (``phase.head_only``: a head on in-memory features), by the head-only fast path
+    (:func:`~cl_bench.modules.feature_fit.fit_on_features`: the same optimiser, schedule, batches and
+    weights, no Lightning fit) where :func:`head_fast_path` allows, else with Lightning."""
+    fast = head_fast_path(phase, trainer_cfg)
+    trainer = None
+    if not fast:
+        name = f"task_{ctx.task.index:02d}_{phase.name}"
+        trainer = make_trainer(trainer_cfg, phase.epochs, run_dir, callbacks, name)
+    processes = 1 if trainer is None else trainer.world_size
     batch_size = phase.batch_size
     if batch_size is not None:
         if batch_size % processes:
@@ -161,7 +202,19 @@ def run_phase(
         with trainable_only(method, phase), warnings.catch_warnings():
             for message in QUIET_LIGHTNING:
                 warnings.filterwarnings("ignore", message=message)
-            trainer.fit(module, train_dataloaders=loader)
+            if trainer is not None:
+                trainer.fit(module, train_dataloaders=loader)
+            else:
+                assert isinstance(module, HeadFit)
+                loggers = [c for c in callbacks if isinstance(c, EpochLossLogger)]
+
+                def record(_epoch: int, loss: float, name: str = module.loss_name) -> None:
+                    for logger in loggers:
+                        logger.record({name: loss})
+
+                dtype = FAST_PATH_PRECISIONS[str(trainer_cfg.precision)]
+                epochs = min(phase.epochs, trainer_cfg.max_epochs or phase.epochs)  # as trainer_options caps
+                fit_on_features(module, loader, epochs, dtype, on_epoch_end=record)
     finally:
         method.phase = None
 
@@ -173,16 +226,18 @@ def learn_task(
     device: torch.device,
     run_dir: Path,
     log_epoch: Callable[[dict[str, float]], None],
+    callbacks: Sequence[pl.Callback] = (),
 ) -> float:
-    """Task start hook, the method's phases (each one fit), task end hook; returns the seconds it took."""
+    """Task start hook, the method's phases (each one fit, with ``callbacks`` too), task end hook; returns
+    the seconds it took."""
     start = time.perf_counter()
     method.on_task_start(ctx)
     method.to(device)  # after on_task_start: parameters it created move too
     for phase in method.phases(ctx):
         if not phase.trains:
             continue
-        callbacks: list[pl.Callback] = [EpochLossLogger(log_epoch, ctx.task.index, phase.name)]
-        run_phase(method, phase, ctx, trainer_cfg, run_dir, callbacks)
+        phase_callbacks = [EpochLossLogger(log_epoch, ctx.task.index, phase.name), *callbacks]
+        run_phase(method, phase, ctx, trainer_cfg, run_dir, phase_callbacks)
         method.to(device)
     method.on_task_end(ctx)
     return time.perf_counter() - start

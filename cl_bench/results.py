@@ -13,7 +13,9 @@
 * ``task_time_s``: wall seconds per task (training plus task-end work, evaluation excluded).
 * ``peak_mem_mb``: peak GPU memory allocated if a GPU was used, else the process's peak resident memory.
 * ``status``: ``complete``, or ``incomplete`` while running or after an error (the rows so far are kept).
-* ``config``: the resolved run config.
+* ``error``: what stopped the run (``"TypeError: ..."``, the first line first), ``null`` otherwise.
+* ``config``: the resolved run config (``config.debug.smoke`` is true for a smoke run, whose numbers mean
+  nothing).
 
 Every write goes to a temporary file that then replaces the old one, so a crash never leaves a torn file.
 """
@@ -43,6 +45,7 @@ RESULT_KEYS = (
     "task_time_s",
     "peak_mem_mb",
     "status",
+    "error",
     "config",
 )
 RESULTS_FILE = "results.json"
@@ -77,6 +80,7 @@ def build_results(
     status: str,
     config: dict[str, Any],
     extra_rows: dict[str, Sequence[Sequence[float]]] | None = None,
+    error: str | None = None,
 ) -> dict[str, Any]:
     """The ``results.json`` document for the rows finished so far (metrics are ``null`` with no rows)."""
     n_tasks = len(task_sizes)
@@ -95,6 +99,7 @@ def build_results(
         "task_time_s": [float(t) for t in task_time_s],
         "peak_mem_mb": float(peak_mem_mb),
         "status": status,
+        "error": error,
         "config": config,
     }
     assert tuple(doc) == RESULT_KEYS

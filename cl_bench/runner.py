@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from cl_bench import distributed
+from cl_bench import debug, distributed
 from cl_bench.checkpointing import (
     CHECKPOINT_FILE,
     RunCheckpoint,
@@ -42,7 +43,7 @@ from cl_bench.evaluation import EvaluationRows
 from cl_bench.experiment import Experiment, build_experiment, tracker_config
 from cl_bench.learning import learn_task
 from cl_bench.methods.base import ContinualModule
-from cl_bench.metrics import mean_task_accuracy
+from cl_bench.progress import RunProgress
 from cl_bench.results import RESULTS_FILE, build_results, write_results
 from cl_bench.run_folder import (
     FINAL_MODEL_FILE,
@@ -53,12 +54,9 @@ from cl_bench.run_folder import (
     write_config,
     write_environment,
 )
-from cl_bench.tracking import WandbTracker
+from cl_bench.tracking import Tracker, build_tracker
 
 log = logging.getLogger(__name__)
-
-#: Metrics stored in the W&B run summary.
-FINAL_METRICS = ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb")
 
 
 @dataclass
@@ -101,6 +99,7 @@ def check_process_layout(cfg: DictConfig) -> None:
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
     validate_config(cfg)
+    debug.check_options(cfg)
     check_process_layout(cfg)
     if not distributed.is_main_process():
         return _follow(cfg)
@@ -161,11 +160,11 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         set_rng_state(checkpoint.rng)
         log.info("resuming after task %d of %d", checkpoint.tasks_done, len(exp.scenario.tasks))
     log_start(cfg, exp, run_dir)
-    logger_cfg = cfg.logger if main else OmegaConf.merge(cfg.logger, {"mode": "disabled"})
-    tracker = WandbTracker(logger_cfg, run_dir, tracker_config(cfg, config), run_id=run_id)
+    tracker = build_tracker(cfg, run_dir, tracker_config(cfg, config), run_id=run_id, enabled=main)
+    progress = RunProgress.for_run(cfg, [len(s) for s in exp.train_sets], enabled=main)
     tasks = exp.scenario.tasks
 
-    def document(status: str) -> dict[str, Any]:
+    def document(status: str, error: str | None = None) -> dict[str, Any]:
         return build_results(
             state.acc_rows,
             state.til_rows,
@@ -176,20 +175,31 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
             status,
             config,
             state.extra_rows,
+            error,
         )
 
-    status = "incomplete"
+    status, error = "incomplete", None
     try:
         for task in tasks[len(state.acc_rows) :]:
             ctx = exp.task_context(task)
-            seconds = learn_task(method, ctx, exp.trainer, exp.device, run_dir, tracker.log_train_epoch)
+            start = time.perf_counter()
+            seconds = learn_task(
+                method,
+                ctx,
+                exp.trainer,
+                exp.device,
+                run_dir,
+                tracker.log_train_epoch,
+                [progress.callback(task.index)],
+            )
             state.task_time_s.append(seconds)
             rows = exp.evaluator.evaluate_rows(method, task.index)
             state.record(rows, exp.scenario.task_incremental)
             doc = document("incomplete")
             if main:
                 write_results(run_dir, doc)
-            log_task(tracker, doc, rows, task.index, len(tasks), seconds)
+            log_task(tracker, doc, task.index, len(tasks), seconds)
+            progress.task_done(task.index, time.perf_counter() - start)
             if main and cfg.save_checkpoints and task.index + 1 < len(tasks):
                 checkpoint_run(run_dir, method, state, tracker, config, exp.external)
         if main and cfg.save_model:
@@ -197,8 +207,12 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
         status = "complete"
         if main:
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    except BaseException as exc:
+        error = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        raise
     finally:
-        doc = document(status)
+        progress.close()
+        doc = document(status, error)
         if main:
             write_results(run_dir, doc)
         if main and status != "complete":
@@ -207,7 +221,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume: bool) -
                 len(state.acc_rows),
                 run_dir / RESULTS_FILE,
             )
-        tracker.finish({k: doc[k] for k in FINAL_METRICS}, doc["acc_matrix"], status)
+        tracker.finish(doc, status, error)
     return doc
 
 
@@ -226,9 +240,7 @@ def log_start(cfg: DictConfig, exp: Experiment, run_dir: Path) -> None:
     )
 
 
-def log_task(
-    tracker: WandbTracker, doc: dict[str, Any], rows: EvaluationRows, task: int, n_tasks: int, seconds: float
-) -> None:
+def log_task(tracker: Tracker, doc: dict[str, Any], task: int, n_tasks: int, seconds: float) -> None:
     """The console line and the tracker's metrics after task ``task``."""
     task_acc = doc["acc_matrix"][-1][task]
     log.info(
@@ -239,26 +251,14 @@ def log_task(
         doc["last_acc"],
         seconds,
     )
-    tracker.log_task(
-        task,
-        {
-            "acc_after_task": doc["last_acc"],
-            "mean_task_acc": mean_task_accuracy(doc["acc_matrix"][: task + 1], task),
-            "task_acc": task_acc,
-            "forgetting": doc["avg_forgetting"],
-            "bwt": doc["bwt"],
-            "task_time_s": seconds,
-            # the mean over seen tasks of each extra metric, e.g. task_selection_acc
-            **{name: sum(row) / len(row) for name, row in rows.extra.items()},
-        },
-    )
+    tracker.log_task(task, doc)
 
 
 def checkpoint_run(
     run_dir: Path,
     method: ContinualModule,
     state: RunState,
-    tracker: WandbTracker,
+    tracker: Tracker,
     config: dict[str, Any],
     external: dict[str, Any],
 ) -> None:

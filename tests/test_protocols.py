@@ -23,7 +23,7 @@ def options(group: str) -> list[str]:
 PROTOCOLS = options("protocol")
 METHODS = options("method")
 #: Methods that need a ViT (PET modules, LoRA) or LayerNorms, and those that need conv + BatchNorm.
-VIT_ONLY = {"aper", "ranpac", "safe", "slca_pp", "lnt"}
+VIT_ONLY = {"aper", "ranpac", "safe", "slca_pp", "lnt", "l2p", "dualprompt", "coda_prompt", "ease"}
 CNN_ONLY = {"confit"}
 
 

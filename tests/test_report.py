@@ -3,6 +3,8 @@ writes, and the HTML page in a real headless browser."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import statistics
@@ -31,10 +33,15 @@ def config(
     }
 
 
-def write_run(folder: Path, rows: list[list[float]], cfg: dict, status: str = "complete") -> Path:
+def write_run(
+    folder: Path, rows: list[list[float]], cfg: dict, status: str = "complete", error: str | None = None
+) -> Path:
     """A run folder as the runner leaves it: results.json, the CSVs and config.yaml."""
     folder.mkdir(parents=True)
-    doc = build_results(rows, rows, [10, 10], [0, 1, 2, 3], [1.0] * len(rows), 100.0, status, cfg)
+    til = [[min(v + 10.0, 100.0) for v in row] for row in rows]
+    doc = build_results(
+        rows, til, [10, 10], [0, 1, 2, 3], [60.0] * len(rows), 100.0, status, cfg, None, error
+    )
     write_results(folder, doc)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     (folder / "environment.json").write_text("{}")
@@ -91,7 +98,7 @@ def test_failed_incomplete_and_missing_runs_are_listed_not_averaged(sweep: Path,
     )
     report = write_report([str(sweep)], tmp_path / "out", "cmd")
     problems = "\n".join(report.problems)
-    assert "stopped: incomplete: 1 of 2 tasks finished" in problems
+    assert "stopped: incomplete after 1 of 2 tasks" in problems
     assert "crashed: failed before its first task ended" in problems
     assert "never ran: seed=7" in problems and "never ran: seed=8" not in problems
     assert len(report.problems) == 3
@@ -105,12 +112,12 @@ def test_files_are_written_and_the_page_is_self_contained(sweep: Path, tmp_path:
     out = tmp_path / "out"
     write_report([str(sweep)], out, "cmd")
     pngs = sorted((out / "figures").glob("*.png"))
-    assert len(pngs) == 3  # one curve figure + one heatmap per method
+    assert len(pngs) == 4  # one bar chart, one curve figure, one heatmap per method
     assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs)
     page = (out / "index.html").read_text()
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert "<link" not in page and "<script" not in page
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<link" not in page and "<script src" not in page and "http" not in page.split("<script>")[1]
     md = (out / "report.md").read_text()
     for target in re.findall(r"\]\(([^)]+)\)", md):  # figures and config links resolve from DIR
         assert (out / target).is_file(), target
@@ -126,30 +133,153 @@ def test_cli_errors_and_summary(sweep: Path, tmp_path: Path, capsys) -> None:
     assert "2 complete run(s) in 1 cell(s)" in capsys.readouterr().out
 
 
+def test_out_defaults_to_report_in_the_current_folder(
+    sweep: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    main([str(sweep)])
+    assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "report.md").is_file()
+    assert "wrote report/index.html" in capsys.readouterr().out
+
+
+def test_the_same_run_folder_reached_twice_counts_once(sweep: Path, tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(sweep)
+    report = build_report([str(sweep), str(sweep / "seq_0_1993"), str(tmp_path / "link")], tmp_path / "out")
+    bench = report.benchmarks[0]
+    assert len(report.runs) == 8 and len(report.cells[(bench, "seq_ft")]) == 6
+
+
+def test_metrics_columns_til_bwt_time_memory(sweep: Path, tmp_path: Path) -> None:
+    write_report([str(sweep)], tmp_path / "out", "cmd")
+    md = (tmp_path / "out" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| benchmark | method | runs |"))
+    for title in ("Backward transfer", "TIL last accuracy", "Time (min)", "Peak memory (MB)"):
+        assert title in header
+    row = next(
+        line for line in md.splitlines() if line.startswith("| digits") and "| linear_probe | 2 |" in line
+    )
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # linear_probe: last rows [70, 60] and [71, 60]; TIL = +10 capped at 100 -> (80+70)/2 and (81+70)/2
+    assert cells[3] == mean_std([65.0, 65.5])  # last acc
+    assert cells[6] == mean_std([-20.0, -19.0])  # BWT: (acc[1][0] - acc[0][0])
+    assert cells[7] == mean_std([75.0, 75.5])  # TIL last accuracy
+    assert cells[8] == "2.00 ± 0.00"  # 2 tasks x 60 s
+    assert cells[9] == "100.00 ± 0.00"
+
+
+def test_failed_runs_show_their_first_error_line(sweep: Path, tmp_path: Path) -> None:
+    write_run(
+        sweep / "oom", [[10.0]], config(seed=5), "incomplete", "OutOfMemoryError: CUDA out of memory\nTrace"
+    )
+    early = sweep / "early"
+    (early / ".hydra").mkdir(parents=True)
+    (early / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config(seed=6)))
+    (early / "cli.log").write_text(
+        "[2026-01-01 10:00:00,000][cl_bench][INFO] - start\n"
+        "[2026-01-01 10:00:01,000][cl_bench][ERROR] - dataset.path=/x: no such file\n"
+    )
+    problems = "\n".join(build_report([str(sweep)], tmp_path / "out").problems)
+    assert "oom: failed after 1 of 2 tasks: OutOfMemoryError: CUDA out of memory" in problems
+    assert "Trace" not in problems
+    assert (
+        "early: failed before its first task ended (no results.json): dataset.path=/x: no such file"
+        in problems
+    )
+
+
+def test_malformed_inputs_are_listed_never_a_crash(sweep: Path, tmp_path: Path, capsys) -> None:
+    bad = {
+        "torn": "{not json",
+        "list": "[1, 2]",
+        "no_matrix": json.dumps({"status": "complete", "config": {}}),
+        "strings": json.dumps(
+            {**json.loads((sweep / "lp_0" / "results.json").read_text()), "last_acc": "high"}
+        ),
+    }
+    for name, text in bad.items():
+        (sweep / name).mkdir()
+        (sweep / name / "results.json").write_text(text)
+    (sweep / "badyaml" / ".hydra").mkdir(parents=True)
+    (sweep / "badyaml" / ".hydra" / "config.yaml").write_text("a: [unclosed")
+    (sweep / "multirun.yaml").write_text("hydra: [")
+    main([str(sweep), str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert "8 complete run(s)" in capsys.readouterr().out
+    problems = (tmp_path / "o" / "report.md").read_text()
+    assert "torn: unreadable results.json" in problems
+    assert "list: malformed results.json: not a JSON object" in problems
+    assert "no_matrix: malformed results.json: acc_matrix is missing" in problems
+    assert "strings: malformed results.json: last_acc is missing or not a number" in problems
+    assert "badyaml: unreadable config.yaml" in problems
+    assert "multirun.yaml: unreadable sweep file" in problems
+    assert "nowhere: no such run or sweep folder" in problems
+
+
+def test_smoke_runs_are_listed_but_never_in_the_tables(sweep: Path, tmp_path: Path) -> None:
+    write_run(sweep / "smoke", [[99.0], [99.0, 99.0]], {**config(seed=4), "debug": {"smoke": True}})
+    report = write_report([str(sweep)], tmp_path / "out", "cmd")
+    bench = report.benchmarks[0]
+    assert len(report.cells[(bench, "seq_ft")]) == 6 and not report.problems
+    assert "99.00" not in (tmp_path / "out" / "report.md").read_text().split("## Runs\n")[0]
+    assert "complete (smoke run, not in the tables)" in (tmp_path / "out" / "report.md").read_text()
+
+
 def chromium_executable() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.slow
-def test_page_renders_in_headless_chromium(sweep: Path, tmp_path: Path) -> None:
-    """Debian's chromium driven by Playwright: tables have the methods' rows, every figure decodes."""
+def test_page_renders_and_sorts_and_filters_in_headless_chromium(sweep: Path, tmp_path: Path) -> None:
+    """Debian's chromium driven by Playwright: tables have the methods' rows, every figure decodes, a click on
+    a header sorts the rows (again: the other way), typing in a filter box hides the other rows. In CI (the
+    CI variable set) a missing browser fails the test instead of skipping it."""
     executable = chromium_executable()
     if executable is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); the page test needs a browser")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+        message = "no chromium on PATH (Debian: apt-get install chromium); the page test needs a browser"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("playwright is not installed (it is in the dev extra)")
+        pytest.skip("playwright is in the dev extra")
     out = tmp_path / "out"
-    report = write_report([str(sweep)], out, "cmd")
+    report = write_report([str(sweep), str(sweep.parent / "other")], out, "cmd")
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=[*flags, "--no-first-run"])
         page = browser.new_page(viewport={"width": 1200, "height": 900})
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
         page.goto((out / "index.html").as_uri())
         rows = page.locator("#table-last_acc tr.method-row th").all_inner_texts()
         images = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
         run_rows = page.locator("#runs tr.run-row").count()
+
+        def column(table: str, index: int) -> list[str]:
+            return page.locator(f"#{table} tbody tr").evaluate_all(
+                f"rows => rows.filter(r => !r.hidden).map(r => r.cells[{index}].textContent)"
+            )
+
+        last_acc_col = 1  # methods x benchmarks: one benchmark column
+        page.click("#table-last_acc thead th >> nth=1")
+        ascending = column("table-last_acc", last_acc_col)
+        page.click("#table-last_acc thead th >> nth=1")
+        descending = column("table-last_acc", last_acc_col)
+        page.click("#runs thead th >> text=seed")
+        seeds = column("runs", 2)
+        page.fill('input[data-table="runs"]', "linear_probe")
+        filtered = column("runs", 1)
         page.screenshot(path=str(out / "screenshot.png"), full_page=True)
         browser.close()
-    assert rows == report.methods == ["linear_probe", "seq_ft"]
-    assert images == [True, True, True]
-    assert run_rows == 8
+    assert rows == report.methods == ["linear_probe", "seq_ft (method.lr=0.01)", "seq_ft (method.lr=0.1)"]
+    means = [float(text.split()[0]) for text in ascending]
+    assert means == sorted(means) and len(means) == 3
+    assert [float(text.split()[0]) for text in descending] == sorted(means, reverse=True)
+    assert seeds == sorted(seeds, key=int)
+    assert filtered == ["linear_probe", "linear_probe"]
+    assert all(images) and len(images) == 5
+    assert run_rows == 9
+    assert all(url.startswith(("file:", "data:")) for url in requests)
     assert (out / "screenshot.png").stat().st_size > 10_000

@@ -52,7 +52,8 @@ def test_slca_preset_matches_the_official_config(benchmark: str) -> None:
     assert (m.ca_epochs, m.ca_samples_per_class, m.ca_batch_size, m.ca_logit_norm) == (5, 256, 256, tau)
     assert m.ca_mean_shrink and m.recall and m.reset_final_norm and m.loss_scope == "task"
     assert list(cfg.transform.mean) == (CIFAR_MEAN if benchmark == "cifar100" else IMAGENET_MEAN)
-    assert cfg.seed == 1 and str(cfg.transform.train) == "rrc_flip"
+    official_train = "resize_crop_flip" if benchmark in ("cub", "cars") else "rrc_flip"  # utils/data.py
+    assert cfg.seed == 1 and str(cfg.transform.train) == official_train
 
 
 @pytest.mark.parametrize("benchmark", list(BENCHMARKS))

@@ -97,7 +97,10 @@ class TaskDataset(Dataset):
         images: the split to draw from.
         indices: which images belong to this view.
         label_map: ``label_map[original_label]`` = position of the class in the class order.
-        transform: maps a uint8 ``[3,H,W]`` tensor to the model input.
+        transform: maps a uint8 ``[3,H,W]`` tensor to the model input (or, with ``batch_transform``, to a
+            uint8 image that collates).
+        batch_transform: completes ``transform`` on whole batches (``transform.on_device``); ``None``: the
+            items are model inputs already.
     """
 
     def __init__(
@@ -106,11 +109,13 @@ class TaskDataset(Dataset):
         indices: Sequence[int] | np.ndarray,
         label_map: np.ndarray,
         transform: Callable[[torch.Tensor], torch.Tensor],
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.images = images
         self.indices = np.asarray(indices, dtype=np.int64)
         self.targets = label_map[images.labels[self.indices]]
         self.transform = transform
+        self.batch_transform = batch_transform
 
     def __len__(self) -> int:
         return len(self.indices)

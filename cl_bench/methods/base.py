@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cl_bench import distributed
 from cl_bench.backbones.base import Backbone
+from cl_bench.data.batch_transforms import BatchAugment, augment_batch
 from cl_bench.errors import ConfigError, TrainingDivergedError
 from cl_bench.modules.heads import IncrementalLinearHead
 from cl_bench.scenario import Scenario, Task
@@ -214,6 +215,8 @@ class ContinualModule(pl.LightningModule):
     #: What the method's inference depends on (:class:`Capabilities`); methods whose capabilities change
     #: with their state (RanPAC's backbone freezes after task 0) override :attr:`capabilities` instead.
     CAPABILITIES: ClassVar[Capabilities] = Capabilities()
+    #: Augmentation of uint8 image batches on the device (``transform.on_device``; the runner sets it).
+    batch_transform: BatchAugment | None = None
     #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
     #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
     backbone_needs: ClassVar[frozenset[str]] = frozenset()
@@ -348,6 +351,10 @@ class ContinualModule(pl.LightningModule):
         return TensorDataset(features, labels)
 
     # ----------------------------------------------------------------- training
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning hook: uint8 image batches get the batch-level augmentation on the device."""
+        return augment_batch(self.batch_transform, batch)
+
     def task_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Restrict logits and targets to the classes the loss sees (``loss_scope``)."""
         assert self.task is not None

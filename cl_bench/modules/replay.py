@@ -130,7 +130,8 @@ class IndexedDataset(Dataset):
 
 def load_examples(dataset: TaskDataset, indices: Sequence[int]) -> torch.Tensor:
     """The images at ``indices`` of ``dataset``'s image source, through its (training) transform again."""
-    return torch.stack([dataset.transform(dataset.images.image(int(i))) for i in indices])
+    batch = torch.stack([dataset.transform(dataset.images.image(int(i))) for i in indices])
+    return batch if dataset.batch_transform is None else dataset.batch_transform(batch)
 
 
 def replayable(dataset: Dataset) -> TaskDataset:

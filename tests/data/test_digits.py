@@ -81,3 +81,15 @@ def test_test_fraction() -> None:
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ConfigError, match="test_fraction"):
             load_digits(test_fraction=bad)
+
+
+def test_read_digits_equals_scikit_learn() -> None:
+    """The bundled file read directly gives scikit-learn's images and labels exactly."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from cl_bench.data.digits import read_digits
+
+    images, labels = read_digits()
+    bunch = sklearn_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)

@@ -1,0 +1,168 @@
+"""Debug runs and the trainer knobs behind them, all from config.
+
+* ``debug=smoke`` (``cl_bench/conf/debug/smoke.yaml``): one epoch of two batches per training phase (each
+  Lightning fit of a task) on two images per class, no model files; checks that a preset runs end to end.
+  ``results.json`` says so (``config.debug.smoke``) and ``cl-bench-report`` leaves smoke runs out of its
+  tables.
+* ``debug.samples_per_class``: the first N train and N test images of each class (:func:`subset_per_class`).
+* ``debug.random_weights_if_missing`` (smoke runs only): a backbone whose weights cannot be loaded starts from
+  random weights (:func:`build_backbone`).
+* ``trainer.max_epochs``, ``trainer.limit_train_batches``, ``trainer.limit_eval_batches``,
+  ``trainer.gradient_clip_val``/``gradient_clip_algorithm``, ``trainer.accumulate_grad_batches`` and
+  ``trainer.profiler`` (:func:`trainer_options`, :func:`limit_eval`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cl_bench.data.base import ClassificationData, ImageSource, TaskDataset
+from cl_bench.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+PROFILERS = ("simple", "advanced", "pytorch")
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Reject bad debug and trainer knob values, naming the key, before anything is built."""
+    t = cfg.trainer
+    limit = t.limit_train_batches
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, int | float)
+        or limit <= 0
+        or (isinstance(limit, float) and limit > 1.0)
+    ):
+        raise ConfigError(
+            f"trainer.limit_train_batches={limit!r}: give a number of batches (an integer >= 1) or a "
+            "fraction of the loader in (0, 1], or null for all"
+        )
+    for key in ("max_epochs", "limit_eval_batches", "accumulate_grad_batches"):
+        if t[key] is not None and t[key] < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be at least 1 (or null)")
+    if t.gradient_clip_val is not None and t.gradient_clip_val <= 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={t.gradient_clip_val} must be > 0 (or null: no clipping)"
+        )
+    if t.gradient_clip_algorithm not in ("norm", "value"):
+        raise ConfigError(f"trainer.gradient_clip_algorithm={t.gradient_clip_algorithm!r}: use norm or value")
+    if t.profiler is not None and t.profiler not in PROFILERS:
+        raise ConfigError(f"trainer.profiler={t.profiler!r}: use {', '.join(PROFILERS)} or null")
+    d = cfg.debug
+    if d.samples_per_class is not None and d.samples_per_class < 1:
+        raise ConfigError(f"debug.samples_per_class={d.samples_per_class} must be at least 1 (or null: all)")
+    if d.smoke:
+        log.warning("SMOKE RUN (debug=smoke): a check that the run goes end to end, its numbers mean nothing")
+    if d.random_weights_if_missing and not d.smoke:
+        raise ConfigError(
+            "debug.random_weights_if_missing=true is for smoke runs only (debug=smoke): a real run with "
+            "random weights would look like a result"
+        )
+
+
+def trainer_options(trainer_cfg: Any, epochs: int, run_dir: Path, name: str) -> dict[str, Any]:
+    """Keyword arguments of a phase's ``pl.Trainer`` from ``trainer_cfg`` (a ``TrainerConfig``): ``epochs``
+    capped by ``trainer.max_epochs``, the batch limit, clipping, accumulation, and the profiler (its report
+    named ``name``). Lightning refuses clipping and accumulation for a module that steps its optimizers
+    itself (manual optimization), naming the key."""
+    t = trainer_cfg
+    options: dict[str, Any] = {"max_epochs": min(epochs, t.max_epochs or epochs)}
+    if t.limit_train_batches is not None:
+        options["limit_train_batches"] = t.limit_train_batches
+    if t.gradient_clip_val is not None:
+        options["gradient_clip_val"] = t.gradient_clip_val
+        options["gradient_clip_algorithm"] = t.gradient_clip_algorithm
+    if t.accumulate_grad_batches > 1:
+        options["accumulate_grad_batches"] = t.accumulate_grad_batches
+    if t.profiler is not None:
+        options["profiler"] = make_profiler(t.profiler, run_dir / "profiler", name)
+    return options
+
+
+def make_profiler(name: str, folder: Path, filename: str) -> Any:
+    """Lightning's ``simple``/``advanced`` profiler (a report in ``folder/<stage>-<filename>.txt``) or the
+    PyTorch profiler (its summary there too, and a Chrome trace to open in chrome://tracing or Perfetto)."""
+    from pytorch_lightning import profilers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "simple":
+        return profilers.SimpleProfiler(dirpath=folder, filename=filename)
+    if name == "advanced":
+        return profilers.AdvancedProfiler(dirpath=folder, filename=filename)
+    return profilers.PyTorchProfiler(dirpath=folder, filename=filename, export_to_chrome=True)
+
+
+class SubsetImages:
+    """Some images of an :class:`ImageSource`, in the given order (an ``ImageSource`` itself)."""
+
+    def __init__(self, images: ImageSource, indices: np.ndarray) -> None:
+        self.base = images
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = images.labels[self.indices]
+        self.source = f"{images.source} (subset of {len(self.indices)})"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.base.image(int(self.indices[index]))
+
+
+def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n`` images of every class, in their original order."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(len(labels)) - starts
+    return np.sort(order[rank < n])
+
+
+def subset_per_class(data: ClassificationData, n: int | None) -> ClassificationData:
+    """``data`` with only the first ``n`` train and ``n`` test images of each class (``None``: unchanged)."""
+    if n is None:
+        return data
+    train = SubsetImages(data.train, first_per_class(data.train.labels, n))
+    test = SubsetImages(data.test, first_per_class(data.test.labels, n))
+    log.info("debug.samples_per_class=%d: %d train and %d test images", n, len(train), len(test))
+    return replace(data, train=train, test=test)
+
+
+def limit_eval(test_sets: Sequence[TaskDataset], n_batches: int | None, batch_size: int) -> list[TaskDataset]:
+    """Each task's test set cut to at most ``n_batches * batch_size`` images, spread evenly over the set so
+    every class keeps some (``None``: unchanged)."""
+    if n_batches is None:
+        return list(test_sets)
+    limited = []
+    for ds in test_sets:
+        keep = n_batches * batch_size
+        if len(ds) > keep:
+            ds = copy.copy(ds)
+            chosen = np.linspace(0, len(ds.indices) - 1, keep).round().astype(np.int64)
+            ds.indices, ds.targets = ds.indices[chosen], ds.targets[chosen]
+        limited.append(ds)
+    return limited
+
+
+def build_backbone(cfg: DictConfig) -> Any:
+    """The backbone of ``cfg``; with ``debug.random_weights_if_missing`` a backbone whose weights cannot be
+    loaded is built again with random weights (``pretrained=false``, ``checkpoint=null``), loudly."""
+    from cl_bench.config import build_from_config
+
+    try:
+        return build_from_config("backbone", cfg.backbone)
+    except CheckpointError as exc:
+        if not cfg.debug.random_weights_if_missing:
+            raise
+        keys = {k: v for k, v in (("pretrained", False), ("checkpoint", None)) if k in cfg.backbone}
+        log.warning("SMOKE RUN WITH RANDOM BACKBONE WEIGHTS: %s", exc)
+        return build_from_config("backbone", OmegaConf.merge(cfg.backbone, keys))

@@ -1,0 +1,82 @@
+"""CPU threads of a run (``trainer.threads``): torch's intra-op pool, OpenMP/BLAS pools and data workers.
+
+Several runs on one machine (a local ``-m`` sweep, several sessions) each default to every core, so their
+thread pools oversubscribe the cores and identical epochs take anywhere between 1x and 15x as long (issue
+19). A run therefore takes ``trainer.threads`` threads; ``null`` means the ``OMP_NUM_THREADS`` of the
+environment when set, else the cores this process may use divided by ``trainer.concurrent_jobs`` (which
+``launcher=local`` sets to its ``n_jobs``; joblib's negative ``n_jobs`` count back from the core count).
+The number is applied to torch (``torch.set_num_threads``), to the OpenMP/BLAS pools already loaded
+(threadpoolctl), to the environment that child processes inherit (DDP processes, data workers), and it caps
+the data workers (``trainer.num_workers``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cl_bench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Environment variables that size the OpenMP/BLAS pools of processes started later.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    threads: int
+    num_workers: int
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def concurrent_runs(concurrent_jobs: int, cores: int) -> int:
+    """Runs at once: ``concurrent_jobs``, with joblib's convention for negative values (-1: one per core)."""
+    return concurrent_jobs if concurrent_jobs >= 1 else max(1, cores + 1 + concurrent_jobs)
+
+
+def resolve_threads(threads: int | None, concurrent_jobs: int) -> int:
+    """``trainer.threads`` made concrete (module docstring)."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"trainer.threads={threads} must be >= 1 (or null: cores / concurrent jobs)")
+        return threads
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) >= 1:
+        return int(from_env)
+    cores = available_cores()
+    return max(1, cores // concurrent_runs(concurrent_jobs, cores))
+
+
+def configure_threads(threads: int | None, concurrent_jobs: int, num_workers: int) -> ThreadPlan:
+    """Apply the run's thread count to torch, OpenMP/BLAS and child processes; the data workers it allows."""
+    n = resolve_threads(threads, concurrent_jobs)
+    torch.set_num_threads(n)
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:  # optional: torch's own pool and the environment are set anyway
+        pass
+    workers = min(num_workers, n)
+    if workers < num_workers:
+        log.warning(
+            "trainer.num_workers=%d exceeds this run's %d threads (trainer.threads): using %d data workers",
+            num_workers,
+            n,
+            workers,
+        )
+    log.info("%d CPU threads (torch, OpenMP/BLAS), %d data workers", n, workers)
+    return ThreadPlan(n, workers)
