@@ -361,3 +361,23 @@ def test_runner_writes_task_selection_accuracy_and_is_deterministic(run_tiny) ->
     assert (run_dir / f"{TASK_SELECTION}_matrix.csv").is_file()
     for key in ("acc_matrix", "til_acc_matrix", "extra_matrices"):
         assert first[key] == second[key], key
+
+
+def test_runner_runs_the_single_stage_variant(run_tiny) -> None:
+    doc, run_dir = run_tiny(
+        "dataset=fake",
+        "dataset.image_size=16",
+        "transform.input_size=16",
+        "backbone=timm",
+        "backbone.name=vit_tiny_patch16_224",
+        "backbone.pretrained=false",
+        "backbone.model_kwargs={img_size:16,patch_size:8,depth:1,embed_dim:32,num_heads:2}",
+        "method=lnt",
+        "method.stages=single",
+        "method.epochs=1",
+        "method.rectification_epochs=1",
+        "method.batch_size=16",
+        "trainer.drop_last=true",
+    )
+    assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+    assert TASK_SELECTION not in doc.get("extra_matrices", {})
