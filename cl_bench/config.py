@@ -121,6 +121,9 @@ class TrainerConfig:
     #: batches and result instead of a Lightning fit (:func:`cl_bench.learning.head_fast_path`).
     head_fast_path: bool = True
     eval_batch_size: int = 256
+    #: Drop the last partial training batch of every phase (``true``) or keep it (``false``); ``null``: each
+    #: method's official loader (ConFiT drops it, the others keep it).
+    drop_last: bool | None = None
     enable_progress_bar: bool = False
     log_every_n_steps: int = 10
     #: Cap on the epochs of every training phase, i.e. every Lightning fit (``null``: the phase's own);

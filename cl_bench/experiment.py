@@ -49,6 +49,7 @@ class Experiment:
             eval_batch_size=self.trainer.eval_batch_size,
             seed=self.seed,
             autocast_dtype=self.autocast_dtype,
+            drop_last=self.trainer.drop_last,
         )
 
 

@@ -194,7 +194,9 @@ def run_phase(
             )
         batch_size //= processes
     assert phase.data is not None
-    loader = ctx.loader(phase.data, batch_size, phase.shuffle, in_memory=phase.head_only)
+    loader = ctx.loader(
+        phase.data, batch_size, phase.shuffle, in_memory=phase.head_only, drop_last=phase.drop_last
+    )
     module = HeadFit(phase, phase.head_training) if phase.head_training is not None else method
     method.phase = phase
     try:

@@ -2,9 +2,10 @@
 Generalizability and Adaptivity are All You Need" (IJCV 2024, arXiv 2303.07338; code
 ``zhoudw-zdw/RevisitingCIL`` ``models/aper_*.py``; spec ``shared/research/methods_vit.md`` §5).
 
-* First task only: a PET module (adapter, SSF or deep VPT; :mod:`cl_bench.modules.peft`) is trained with a
-  cosine head and cross-entropy (``exps/aper_adapter/*.json``: SGD lr 0.01, momentum 0.9, weight decay
-  5e-4, batch 48, 20 epochs, cosine to 0), then frozen.
+* First task only: a PET module (adapter, SSF, deep VPT or shallow VPT, the code's ``vpt_type`` ``deep`` /
+  ``shallow``: ``peft=vpt`` / ``vpt_shallow``; :mod:`cl_bench.modules.peft`) is trained with a cosine head
+  and cross-entropy (``exps/aper_adapter/*.json``: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 48,
+  20 epochs, cosine to 0), then frozen.
 * The embedding is the concatenation ``[f_PTM(x), f_adapted(x)]`` of the pre-trained model and the adapted
   model (``MultiBranchCosineIncrementalNet``): here one backbone run twice, once with its PET modules off
   (:func:`~cl_bench.modules.peft.peft_disabled`), which is exactly the pre-trained model.

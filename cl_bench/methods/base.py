@@ -116,6 +116,9 @@ class Phase:
     #: Train one head alone on in-memory features instead of the method (see :class:`HeadTraining`).
     head_training: HeadTraining | None = None
     shuffle: bool = True
+    #: Drop the last partial batch of each epoch (ConFiT's official loader does); ``trainer.drop_last``
+    #: overrides it for every phase of a run.
+    drop_last: bool = False
 
     @property
     def head_only(self) -> bool:
@@ -146,6 +149,9 @@ class TaskContext:
     seed: int = 0
     #: Autocast dtype for inference passes (``trainer.precision``), the same as the evaluator's.
     autocast_dtype: torch.dtype | None = None
+    #: ``trainer.drop_last``: drop (or keep) every training phase's last partial batch; ``None``: each
+    #: phase's own choice (:attr:`Phase.drop_last`, the method's official loader).
+    drop_last: bool | None = None
     #: Each shuffled dataset (by id, kept alive with it) and its generator (:meth:`loader`).
     _shuffle_generators: dict[int, tuple[Dataset, torch.Generator]] = field(
         init=False, repr=False, default_factory=dict
@@ -156,11 +162,19 @@ class TaskContext:
         return torch.Generator(device=device).manual_seed(self.seed * 1000 + self.task.index)
 
     def loader(
-        self, dataset: Dataset, batch_size: int | None, shuffle: bool, in_memory: bool = False
+        self,
+        dataset: Dataset,
+        batch_size: int | None,
+        shuffle: bool,
+        in_memory: bool = False,
+        drop_last: bool = False,
     ) -> DataLoader:
         """A DataLoader. Shuffled ones draw from one generator per dataset, seeded by (seed, task) and
         continued by every later phase of the task on the same dataset, so each phase's order is repeatable.
-        ``in_memory``: tensors already made (maybe on the GPU): no worker processes, no pinning."""
+        ``in_memory``: tensors already made (maybe on the GPU): no worker processes, no pinning.
+        ``drop_last``: drop the last partial batch (unless :attr:`drop_last` overrides it; ignored for a
+        dataset yielding whole batches)."""
+        drop_last = drop_last if self.drop_last is None else self.drop_last
         generator = None
         if shuffle:
             _, generator = self._shuffle_generators.setdefault(id(dataset), (dataset, self.generator()))
@@ -170,6 +184,7 @@ class TaskContext:
             shuffle=shuffle,
             num_workers=0 if in_memory else self.num_workers,
             generator=generator,
+            drop_last=drop_last and batch_size is not None,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available() and not in_memory,
         )

@@ -18,6 +18,8 @@ The paper's body was not readable here; everything beyond its abstract follows t
   ``[E//2, E)`` everything. BN layers stay in train mode throughout (running statistics keep updating).
   As in the code, stage A always covers epoch 0 and a stage whose start is epoch 0 is skipped (E < 5
   has no BN-only stage; E = 1 trains the head only). ``stage_epochs=[b, c]`` sets other boundaries.
+* **Batches.** Each epoch drops its last partial batch, as the code's ``DataLoader(shuffle=True,
+  drop_last=True)`` (``trainer.drop_last=false`` keeps it).
 
 Ablations: ``xconv_bn=false`` is task-specific BN with the stored means; ``task_bn=false`` (which needs
 ``xconv_bn=false``) shares BN across tasks; ``hierarchical=false`` trains everything from epoch 0.
@@ -164,7 +166,14 @@ class ConFiT(ContinualModule):
             stage = self.stage(epoch)
             counts[stage] = counts.get(stage, 0) + 1
         return [
-            Phase(stage, epochs, ctx.train_set, self.batch_size, trainable=self.stage_parameters(stage))
+            Phase(
+                stage,
+                epochs,
+                ctx.train_set,
+                self.batch_size,
+                trainable=self.stage_parameters(stage),
+                drop_last=True,
+            )
             for stage, epochs in counts.items()
         ]
 

@@ -19,7 +19,7 @@ class FirstSessionPetl(ContinualModule):
     """A PET module trained with a cosine head on the first task only, then frozen with the backbone.
 
     Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; ``epochs`` are the first task's):
-        peft: ``adapter``, ``ssf``, ``vpt`` or ``none`` (no first-session training).
+        peft: ``adapter``, ``ssf``, ``vpt`` (deep), ``vpt_shallow`` or ``none`` (no first-session training).
         adapter_bottleneck, adapter_scale, adapter_dropout, prompt_tokens: PET sizes
             (:func:`~cl_bench.modules.peft.attach_peft`; official 64, 0.1, 0.1, 5).
         cosine_sigma: the initial scale of the first-session cosine head.

@@ -1,4 +1,4 @@
-"""LayerNorm tuning with task keys (two-stage variant).
+"""LayerNorm tuning with task keys (two-stage variant, and the single-stage variant: ``stages=single``).
 
 De Min, Mancini, Alahari, Alameda-Pineda, Ricci, "On the Effectiveness of LayerNorm Tuning for Continual
 Learning in Vision Transformers" (ICCV-W 2023, arXiv 2308.09610). Only the abstract of the paper could be
@@ -37,6 +37,22 @@ after the patch embedding can be shared with the tuned pass. With a task id (tas
 an oracle) only the tuned pass runs, with that task's set. :meth:`predict` returns ``t_hat`` so the
 evaluator reports the task-selection accuracy (official "Acc_Task").
 
+Single-stage variant (``stages=single``, official ``train_single.sh``: ``--method single_stage --unbiased
+--use_att``, §4.3-4.4): no frozen query pass and no key phase. Every LayerNorm has its own keys and attention
+vectors (:class:`~cl_bench.methods.task_keys.AttendedKeys`, orthogonal, official ``--use_att``). Phases:
+
+1. ``norms``, ``epochs``: set ``c`` in every LayerNorm (the ground-truth task), loss ``CE - S`` where ``S``
+   averages ``mean_b cos(a_c * x_b[CLS], k_c)`` over the LayerNorms (``x``: each one's input; a block's two
+   LayerNorms are averaged first, then the 12 blocks and the final norm: 13 terms), with gradients into the
+   features (official ``--detach_selection`` off); trains set ``c``, every layer's ``k_c`` and ``a_c`` and
+   ``fake_head``'s block ``c``;
+2. ``rectify`` as above, with features from the inference-time selection.
+
+At inference each LayerNorm selects, per image, ``argmax_{t<=c} cos(a_t * x[CLS], k_t)`` on its own input
+(one backbone pass). ``new_key`` defaults (``None``) to the official scripts': ``--new_key`` for two stages,
+copies of the previous task's keys and attention vectors for a single stage. There is no single chosen task
+per image, so no task-selection accuracy is reported (``selects_task`` is off).
+
 Deviations from the official code (each with the switch that restores it, where one exists):
 
 * the backbone stays in eval mode while training (the official LN stage calls ``model.train()``); the same
@@ -47,7 +63,8 @@ Deviations from the official code (each with the switch that restores it, where 
   front); each block starts as timm's ``init_weights_vit_timm`` initialises the official head (weights
   ``trunc_normal(std=0.02)``, bias 0; the pre-trained head is not loaded for a new number of classes), and
   ``fake_head``'s block starts equal to ``head``'s, as the official ``deepcopy``;
-* the single-stage variant (per-layer keys, ``--method single_stage``) is not implemented.
+* single stage: the per-layer query is the first token of the LayerNorm's input (timm ViT: [CLS], as the
+  official ``x[:, 0]``).
 """
 
 from __future__ import annotations
@@ -63,14 +80,15 @@ from torch import nn
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import Capabilities, ContinualModule, Phase, Prediction, TaskContext, freeze
-from cl_bench.methods.norm_sets import NormSets
+from cl_bench.methods.norm_sets import PER_LAYER, NormSets
 from cl_bench.methods.task_keys import KEY_INITS, TaskKeys
 from cl_bench.modules.heads import IncrementalLinearHead
 
 log = logging.getLogger(__name__)
 
 LN_INITS = ("previous", "pretrained")
-STAGES = ("keys", "norms", "rectify")
+#: The phases of each variant (``stages``).
+STAGES = {"two": ("keys", "norms", "rectify"), "single": ("norms", "rectify")}
 
 
 class LayerNormTuning(ContinualModule):
@@ -82,10 +100,13 @@ class LayerNormTuning(ContinualModule):
         batch_size: 128 (official).
         lr: learning rate of the key and LayerNorm stages: the official 0.005 scaled by batch/256 = 0.0025
             (ImageNet-R: 0.01 -> 0.005).
+        stages: ``two`` (``train_two.sh``: a key phase, then the LayerNorm phase) or ``single``
+            (``train_single.sh``: per-LayerNorm keys trained with the LayerNorms; module docstring).
         key_epochs: epochs of the key stage; ``None``: ``epochs`` (official, one ``epochs`` for both).
         key_init: ``orthogonal`` (official default) or ``uniform``.
         new_key: each task's key starts from its own initial row (official ``--new_key`` in ``train_two.sh``);
-            ``False``: from a copy of the previous key.
+            ``False``: from a copy of the previous key; ``None``: the official script's choice (two stages:
+            ``True``, single stage: ``False``).
         ln_init: ``previous``: set ``t`` starts as a copy of set ``t-1`` (official ``next_task``);
             ``pretrained``: from the pre-trained values.
         rectification_epochs: epochs of classifier rectification (official ``epochs_unbiased`` = 5);
@@ -106,9 +127,10 @@ class LayerNormTuning(ContinualModule):
         epochs: int = 5,
         batch_size: int = 128,
         lr: float = 0.0025,
+        stages: str = "two",
         key_epochs: int | None = None,
         key_init: str = "orthogonal",
-        new_key: bool = True,
+        new_key: bool | None = None,
         ln_init: str = "previous",
         rectification_epochs: int = 5,
         rectification_lr: float = 0.001,
@@ -118,6 +140,8 @@ class LayerNormTuning(ContinualModule):
         scheduler: str = "none",
         loss_scope: str = "task",
     ) -> None:
+        if stages not in STAGES:
+            raise ConfigError(f"method.stages={stages!r}: choose one of {list(STAGES)}")
         if key_init not in KEY_INITS:
             raise ConfigError(f"method.key_init={key_init!r}: choose one of {list(KEY_INITS)}")
         if ln_init not in LN_INITS:
@@ -143,16 +167,23 @@ class LayerNormTuning(ContinualModule):
         )
         freeze(self.backbone)
         self.norm_sets = NormSets(self.backbone)
+        self.stages = stages
         self.key_init = key_init
-        self.new_key = new_key
+        self.new_key = stages == "two" if new_key is None else new_key
         self.ln_init = ln_init
         self.rectification_lr = rectification_lr
         #: Epochs of each stage (phase).
         self.stage_epochs = {"keys": key_epochs, "norms": epochs, "rectify": rectification_epochs}
+        self.stage_names = STAGES[stages]
         #: Built at the first task, when the number of tasks (for the orthogonal keys) is known.
         self.keys: TaskKeys | None = None
         #: Trained with the LayerNorm sets when the head is rectified afterwards (official ``fake_head``).
         self.fake_head = IncrementalLinearHead(self.backbone.feat_dim) if rectification_epochs else None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The single stage selects per LayerNorm: no one chosen task per image to report."""
+        return self.CAPABILITIES if self.stages == "two" else Capabilities(task_conditioned=True)
 
     def eval_mode_modules(self) -> Iterable[nn.Module]:
         """The backbone stays in eval mode (dropout and drop-path off; the official rates are 0)."""
@@ -167,15 +198,21 @@ class LayerNormTuning(ContinualModule):
             raise RuntimeError(
                 f"tasks must be learned in order: task {index} after {self.norm_sets.num_sets}"
             )
-        if self.keys is None:
-            self.keys = TaskKeys(self.backbone.feat_dim, len(ctx.scenario.tasks), self.key_init)
+        if self.keys is None and self.norm_sets.layers[0].selector is None:  # the first task: build them
+            if self.stages == "two":
+                self.keys = TaskKeys(self.backbone.feat_dim, len(ctx.scenario.tasks), self.key_init)
+            else:
+                self.norm_sets.add_selectors(len(ctx.scenario.tasks), self.key_init)
             log.info(
                 "LayerNorm tuning: %d LayerNorms, %d parameters per task",
                 len(self.norm_sets.layers),
                 self.norm_sets.params_per_set,
             )
         self.norm_sets.add_set(None if index == 0 or self.ln_init == "pretrained" else index - 1)
-        self.keys.add_key(copy_previous=not self.new_key)
+        if self.keys is not None:
+            self.keys.add_key(copy_previous=not self.new_key)
+        else:
+            self.norm_sets.add_selector_keys(copy_previous=not self.new_key)
         new_block = self.head.blocks[-1]
         with torch.no_grad():  # timm's init_weights_vit_timm, as the official head
             nn.init.trunc_normal_(new_block.weight, std=0.02)
@@ -217,8 +254,12 @@ class LayerNormTuning(ContinualModule):
         with self.norm_sets.selected(task):
             return self.backbone(x)
 
-    def selected_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embedding with each image's key-selected set, and the selected tasks ``[B]``."""
+    def selected_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedding with each image's key-selected set, and the selected tasks ``[B]`` (single stage:
+        each LayerNorm's own selection, and ``None``)."""
+        if self.stages == "single":
+            with self.norm_sets.selected(PER_LAYER):
+                return self.backbone(x), None
         assert self.keys is not None, "no task has started yet"
         tasks = self.keys.select(self.query(x))
         return self.embed(x, tasks), tasks
@@ -236,8 +277,9 @@ class LayerNormTuning(ContinualModule):
 
     # ----------------------------------------------------------------- training
     def phases(self, ctx: TaskContext) -> list[Phase]:
-        """``keys``, ``norms``, ``rectify`` (module docstring, steps 1-3), all on the task's images, each
-        training only its own parameters (:meth:`param_groups`)."""
+        """``keys``, ``norms``, ``rectify`` (module docstring, steps 1-3; single stage: ``norms`` and
+        ``rectify``), all on the task's images, each training only its own parameters
+        (:meth:`param_groups`)."""
         return [
             Phase(
                 name,
@@ -246,32 +288,38 @@ class LayerNormTuning(ContinualModule):
                 self.batch_size,
                 trainable=self.stage_parameters(name),
             )
-            for name in STAGES
+            for name in self.stage_names
         ]
 
     def stage_parameters(self, stage: str) -> tuple[nn.Parameter, ...]:
-        """What ``stage`` trains: task ``c``'s key; task ``c``'s LayerNorm set and the trained head's block
-        (``fake_head`` if the head is rectified afterwards); ``head``'s trainable blocks."""
-        assert self.task is not None and self.keys is not None
+        """What ``stage`` trains: task ``c``'s key; task ``c``'s LayerNorm set (single stage: and every
+        LayerNorm's key and attention vector ``c``) and the trained head's block (``fake_head`` if the head is
+        rectified afterwards); ``head``'s trainable blocks."""
+        assert self.task is not None
         if stage == "keys":
+            assert self.keys is not None
             return (self.keys.keys[self.task.index],)
         head = self.head if self.fake_head is None or stage == "rectify" else self.fake_head
         trained = tuple(p for p in head.parameters() if p.requires_grad)
-        return trained if stage == "rectify" else (*self.norm_sets.parameters_of(self.task.index), *trained)
+        if stage == "rectify":
+            return trained
+        selectors = self.norm_sets.selector_parameters(self.task.index) if self.stages == "single" else []
+        return (*self.norm_sets.parameters_of(self.task.index), *selectors, *trained)
 
     def stage_loss(self, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of one training batch in ``stage`` (module docstring, steps 1-3)."""
-        assert self.task is not None and self.keys is not None
+        assert self.task is not None
         if stage == "keys":
+            assert self.keys is not None
             return self.keys.pull_loss(self.query(x), self.task.index)
         if stage == "norms":
             head = self.head if self.fake_head is None else self.fake_head
-            logits = head(self.embed(x, self.task.index))
-        else:
-            with torch.no_grad():
-                features, _ = self.selected_embedding(x)
-            logits = self.head(features)
-        logits, targets = self.task_logits(logits, y)
+            logits, targets = self.task_logits(head(self.embed(x, self.task.index)), y)
+            loss = F.cross_entropy(logits, targets)
+            return loss - self.norm_sets.mean_match() if self.stages == "single" else loss
+        with torch.no_grad():
+            features, _ = self.selected_embedding(x)
+        logits, targets = self.task_logits(self.head(features), y)
         return F.cross_entropy(logits, targets)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -9,7 +9,13 @@ frozen teacher in eval mode. Each training step on the new task's images minimis
 with the KL averaged over the batch, as Avalanche's ``LwF`` (``avalanche/training/regularization.py``;
 defaults ``alpha=1``, ``temperature=2``, no ``T^2`` factor). The KL has the gradients of Li & Hoiem's
 modified cross-entropy (it only subtracts the teacher's constant entropy), and is zero when the student
-reproduces the teacher. The teacher runs on the same augmented batch as the student.
+reproduces the teacher.
+
+Teacher inputs (``teacher_inputs``): ``unaugmented`` (default) records the teacher's logits once per task on
+the task's training images under the evaluation transform, before the ``train`` phase, and pairs each
+augmented training image with its own image's recorded logits: Li & Hoiem record ``Y_o`` for the new images
+before training, and Mammoth's ``lwf`` ``begin_task`` computes them on the not-augmented images.
+``augmented``: the teacher runs on the student's augmented batch at every step (Avalanche).
 
 Old head blocks:
 
@@ -20,15 +26,20 @@ Old head blocks:
   tasks (Li & Hoiem's multi-head ``L_old`` summed over old tasks, and Avalanche's per-task-head sum); the
   cross-entropy reaches only the new block, so old blocks move only under distillation (and weight decay).
 
-``warmup_epochs > 0`` first trains only the new task's head block for that many epochs on the frozen
-backbone (eval mode) with plain SGD at ``lr`` (no momentum or weight decay), as Mammoth's ``lwf``
-``begin_task`` and Li & Hoiem's warm-up step: a head-only phase ``warmup`` before the phase ``train``. Unlike
-Mammoth, which runs the backbone on augmented images every warm-up epoch, the features of the task's training
-images (evaluation transform) are computed once; each warm-up epoch draws a new order of them.
+Warm-up: before each task after the first, only the new task's head block is trained for
+``warmup_epochs`` epochs (default ``None``: ``epochs``, Mammoth's ``n_epochs``) on the frozen backbone (eval
+mode) with plain SGD at ``lr`` (no momentum or weight decay), as Mammoth's ``lwf`` ``begin_task`` and Li &
+Hoiem's warm-up step: a head-only phase ``warmup`` before the phase ``train`` (``warmup_epochs=0``: none, as
+Avalanche). The features of the task's training images are computed once; each warm-up epoch draws a new
+order of them.
 
 Defaults (``cl_bench/conf/method/lwf.yaml``): ``alpha`` 1 and ``temperature`` 2 (Avalanche; Li & Hoiem's
-``lambda_o = 1``, ``T = 2``), no warm-up (Avalanche; Mammoth warms up for its ``n_epochs``); the optimiser
-settings are the repository's ``seq_ft`` protocol.
+``lambda_o = 1``, ``T = 2``; Mammoth's ``alpha`` is 0.5), a warm-up of ``epochs`` epochs and un-augmented
+teacher inputs (Mammoth, Li & Hoiem); the optimiser settings are the repository's ``seq_ft`` protocol.
+
+Deviations: the warm-up's features and the recorded teacher logits use the evaluation transform (Mammoth's
+warm-up runs the backbone on augmented images every epoch; its teacher inputs are the not-augmented
+tensors).
 """
 
 from __future__ import annotations
@@ -39,11 +50,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import ContinualModule, HeadTraining, Phase, TaskContext
 from cl_bench.scenario import Task
+
+TEACHER_INPUTS = ("unaugmented", "augmented")
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,6 +65,23 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     log_student = F.log_softmax(student.float() / temperature, dim=1)
     target = F.softmax(teacher.float() / temperature, dim=1)
     return F.kl_div(log_student, target, reduction="batchmean")
+
+
+class WithTeacherLogits(Dataset):
+    """``(x, y, teacher_logits[i])`` for item ``i`` of ``dataset``: each image with its recorded logits."""
+
+    def __init__(self, dataset: Dataset, teacher_logits: torch.Tensor) -> None:
+        if len(dataset) != len(teacher_logits):  # type: ignore[arg-type]
+            raise ValueError("one row of teacher logits per training image is needed")
+        self.dataset = dataset
+        self.teacher_logits = teacher_logits
+
+    def __len__(self) -> int:
+        return len(self.teacher_logits)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, torch.Tensor]:
+        x, y = self.dataset[index]
+        return x, y, self.teacher_logits[index]
 
 
 class FrozenTeacher(nn.Module):
@@ -79,7 +110,9 @@ class LwF(ContinualModule):
         alpha: weight of the distillation term.
         temperature: softmax temperature ``T`` of both teacher and student.
         warmup_epochs: epochs of new-head-only training on frozen features before each task after the
-            first (0: none).
+            first (0: none; ``None``: ``epochs``).
+        teacher_inputs: ``unaugmented``: teacher logits recorded once per task on the evaluation-transform
+            images; ``augmented``: the teacher runs on each augmented training batch.
         (the rest as :class:`~cl_bench.methods.base.ContinualModule`)
     """
 
@@ -88,7 +121,8 @@ class LwF(ContinualModule):
         backbone: Backbone,
         alpha: float = 1.0,
         temperature: float = 2.0,
-        warmup_epochs: int = 0,
+        warmup_epochs: int | None = None,
+        teacher_inputs: str = "unaugmented",
         **base_args: Any,
     ) -> None:
         super().__init__(
@@ -99,11 +133,16 @@ class LwF(ContinualModule):
             raise ConfigError(f"method.alpha={alpha} must be >= 0")
         if temperature <= 0:
             raise ConfigError(f"method.temperature={temperature} must be > 0")
-        if warmup_epochs < 0:
-            raise ConfigError(f"method.warmup_epochs={warmup_epochs} must be >= 0")
+        if warmup_epochs is not None and warmup_epochs < 0:
+            raise ConfigError(f"method.warmup_epochs={warmup_epochs} must be >= 0 (or null: method.epochs)")
+        if teacher_inputs not in TEACHER_INPUTS:
+            raise ConfigError(
+                f"method.teacher_inputs={teacher_inputs!r}: choose one of {list(TEACHER_INPUTS)}"
+            )
         self.alpha = alpha
         self.temperature = temperature
-        self.warmup_epochs = warmup_epochs
+        self.warmup_epochs = self.epochs if warmup_epochs is None else warmup_epochs
+        self.teacher_inputs = teacher_inputs
         self.old_tasks: tuple[Task, ...] = ()
         # Kept in a tuple so that it is not a submodule: no optimiser, state_dict or train() reaches it.
         self._teacher: tuple[FrozenTeacher, ...] = ()
@@ -120,10 +159,18 @@ class LwF(ContinualModule):
         super().on_task_start(ctx)
 
     def phases(self, ctx: TaskContext) -> list[Phase]:
-        """``warmup`` (optional, tasks after the first), then ``train``."""
+        """``warmup`` (tasks after the first, ``warmup_epochs > 0``), then ``train``."""
         if not (self.old_tasks and self.warmup_epochs > 0 and self.epochs > 0):
             return list(super().phases(ctx))
         return [self.warmup_phase(ctx), *super().phases(ctx)]
+
+    def train_dataset(self, ctx: TaskContext) -> Dataset | None:
+        """The training images, each with its recorded teacher logits (``teacher_inputs=unaugmented``)."""
+        if self.teacher is None or self.teacher_inputs == "augmented" or self.epochs == 0:
+            return ctx.train_set
+        teacher = self.teacher.to(self.device)
+        logits, _ = self.extract_features(ctx, ctx.train_eval_set, embed=teacher)
+        return WithTeacherLogits(ctx.train_set, logits)
 
     def warmup_phase(self, ctx: TaskContext) -> Phase:
         """Only the new head block, on frozen-backbone features, cross-entropy over its classes, plain SGD."""
@@ -151,13 +198,15 @@ class LwF(ContinualModule):
             for t in self.old_tasks
         )  # type: ignore[return-value]
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """``batch``: ``(x, y)``, or ``(x, y, recorded teacher logits)`` (``teacher_inputs=unaugmented``)."""
+        x, y = batch[0], batch[1]
         logits = self.training_logits(x)
         ce = F.cross_entropy(*self.task_logits(logits, y))
         loss = ce
         if self.teacher is not None:
-            kd = self.distillation_loss(logits, self.teacher(x))
+            teacher_logits = batch[2] if len(batch) == 3 else self.teacher(x)
+            kd = self.distillation_loss(logits, teacher_logits)
             loss = ce + self.alpha * kd
             self.log("train/kd", kd, on_step=False, on_epoch=True, batch_size=len(y))
         self.check_finite(loss, batch_idx)

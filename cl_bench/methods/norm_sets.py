@@ -9,7 +9,13 @@ and the final ``norm``) in a :class:`TaskLayerNorm` and decides which affine set
 
 * ``None``: the pre-trained affine parameters (the frozen model, e.g. the query pass of task keys);
 * an ``int`` ``t``: set ``t`` for the whole batch (training, or inference with a known task);
-* a ``LongTensor`` ``[B]``: set ``tasks[i]`` for image ``i``, one batched pass for a mixed batch.
+* a ``LongTensor`` ``[B]``: set ``tasks[i]`` for image ``i``, one batched pass for a mixed batch;
+* :data:`PER_LAYER`: each layer picks, per image, the set whose keys
+  (:class:`~cl_bench.methods.task_keys.AttendedKeys`) match the first token of its own input best (the
+  single-stage variant, §4.3-4.4; needs :meth:`NormSets.add_selectors`).
+
+With selectors, a pass with one set ``t`` also records, per layer, ``mean_b cos(a_t * x_b[0], k_t)`` on the
+layer's input (:meth:`NormSets.mean_match`, the single-stage training term).
 
 Every set is its own pair of tensors per layer (``nn.ParameterList``), never a view of another: the official
 code builds its ``T x D`` tables with ``nn.Parameter(w.unsqueeze(0).expand(T, -1))``, whose rows alias one
@@ -29,8 +35,16 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
+from cl_bench.methods.task_keys import AttendedKeys
 
-Selection = int | torch.Tensor | None
+#: Each layer selects its own set from its input (module docstring).
+PER_LAYER = "per_layer"
+Selection = int | torch.Tensor | str | None
+
+
+def first_token(x: torch.Tensor) -> torch.Tensor:
+    """The query of a layer's input: the first token of ``[B, N, D]`` tokens (timm ViT: [CLS]), or ``x``."""
+    return x[:, 0] if x.dim() == 3 else x
 
 
 class TaskLayerNorm(nn.Module):
@@ -51,6 +65,10 @@ class TaskLayerNorm(nn.Module):
         self.biases = nn.ParameterList()
         #: Which affine parameters the next forward pass applies (module docstring).
         self.selection: Selection = None
+        #: The layer's own keys (single-stage variant; :meth:`NormSets.add_selectors`).
+        self.selector: AttendedKeys | None = None
+        #: The match of the last one-set pass with a selector (:meth:`NormSets.mean_match`).
+        self.match: torch.Tensor | None = None
 
     @property
     def num_sets(self) -> int:
@@ -73,6 +91,12 @@ class TaskLayerNorm(nn.Module):
         if selection is None:
             return self.pretrained(x)
         shape, eps = self.pretrained.normalized_shape, self.pretrained.eps
+        if isinstance(selection, str):
+            if self.selector is None:
+                raise RuntimeError("per-layer selection needs the layers' selectors (NormSets.add_selectors)")
+            selection = self.selector.select(first_token(x))
+        elif isinstance(selection, int) and self.selector is not None:
+            self.match = self.selector.match(first_token(x), selection)
         if isinstance(selection, int):
             return F.layer_norm(x, shape, self.weights[selection], self.biases[selection], eps)
         if selection.shape != (x.shape[0],):
@@ -132,6 +156,34 @@ class NormSets:
             layer.add_set(copy_from)
         return self.num_sets - 1
 
+    def add_selectors(self, num_tasks: int, init: str) -> None:
+        """Give every layer its own :class:`~cl_bench.methods.task_keys.AttendedKeys` for ``num_tasks``
+        tasks (a submodule of the layer, so of the backbone)."""
+        for layer in self.layers:
+            layer.selector = AttendedKeys(layer.pretrained.weight.numel(), num_tasks, init)
+
+    def add_selector_keys(self, copy_previous: bool) -> None:
+        """Every layer's next task key and attention vector (the older ones are frozen)."""
+        for layer in self.layers:
+            assert layer.selector is not None, "add_selectors() first"
+            layer.selector.add_key(copy_previous)
+
+    def selector_parameters(self, index: int) -> list[nn.Parameter]:
+        """Every layer's key and attention vector of task ``index``."""
+        return [p for layer in self.layers if layer.selector for p in layer.selector.parameters_of(index)]
+
+    def mean_match(self) -> torch.Tensor:
+        """The single-stage similarity term ``S`` of the last one-set pass, and forget it: the layers' matches
+        averaged within each parent module (a ViT block's ``norm1`` and ``norm2``), then over the parents
+        (12 blocks and the final norm: 13 terms, official ``forward_features_single_stage``)."""
+        groups: dict[str, list[torch.Tensor]] = {}
+        for name, layer in zip(self.names, self.layers, strict=True):
+            if layer.match is None:
+                raise RuntimeError(f"LayerNorm {name} recorded no match: run a one-set pass with selectors")
+            groups.setdefault(name.rpartition(".")[0], []).append(layer.match)
+            layer.match = None
+        return torch.stack([torch.stack(matches).mean() for matches in groups.values()]).mean()
+
     def parameters_of(self, index: int) -> list[nn.Parameter]:
         """Set ``index``'s scales then biases, in layer order."""
         return [layer.weights[index] for layer in self.layers] + [
@@ -140,6 +192,8 @@ class NormSets:
 
     def select(self, selection: Selection) -> None:
         """Make every wrapped layer apply ``selection`` (module docstring) from now on."""
+        if isinstance(selection, str) and selection != PER_LAYER:
+            raise ValueError(f"selection {selection!r}: the only named selection is {PER_LAYER!r}")
         if isinstance(selection, int) and not 0 <= selection < self.num_sets:
             raise IndexError(f"no set {selection} ({self.num_sets} sets)")
         if torch.is_tensor(selection):

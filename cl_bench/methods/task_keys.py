@@ -91,3 +91,50 @@ class TaskKeys(nn.Module):
         with float32(queries.device):
             key = F.normalize(self.keys[task].float(), dim=-1)
             return -(F.normalize(queries.float(), dim=-1) @ key).mean()
+
+
+class AttendedKeys(nn.Module):
+    """Keys with a per-task attention vector, matched as ``cos(a_t * q, k_t)``: one selector per LayerNorm of
+    LayerNorm tuning's single-stage variant (official ``WeightSelectionMechanism`` with ``--use_att``,
+    ``couple/blocks.py`` l.72-177; ``shared/research/methods_vit.md`` §4.3).
+
+    Keys and attention vectors are drawn as two independent ``T x D`` matrices (``init``, as
+    :class:`TaskKeys`); a new task's pair starts from its own rows, or (``copy_previous``, the official
+    single-stage script, which does not pass ``--new_key``) from a copy of the previous task's pair.
+    """
+
+    def __init__(self, dim: int, num_tasks: int, init: str = "orthogonal") -> None:
+        super().__init__()
+        self.keys = TaskKeys(dim, num_tasks, init)
+        self.attention = TaskKeys(dim, num_tasks, init)
+
+    @property
+    def num_keys(self) -> int:
+        return self.keys.num_keys
+
+    def add_key(self, copy_previous: bool = False) -> int:
+        """The next task's key and attention vector; the older ones are frozen."""
+        self.attention.add_key(copy_previous)
+        return self.keys.add_key(copy_previous)
+
+    def parameters_of(self, task: int) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.keys.keys[task], self.attention.keys[task]
+
+    def similarity(self, queries: torch.Tensor) -> torch.Tensor:
+        """``[B, num_keys]``: ``cos(a_t * q_b, k_t)`` for every task so far, in float32."""
+        with float32(queries.device):
+            attended = queries.float()[:, None, :] * self.attention.stacked().float()[None]
+            keys = F.normalize(self.keys.stacked().float(), dim=-1)
+            return (F.normalize(attended, dim=-1) * keys[None]).sum(dim=-1)
+
+    @torch.no_grad()
+    def select(self, queries: torch.Tensor) -> torch.Tensor:
+        """The most similar task per query, ``[B]`` (ties: the lowest index)."""
+        return self.similarity(queries).argmax(dim=1)
+
+    def match(self, queries: torch.Tensor, task: int) -> torch.Tensor:
+        """``mean_b cos(a_task * q_b, k_task)`` (differentiable in the queries, the key and the attention)."""
+        with float32(queries.device):
+            key, attention = self.parameters_of(task)
+            attended = F.normalize(queries.float() * attention.float(), dim=-1)
+            return (attended @ F.normalize(key.float(), dim=-1)).mean()

@@ -1,4 +1,4 @@
-"""Parameter-efficient tuning (PET) modules for timm ViTs: AdaptFormer adapters, SSF and deep VPT.
+"""Parameter-efficient tuning (PET) modules for timm ViTs: AdaptFormer adapters, SSF, deep and shallow VPT.
 
 Each module wraps a submodule of a :class:`~cl_bench.backbones.base.Backbone` in place (``Backbone.replace``),
 at the insertion points of the PET code that RanPAC, APER/ADAM and SAFE share (``petl/`` of
@@ -15,6 +15,9 @@ at the insertion points of the PET code that RanPAC, APER/ADAM and SAFE share (`
 * ``vpt``: deep VPT (Jia et al., ECCV 2022) as in the ``sagizty/VPT`` code those repositories use: before
   every block, ``prompt_tokens`` (5) learnable tokens are appended to the sequence and their outputs dropped
   after the block; prompts are zero-initialised (``Prompt_Tokens = nn.Parameter(torch.zeros(...))``).
+* ``vpt_shallow``: shallow VPT, the same code's ``VPT_type="Shallow"`` (RevisitingCIL ``vpt_type: shallow``):
+  ``prompt_tokens`` zero-initialised tokens are appended once, after the position embedding, pass through
+  every block, and are dropped after the last block (before the final norm).
 
 Every wrapper can be switched off (:func:`peft_disabled`), which gives back the pre-trained model exactly:
 APER's and SAFE's "PTM" features come from the same backbone with its PET modules off, so no second copy of
@@ -36,7 +39,7 @@ from torch import nn
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 
-PEFT_KINDS = ("adapter", "ssf", "vpt", "none")
+PEFT_KINDS = ("adapter", "ssf", "vpt", "vpt_shallow", "none")
 
 
 class PetModule(nn.Module):
@@ -118,14 +121,34 @@ class PromptedBlock(PetModule):
         return self.block(prompted, **kwargs)[:, :-n]
 
 
+class ShallowPromptedBlocks(nn.Sequential, PetModule):
+    """Shallow VPT around a ViT's blocks: ``blocks(cat(x, prompts))`` with the prompts' outputs dropped after
+    the last block. Still the ``nn.Sequential`` of the same blocks (same indices, iteration and length)."""
+
+    def __init__(self, blocks: list[nn.Module], dim: int, tokens: int) -> None:
+        super().__init__(*blocks)
+        self.prompts = nn.Parameter(torch.zeros(tokens, dim))
+
+    def pet_parameters(self) -> list[nn.Parameter]:
+        return [self.prompts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return super().forward(x)
+        n = self.prompts.shape[0]
+        prompted = torch.cat([x, self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        return super().forward(prompted)[:, :-n]
+
+
 def _vit_parts(backbone: Backbone) -> tuple[nn.Module, list[nn.Module], int]:
     """The timm ViT inside ``backbone``, its blocks and its width; a clear error for anything else."""
     model = getattr(backbone, "model", None)
     blocks = backbone.blocks() if model is not None else []
     if model is None or not hasattr(model, "patch_embed") or not blocks:
         raise ConfigError(
-            f"PET modules (adapter/ssf/vpt) need a timm ViT backbone; {type(backbone).__name__} is not one. "
-            "Use backbone=vit_b16_in21k (or another timm vit_*), or method.peft=none"
+            f"PET modules (adapter/ssf/vpt/vpt_shallow) need a timm ViT backbone; "
+            f"{type(backbone).__name__} is not one. Use backbone=vit_b16_in21k (or another timm vit_*), or "
+            "method.peft=none"
         )
     for block in blocks:
         if not all(hasattr(block, a) for a in ("norm1", "norm2", "mlp", "attn")):
@@ -175,10 +198,13 @@ def attach_peft(
             wrapper = ScaleShift(getattr(parent, name), width)
             setattr(parent, name, wrapper)
             wrappers.append(wrapper)
-    else:
+    elif kind == "vpt":
         wrapped = [PromptedBlock(block, dim, prompt_tokens) for block in blocks]
         model.blocks = nn.Sequential(*wrapped)
         wrappers.extend(wrapped)
+    else:
+        model.blocks = ShallowPromptedBlocks(blocks, dim, prompt_tokens)
+        wrappers.append(model.blocks)
     for wrapper in wrappers:
         wrapper.train(backbone.training)  # new modules follow the backbone's train/eval mode
     return wrappers

@@ -1,8 +1,9 @@
-"""APER: the embedding is [pre-trained, adapted] from one backbone with PET off and on; prototypes are the
-class means of that embedding; only the first task trains."""
+"""APER: the embedding is [pre-trained, adapted] from one backbone with PET off and on (adapter, shallow VPT);
+prototypes are the class means of that embedding; only the first task trains."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import task_context, toy_scenario
@@ -24,12 +25,14 @@ def _ctx(task: int) -> TaskContext:
     return task_context(toy_scenario(SIZES), task, data)
 
 
-def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_are_means() -> None:
+@pytest.mark.parametrize("peft", ["adapter", "vpt_shallow"])
+def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_are_means(peft: str) -> None:
     torch.manual_seed(0)
     backbone = TimmBackbone(
         "vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 8, "patch_size": 4, "depth": 1}
     )
-    module = APER(backbone, adapter_bottleneck=4)
+    module = APER(backbone, peft=peft, adapter_bottleneck=4)
+    assert peft_parameters(module.backbone) == [p for p in module.parameters() if p.requires_grad]
     ctx0 = _ctx(0)
     module.on_task_start(ctx0)
     (phase,) = module.phases(ctx0)
@@ -58,8 +61,10 @@ def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_a
     torch.testing.assert_close(module(x), expected)
 
 
-def test_tiny_run_beats_chance(run_tiny) -> None:
+@pytest.mark.parametrize("peft", ["adapter", "vpt_shallow"])
+def test_tiny_run_beats_chance(run_tiny, peft: str) -> None:
     doc, _ = run_tiny(
+        f"method.peft={peft}",
         "dataset.size=8",
         "transform.input_size=8",
         "backbone=timm",

@@ -86,3 +86,28 @@ def test_capabilities_are_one_frozen_declaration() -> None:
 
     assert LayerNormTuning.CAPABILITIES == Capabilities(task_conditioned=True, selects_task=True)
     assert SimpleCIL.CAPABILITIES.frozen_backbone
+
+
+def test_drop_last_follows_the_phase_unless_the_run_overrides_it() -> None:
+    scenario = toy_scenario([2])
+    data = TensorDataset(torch.randn(10, 4), torch.zeros(10, dtype=torch.long))
+    ctx = task_context(scenario, 0, data)
+    assert [len(b[1]) for b in ctx.loader(data, 4, shuffle=True)] == [4, 4, 2]
+    assert [len(b[1]) for b in ctx.loader(data, 4, shuffle=True, drop_last=True)] == [4, 4]
+    ctx.drop_last = False  # trainer.drop_last=false keeps it whatever the phase says
+    assert [len(b[1]) for b in ctx.loader(data, 4, shuffle=True, drop_last=True)] == [4, 4, 2]
+    ctx.drop_last = True
+    assert [len(b[1]) for b in ctx.loader(data, 4, shuffle=False)] == [4, 4]
+
+
+def test_confit_drops_the_last_partial_batch_as_its_official_loader() -> None:
+    from cl_bench.backbones.cifar_resnet import CifarResNet
+    from cl_bench.methods.confit import ConFiT
+
+    scenario = toy_scenario([2])
+    data = TensorDataset(torch.randn(5, 3, 32, 32), torch.zeros(5, dtype=torch.long))
+    ctx = task_context(scenario, 0, data)
+    method = ConFiT(CifarResNet(20), epochs=5)
+    method.on_task_start(ctx)
+    assert all(phase.drop_last for phase in method.phases(ctx))
+    assert not any(phase.drop_last for phase in ContinualModule(TinyBackbone()).phases(ctx))

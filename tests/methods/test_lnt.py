@@ -7,6 +7,7 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from helpers import learn, task_context, toy_scenario
 from torch.utils.data import TensorDataset
 
@@ -16,6 +17,8 @@ from cl_bench.errors import ConfigError
 from cl_bench.evaluation import TASK_SELECTION, Evaluator
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lnt import LayerNormTuning
+from cl_bench.methods.norm_sets import PER_LAYER
+from cl_bench.methods.task_keys import AttendedKeys
 from cl_bench.scenario import Scenario
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*the `self.trainer` reference is not registered")
@@ -212,6 +215,130 @@ def test_bad_options() -> None:
         LayerNormTuning(CifarResNet(20))
 
 
+def _single(**kwargs) -> tuple[LayerNormTuning, Scenario]:
+    module = LayerNormTuning(_tiny_vit(), stages="single", **kwargs)
+    scenario = _scenario()
+    for task in range(2):
+        module.on_task_start(_ctx(task, scenario, _task_data(task)))
+    return module, scenario
+
+
+def test_single_stage_is_two_phases_with_per_layer_keys_copied_from_the_previous_task() -> None:
+    module = LayerNormTuning(_tiny_vit(), stages="single", epochs=3, rectification_epochs=2)
+    assert _phases(module) == [("norms", 3), ("rectify", 2)]
+    assert module.keys is None and not module.capabilities.selects_task
+    assert LayerNormTuning(_tiny_vit()).new_key and not module.new_key  # the official scripts' choices
+    module, _ = _single()
+    for layer in module.norm_sets.layers:
+        selector = layer.selector
+        assert selector is not None and selector.num_keys == 2
+        assert torch.equal(selector.keys.keys[1], selector.keys.keys[0])  # train_single.sh: no --new_key
+        assert torch.equal(selector.attention.keys[1], selector.attention.keys[0])
+    keys = [layer.selector.keys.initial for layer in module.norm_sets.layers]
+    assert not torch.equal(keys[0], keys[1])  # each LayerNorm draws its own keys
+    with pytest.raises(ConfigError, match="stages"):
+        LayerNormTuning(_tiny_vit(), stages="three")
+
+
+def test_attended_keys_match_the_formula() -> None:
+    torch.manual_seed(0)
+    selector = AttendedKeys(4, 3)
+    for _ in range(3):
+        selector.add_key()
+    q = torch.randn(5, 4)
+    keys, att = selector.keys.stacked(), selector.attention.stacked()
+    expected = torch.stack(
+        [F.cosine_similarity(q * att[t], keys[t].expand(5, -1), dim=1) for t in range(3)], dim=1
+    )
+    torch.testing.assert_close(selector.similarity(q), expected)
+    assert torch.equal(selector.select(q), expected.argmax(dim=1))
+    torch.testing.assert_close(selector.match(q, 2), expected[:, 2].mean())
+
+
+def test_single_stage_loss_is_ce_minus_the_blockwise_mean_match() -> None:
+    module, _ = _single()
+    x, y = _task_data(1)[:8]
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, layer in zip(module.norm_sets.names, module.norm_sets.layers, strict=True)
+    ]
+    loss = module.stage_loss("norms", x, y)
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        logits = module.fake_head(module.embed(x, 1))[:, 3:6]
+        matches = {
+            name: layer.selector.match(inputs[name][:, 0], 1)
+            for name, layer in zip(module.norm_sets.names, module.norm_sets.layers, strict=True)
+        }
+    depth = len(module.backbone.model.blocks)
+    blocks = [
+        (matches[f"model.blocks.{i}.norm1"] + matches[f"model.blocks.{i}.norm2"]) / 2 for i in range(depth)
+    ]
+    s_term = torch.stack([*blocks, matches["model.norm"]]).mean()  # depth + 1 terms
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, y - 3) - s_term)
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    got = {n.removeprefix("backbone.") for n, p in module.named_parameters() if p.grad is not None}
+    per_layer = {
+        f"{n}.{kind}"
+        for n in module.norm_sets.names
+        for kind in ("weights.1", "biases.1", "selector.keys.keys.1", "selector.attention.keys.1")
+    }
+    assert got == per_layer | {"fake_head.blocks.1.weight", "fake_head.blocks.1.bias"}
+    ctx = _ctx(1, _scenario(), _task_data(1))
+    assert {id(p) for p in module.phases(ctx)[0].trainable} == {
+        id(p) for n, p in module.named_parameters() if n.removeprefix("backbone.") in got
+    }
+
+
+def test_single_stage_inference_selects_per_layer_from_each_layers_input() -> None:
+    module, _ = _single()
+    module.eval()
+    with torch.no_grad():  # make the two tasks' sets and selectors differ
+        for param in module.norm_sets.parameters_of(1) + module.norm_sets.selector_parameters(1):
+            param.add_(0.5 * torch.randn_like(param))
+    x = torch.cat([_task_data(0, 2).tensors[0], _task_data(1, 2).tensors[0]])
+    chosen: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: chosen.append(m.selector.select(args[0][:, 0])))
+        for layer in module.norm_sets.layers
+    ]
+    with torch.no_grad():
+        prediction = module.predict(x)
+    for hook in hooks:
+        hook.remove()
+    assert prediction.chosen_task is None and prediction.logits.shape == (12, 6)
+    assert len({tuple(c.tolist()) for c in chosen}) > 1  # the layers choose differently
+    with torch.no_grad():
+        for layer, tasks in zip(module.norm_sets.layers, chosen, strict=True):
+            layer.selection = tasks  # each layer told the choice it made on its own input
+        expected = module.head(module.backbone(x))
+        for layer in module.norm_sets.layers:
+            layer.selection = None
+    torch.testing.assert_close(prediction.logits, expected)
+    with pytest.raises(ValueError, match="per_layer"):
+        module.norm_sets.select("per_task")
+    assert module.norm_sets.layers[0].selection is None and PER_LAYER == "per_layer"
+
+
+def test_single_stage_learns_two_tasks_and_keeps_task_0() -> None:
+    pl.seed_everything(0, verbose=False)
+    module = LayerNormTuning(
+        _tiny_vit(), stages="single", epochs=2, rectification_epochs=1, batch_size=16, lr=0.05
+    )
+    scenario = _scenario()
+    learn(module, _ctx(0, scenario, _task_data(0)))
+    first = _snapshot(module.norm_sets.parameters_of(0) + module.norm_sets.selector_parameters(0))
+    learn(module, _ctx(1, scenario, _task_data(1)))
+    assert _same(module.norm_sets.parameters_of(0) + module.norm_sets.selector_parameters(0), first)
+    rows = Evaluator(scenario, [_task_data(t, 8, seed=1) for t in range(2)], batch_size=16).evaluate_rows(
+        module.eval(), 1
+    )
+    assert len(rows.cil) == 2 and rows.extra == {}
+
+
 def test_runner_writes_task_selection_accuracy_and_is_deterministic(run_tiny) -> None:
     overrides = (
         "dataset=fake",
@@ -234,3 +361,23 @@ def test_runner_writes_task_selection_accuracy_and_is_deterministic(run_tiny) ->
     assert (run_dir / f"{TASK_SELECTION}_matrix.csv").is_file()
     for key in ("acc_matrix", "til_acc_matrix", "extra_matrices"):
         assert first[key] == second[key], key
+
+
+def test_runner_runs_the_single_stage_variant(run_tiny) -> None:
+    doc, run_dir = run_tiny(
+        "dataset=fake",
+        "dataset.image_size=16",
+        "transform.input_size=16",
+        "backbone=timm",
+        "backbone.name=vit_tiny_patch16_224",
+        "backbone.pretrained=false",
+        "backbone.model_kwargs={img_size:16,patch_size:8,depth:1,embed_dim:32,num_heads:2}",
+        "method=lnt",
+        "method.stages=single",
+        "method.epochs=1",
+        "method.rectification_epochs=1",
+        "method.batch_size=16",
+        "trainer.drop_last=true",
+    )
+    assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+    assert TASK_SELECTION not in doc.get("extra_matrices", {})

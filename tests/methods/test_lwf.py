@@ -1,7 +1,8 @@
 """LwF: the distillation term is the temperature-scaled KL of its formula (zero when the student is the
 teacher), the loss is CE + alpha * KD over the old classes (one softmax in CIL, one per old task in TIL), the
-teacher is a frozen snapshot outside the module, the warm-up trains only the new block, and on a real run it
-keeps more of the first task than seq_ft.
+teacher is a frozen snapshot outside the module, the warm-up (on by default, ``epochs`` long) trains only
+the new block, the teacher's logits are recorded on the un-augmented images by default (or computed on the
+augmented batch), and on a real run it keeps more of the first task than seq_ft.
 """
 
 from __future__ import annotations
@@ -130,9 +131,57 @@ def test_warm_up_trains_only_the_new_block() -> None:
     assert new_block_ce < F.cross_entropy(fresh(x)[:, 2:], y - 2)
 
 
+def test_warm_up_is_on_by_default_for_as_many_epochs_as_training() -> None:
+    module = _module(epochs=3)
+    ctx = _ctx(0)
+    module.on_task_start(ctx)
+    assert [p.name for p in module.phases(ctx)] == ["train"]  # nothing to warm up on the first task
+    ctx = _ctx(1)
+    module.on_task_start(ctx)
+    assert [(p.name, p.epochs) for p in module.phases(ctx)] == [("warmup", 3), ("train", 3)]
+    module = _module(epochs=3, warmup_epochs=0)
+    module.on_task_start(_ctx(0))
+    module.on_task_start(ctx)
+    assert [p.name for p in module.phases(ctx)] == ["train"]
+
+
+def test_unaugmented_teacher_logits_are_recorded_on_the_eval_images() -> None:
+    module = _module(alpha=0.5)
+    module.on_task_start(_ctx(0))
+    ctx = _advance(module, 1)
+    x, y = ctx.train_set.tensors
+    augmented = TensorDataset(x + 0.5 * torch.randn_like(x), y)  # stands in for the train transform
+    ctx.train_set = augmented
+    assert module.teacher is not None
+    data = module.train_dataset(ctx)
+    assert len(data) == len(x)
+    x_aug, y_0, recorded = data[0]
+    torch.testing.assert_close(recorded, module.teacher(x[:1])[0])  # the eval-transform image's logits
+    assert torch.equal(x_aug, augmented[0][0]) and y_0 == y[0]
+    batch = (augmented.tensors[0], y, torch.stack([data[i][2] for i in range(len(data))]))
+    logits = module(batch[0])
+    expected = F.cross_entropy(logits, y) + 0.5 * distillation(logits[:, :2], module.teacher(x), 2.0)
+    with pytest.warns(UserWarning, match="self.log"):
+        torch.testing.assert_close(module.training_step(batch, 0), expected)
+
+
+def test_augmented_teacher_inputs_run_the_teacher_on_the_training_batch() -> None:
+    module = _module(teacher_inputs="augmented")
+    module.on_task_start(_ctx(0))
+    ctx = _advance(module, 1)
+    assert module.train_dataset(ctx) is ctx.train_set
+    train = module.phases(ctx)[-1]
+    assert train.data is ctx.train_set
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"alpha": -1.0}, "alpha"), ({"temperature": 0.0}, "temperature"), ({"warmup_epochs": -1}, "warmup")],
+    [
+        ({"alpha": -1.0}, "alpha"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"warmup_epochs": -1}, "warmup"),
+        ({"teacher_inputs": "raw"}, "teacher_inputs"),
+    ],
 )
 def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -140,10 +189,12 @@ def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
 
 
 def test_lwf_on_real_digits_forgets_less_than_seq_ft_given_the_task(run_tiny) -> None:
-    common = ("method.epochs=1", "method.batch_size=16", "method.lr=0.02")
+    # 3 epochs: after 1 the first task is barely learned and the gap is within seed noise (seeds 1-3 of the
+    # old 1-epoch setting: LwF 20-26 % vs seq_ft 14-29 %); at 3, LwF keeps 42-43 % vs 31-35 % (seeds 0, 1).
+    common = ("method.epochs=3", "method.batch_size=16", "method.lr=0.02")
     doc, _ = run_tiny("method=lwf", *common)
     baseline, _ = run_tiny("method=seq_ft", *common)
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
-    # Task-aware accuracy on the first task after the second: the features it needs survive distillation
-    # (seq_ft is near the 20 % chance level here). Without task ids both lose it to the new head's bias.
-    assert doc["til_acc_matrix"][1][0] > baseline["til_acc_matrix"][1][0] + 10.0
+    # Task-aware accuracy on the first task after the second: the features it needs survive distillation.
+    # Without task ids both lose it to the new head's bias.
+    assert doc["til_acc_matrix"][1][0] > baseline["til_acc_matrix"][1][0] + 5.0

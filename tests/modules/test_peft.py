@@ -14,6 +14,7 @@ from cl_bench.modules.peft import (
     ParallelAdapter,
     PromptedBlock,
     ScaleShift,
+    ShallowPromptedBlocks,
     attach_peft,
     freeze_all_but_peft,
     independent_copy,
@@ -95,7 +96,32 @@ def test_deep_vpt_appends_and_drops_prompts_at_every_block() -> None:
     assert all(w.prompts.grad is not None and w.prompts.grad.abs().sum() > 0 for w in wrappers)
 
 
-@pytest.mark.parametrize("kind", ["adapter", "ssf", "vpt"])
+def test_shallow_vpt_appends_prompts_once_and_drops_them_after_the_last_block() -> None:
+    backbone, x = _vit(), _x()
+    reference = backbone(x)
+    blocks = list(backbone.model.blocks)
+    wrappers = attach_peft(backbone, "vpt_shallow", prompt_tokens=3)
+    assert len(wrappers) == 1 and isinstance(wrappers[0], ShallowPromptedBlocks)
+    assert backbone.blocks() == blocks and wrappers[0].prompts.shape == (3, DIM)
+    with torch.no_grad():
+        wrappers[0].prompts.normal_()
+    tokens: list[torch.Tensor] = []
+    hook = blocks[0].register_forward_pre_hook(lambda _m, args: tokens.append(args[0]))
+    with peft_disabled(backbone):
+        torch.testing.assert_close(backbone(x), reference)
+    hook.remove()
+    expected = torch.cat([tokens[0], wrappers[0].prompts.expand(len(x), -1, -1)], dim=1)
+    for block in blocks:  # the same prompts go through every block, never replaced
+        expected = block(expected)
+    expected = backbone.model.norm(expected[:, :-3])
+    torch.testing.assert_close(backbone.forward_features(x), expected)
+    freeze_all_but_peft(backbone)
+    backbone(x).sum().backward()
+    assert wrappers[0].prompts.grad is not None and wrappers[0].prompts.grad.abs().sum() > 0
+    assert peft_parameters(backbone) == [wrappers[0].prompts]
+
+
+@pytest.mark.parametrize("kind", ["adapter", "ssf", "vpt", "vpt_shallow"])
 def test_only_pet_parameters_train_and_copies_are_independent(kind: str) -> None:
     backbone = _vit()
     attach_peft(backbone, kind)
