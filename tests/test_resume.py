@@ -91,6 +91,19 @@ def kill_before_task(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     monkeypatch.setattr(runner, "learn_task", learn_or_die)
 
 
+def record_learned_tasks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The indices of the tasks the run learns from now on, in order."""
+    learn_task = runner.learn_task
+    learned: list[int] = []
+
+    def record(method, ctx, *args, **kwargs):
+        learned.append(ctx.task.index)
+        return learn_task(method, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "learn_task", record)
+    return learned
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
 
@@ -135,8 +148,13 @@ def test_killed_run_resumes_with_the_same_results_and_weights(
         checkpoint = load_checkpoint(run_dir)  # weights_only: tensors and plain data
         assert checkpoint["tasks_done"] == 2
 
-    resumed, _ = run_tiny(*overrides, run_dir=run_dir)  # the same command again
+    with monkeypatch.context() as patch:
+        trained = record_learned_tasks(patch)
+        resumed, _ = run_tiny(*overrides, run_dir=run_dir)  # the same command again
     assert resumed["status"] == "complete"
+    # it continued from the checkpoint (a checkpoint set aside would restart from task 0 with equal results)
+    assert trained == ([0] if method == "joint" else [2])
+    assert not list(run_dir.glob("*.corrupt-*"))
     assert_same_run(resumed, run_dir, uninterrupted, full_dir)
     assert not (run_dir / MANIFEST_FILE).exists() and not (run_dir / LOCK_FILE).exists()
     assert not list(run_dir.glob("checkpoint-task*.pt")) and not list(run_dir.glob(".*.tmp"))

@@ -45,7 +45,18 @@ def test_killed_run_resumes_with_the_same_results(run_tiny, tmp_path: Path, monk
         with pytest.raises(Killed):
             run_tiny(*overrides, run_dir=run_dir)
     assert json.loads((run_dir / "results.json").read_text())["status"] == "incomplete"
-    resumed, _ = run_tiny(*overrides, run_dir=run_dir)
+    learned: list[int] = []
+
+    def record(*args, **kwargs):
+        (ctx,) = [a for a in args if isinstance(a, TaskContext)]
+        learned.append(ctx.task.index)
+        return learn_task(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "learn_task", record)
+        resumed, _ = run_tiny(*overrides, run_dir=run_dir)
     assert resumed["status"] == "complete" and len(resumed["acc_matrix"]) == 3
+    # it continued from the checkpoint (a checkpoint set aside would restart from task 0 with equal results)
+    assert learned == [2] and not list(run_dir.glob("*.corrupt-*"))
     for key in METRICS:
         assert resumed.get(key) == uninterrupted.get(key), key
