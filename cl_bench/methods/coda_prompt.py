@@ -124,6 +124,27 @@ class CodaPromptMethod(PromptMethod):
             )
         self.prompts.add_task()
 
+    def structure(self) -> dict[str, Any]:
+        """The base's, plus the components per task and the number of tasks added (``None``: none yet)."""
+        prompts = self.prompts
+        return {
+            **super().structure(),
+            "components": None
+            if prompts is None
+            else {"per_task": prompts.components_per_task, "tasks": prompts.num_tasks},
+        }
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        """Rebuild the components of the tasks added so far (values come with the ``state_dict``)."""
+        super().restore_structure(structure)
+        components = structure["components"]
+        if components is not None:
+            self.prompts = CodaPrompt(
+                self.layers, int(self.vit.embed_dim), self.prompt_length, int(components["per_task"])
+            )
+            for _ in range(int(components["tasks"])):
+                self.prompts.add_task()
+
     def prompted(
         self, x: torch.Tensor, query: torch.Tensor, task: int | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:

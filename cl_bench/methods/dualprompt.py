@@ -140,6 +140,16 @@ class DualPrompt(PromptMethod):
                 self.e_pool.prompts[index].copy_(self.e_pool.prompts[index - 1])
         self.e_pool.set_trainable([index])
 
+    def structure(self) -> dict[str, Any]:
+        """The base's, plus the size of the E-prompt pool (``None`` before the first task)."""
+        return {**super().structure(), "e_pool_size": None if self.e_pool is None else self.e_pool.size}
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        """Rebuild the E-prompt pool at its saved size (its values come with the ``state_dict``)."""
+        super().restore_structure(structure)
+        if structure["e_pool_size"] is not None:
+            self.e_pool = PromptPool(int(structure["e_pool_size"]), self.dim, self.e_prompt_shape)
+
     def layer_prompts(self, e_prompts: torch.Tensor) -> tuple[dict[int, Prefix], dict[int, torch.Tensor]]:
         """Prefixes or appended tokens per layer from each image's E-prompt ``[B, *e_prompt_shape]``."""
         batch = e_prompts.shape[0]

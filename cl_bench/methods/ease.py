@@ -314,6 +314,18 @@ class EASE(ContinualModule):
         adapters = [p for bank in self.banks for p in bank.adapters[self.task.index].parameters()]
         return [{"params": [*adapters, *self.proxy.parameters()], "lr": self.lr, "name": "adapter_proxy"}]
 
+    def structure(self) -> dict[str, Any]:
+        """The base's, plus the number of adapters per block (one per task learned or begun)."""
+        return {**super().structure(), "adapters": self.num_adapters}
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        """Add the saved number of adapters to every block (their values come with the ``state_dict``;
+        the prototypes are buffers resized on load)."""
+        super().restore_structure(structure)
+        for bank in self.banks:
+            for _ in range(int(structure["adapters"]) - len(bank.adapters)):
+                bank.adapters.append(Bottleneck(**self.adapter_args))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         for name in ("prototypes", "class_tasks"):  # resize to the saved shapes before copying
             if prefix + name in state_dict:
