@@ -131,6 +131,16 @@ class DERPlusPlus(ExperienceReplay):
         self.head.reserve([task.num_classes for task in ctx.scenario.tasks])
         super().on_task_start(ctx)
 
+    def structure(self) -> dict[str, Any]:
+        """The base's, plus how many reserved head blocks are open (the blocks come with the
+        ``state_dict``)."""
+        return {**super().structure(), "open_tasks": self.head.open_tasks}
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        """Open as many head blocks as the saved run had, so the next task opens the next block."""
+        super().restore_structure(structure)
+        self.head.open_tasks = int(structure["open_tasks"])
+
     def all_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every class of the scenario (the stored and matched ones)."""
         return self.head.forward_all(self.embed(x))
