@@ -36,10 +36,10 @@ the task-incremental setting the current task's loss does not reach old blocks: 
 them (as for ``seq_ft``), and their penalty resists that.
 
 Defaults (``cl_bench/conf/method/ewc.yaml``): ``mode`` separate (Avalanche's default), ``gamma`` 1 (Mammoth
-``ewc_on`` seq-cifar10; Avalanche has no default ``decay_factor``), ``ewc_lambda`` 100 (ours: Avalanche has
-no default and the papers tune it per benchmark; tune it on held-out data of the first tasks; it was chosen
-for the ``batch`` estimator, which is about ``batch_size`` times weaker); the optimiser settings are the
-repository's ``seq_ft`` protocol.
+``ewc_on`` seq-cifar10; Avalanche has no default ``decay_factor``), ``ewc_lambda`` 10 (Mammoth ``ewc_on``
+seq-cifar10 ``e_lambda`` 10, ``models/config/ewc_on.yaml``, with a per-example Fisher and no 1/2 as here;
+Avalanche has no default; tune it on held-out data of the first tasks, and multiply it by about
+``batch_size`` with ``fisher=batch``); the optimiser settings are the repository's ``seq_ft`` protocol.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class EWC(ContinualModule):
     def __init__(
         self,
         backbone: Backbone,
-        ewc_lambda: float = 100.0,
+        ewc_lambda: float = 10.0,
         mode: str = "separate",
         gamma: float = 1.0,
         fisher: str = "per_example",
