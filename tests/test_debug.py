@@ -168,20 +168,28 @@ def test_a_failed_run_records_its_error(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simplecil", "slca"])
-def test_smoke_run_of_the_vit_preset(run_tiny, method: str) -> None:
-    """``debug=smoke`` on the small-ViT preset with its real weights and data (where the machine has them)."""
+def test_smoke_run_of_the_vit_preset(tmp_path: Path, method: str) -> None:
+    """``debug=smoke`` on the small-ViT preset with its real weights and data (where the machine has them):
+    the preset's own dataset and split, not the tiny digits of the other tests."""
     from helpers import SHARED_DATA, SHARED_WEIGHTS
 
     weights, data = SHARED_WEIGHTS / "vit_tiny6_c100first50.pth", SHARED_DATA / "cifar100.npz"
     if not (weights.is_file() and data.is_file()):
         pytest.skip(f"{weights} or {data} absent (only the project's build machines have them)")
-    doc, _ = run_tiny(
+    cfg = compose_config(
         "experiment=cifar100_b50_vit_tiny",
         f"method={method}",
         f"backbone.checkpoint={weights}",
         f"paths.data_dir={SHARED_DATA}",
+        f"paths.run_dir={tmp_path / 'run'}",
+        "logger.mode=disabled",
+        "trainer.accelerator=cpu",
+        "save_model=false",
         "debug=smoke",
     )
+    from cl_bench.runner import run_experiment
+
+    doc = run_experiment(cfg)
     assert doc["status"] == "complete" and doc["config"]["debug"]["smoke"] is True
     assert len(doc["acc_matrix"]) == 5
 
