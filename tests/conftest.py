@@ -12,6 +12,9 @@ from helpers import SHARED_WEIGHTS, TINY, compose_config
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# CPU training results depend on the thread count (the order of reductions), so every test runs with one
+# thread (``trainer.threads`` falls back to this): thresholds and reference comparisons hold on any machine.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
