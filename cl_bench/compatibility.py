@@ -1,4 +1,4 @@
-"""Which backbones a method can run on.
+"""Which backbones and scenarios a method can run on.
 
 A method declares the backbone traits it cannot run without (``ContinualModule.backbone_needs``, narrowed
 by its settings in ``ContinualModule.needs``); a backbone has the traits its module structure shows
@@ -28,6 +28,10 @@ BACKBONE_TRAITS: dict[str, str] = {
 
 class UnsupportedBackboneError(ConfigError):
     """The method needs a backbone trait that the chosen backbone lacks."""
+
+
+class UnsupportedScenarioError(ConfigError):
+    """The method cannot learn the chosen scenario (a method without ``domain_incremental`` under DIL)."""
 
 
 def traits_of(backbone: Any) -> frozenset[str]:
@@ -106,3 +110,37 @@ def method_settings(section: DictConfig, params: dict[str, Any]) -> dict[str, An
     assert isinstance(values, dict)
     defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
     return {**defaults, **{k: v for k, v in values.items() if k not in ("_target_", "name")}}
+
+
+def check_method_fits_scenario(cfg: DictConfig, method_cls: type) -> None:
+    """Raise :class:`UnsupportedScenarioError` under ``scenario=dil`` for a method whose class-level
+    ``CAPABILITIES`` do not declare ``domain_incremental``: such methods grow their head, restrict losses or
+    distil per task of new classes, or train one merged task, which is wrong when every task holds all
+    classes."""
+    if str(cfg.scenario.type) != "dil":
+        return
+    capabilities = getattr(method_cls, "CAPABILITIES", None)
+    if capabilities is not None and capabilities.domain_incremental:
+        return
+    method = cfg.method.get("name", method_cls.__name__)
+    raise UnsupportedScenarioError(
+        f"method={method} cannot run scenario=dil: it does not declare Capabilities.domain_incremental (it "
+        "assumes each task brings new classes: a growing head, per-task losses, distillation or replay of old "
+        f"tasks' classes, or one merged task). Choose a method that does ({', '.join(dil_methods())}), or "
+        "scenario=cil."
+    )
+
+
+def dil_methods() -> list[str]:
+    """The shipped methods (``conf/method/*.yaml``) that declare ``domain_incremental``."""
+    from pathlib import Path
+
+    from hydra.utils import get_object
+
+    found = []
+    for path in sorted((Path(__file__).parent / "conf" / "method").glob("*.yaml")):
+        section = OmegaConf.load(path)
+        capabilities = getattr(get_object(section._target_), "CAPABILITIES", None)
+        if capabilities is not None and capabilities.domain_incremental:
+            found.append(str(section.get("name", path.stem)))
+    return found

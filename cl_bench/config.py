@@ -52,10 +52,12 @@ class _StrEnum(str, Enum):
 
 
 class ScenarioType(_StrEnum):
-    """``cil``: no task id at test time; ``til``: the task id is given at test time."""
+    """``cil``: no task id at test time; ``til``: the task id is given at test time; ``dil``: each task is one
+    domain holding every class (domain-incremental), no task id at test time."""
 
     cil = "cil"
     til = "til"
+    dil = "dil"
 
 
 class LoggerMode(_StrEnum):
@@ -95,6 +97,9 @@ class ScenarioConfig:
     increment: int | None = None
     order_seed: int | None = 1993
     class_order: list[int] | None = None
+    #: ``type=dil``: the dataset's domains in the order they are learnt, one task each (``null``: the
+    #: dataset's own order); ignored otherwise.
+    domains: list[str] | None = None
 
 
 @dataclass
@@ -451,7 +456,7 @@ def _check_schema_keys(cfg: DictConfig) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Validate the target groups, the method's fit to the backbone (:mod:`cl_bench.compatibility`) and
     cross-field rules before any compute (schema groups are typed)."""
-    from cl_bench.compatibility import check_method_fits_backbone, method_settings
+    from cl_bench.compatibility import check_method_fits_backbone, check_method_fits_scenario, method_settings
 
     _check_schema_keys(cfg)
     for group in TARGET_GROUPS:
@@ -461,7 +466,14 @@ def validate_config(cfg: DictConfig) -> None:
     method_cls = resolve_target("method", cfg.method)
     check_method_fits_backbone(cfg, method_cls, method_settings(cfg.method, target_parameters(method_cls)[0]))
     sc = cfg.scenario
-    if sc.n_tasks is None and sc.init_classes is None:
+    check_method_fits_scenario(cfg, method_cls)
+    if sc.type == ScenarioType.dil:
+        if sc.init_classes is not None or sc.increment is not None:
+            raise ConfigError(
+                "scenario=dil: every task holds all classes, so scenario.init_classes and scenario.increment "
+                "must be null (the tasks are scenario.domains)"
+            )
+    elif sc.n_tasks is None and sc.init_classes is None:
         raise ConfigError("scenario: set scenario.n_tasks, or scenario.init_classes (and scenario.increment)")
     for key in ("n_tasks", "init_classes", "increment"):
         if sc[key] is not None and sc[key] < 1:

@@ -128,13 +128,28 @@ def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def subset_per_class(data: ClassificationData, n: int | None) -> ClassificationData:
-    """``data`` with only the first ``n`` train and ``n`` test images of each class (``None``: unchanged)."""
+    """``data`` with only the first ``n`` train and ``n`` test images of each class, of each domain if the
+    dataset has domains (``None``: unchanged)."""
     if n is None:
         return data
-    train = SubsetImages(data.train, first_per_class(data.train.labels, n))
-    test = SubsetImages(data.test, first_per_class(data.test.labels, n))
+    chosen = {}
+    for split in ("train", "test"):
+        labels, domains = getattr(data, split).labels, getattr(data, f"{split}_domains")
+        groups = labels if domains is None else domains * data.num_classes + labels  # (domain, class)
+        chosen[split] = first_per_class(groups, n)
+    train = SubsetImages(data.train, chosen["train"])
+    test = SubsetImages(data.test, chosen["test"])
     log.info("debug.samples_per_class=%d: %d train and %d test images", n, len(train), len(test))
-    return replace(data, train=train, test=test)
+    if data.domain_names is None:
+        return replace(data, train=train, test=test)
+    assert data.train_domains is not None and data.test_domains is not None
+    return replace(
+        data,
+        train=train,
+        test=test,
+        train_domains=data.train_domains[chosen["train"]],
+        test_domains=data.test_domains[chosen["test"]],
+    )
 
 
 def limit_eval(test_sets: Sequence[TaskDataset], n_batches: int | None, batch_size: int) -> list[TaskDataset]:

@@ -13,6 +13,11 @@ Methods that choose task-specific parameters per image (``selects_task``: ``pred
 task) also get a task-selection accuracy: the percentage of task ``j``'s test images for which task ``j``
 was chosen; alternative predictions (``Prediction.alternatives``) get ``<name>_acc`` rows.
 
+Domain-incremental scenarios (``scenario=dil``) evaluate *every* domain's test set after each task, the seen
+ones and those not learnt yet, as RanPAC's and SAFE's DIL branch tests on the union of all domains' test sets
+after every domain; they have no task-incremental accuracy (the task id names only the domain), so their
+``til`` rows are empty.
+
 Under DDP every process evaluates its share of the test batches and the counts are summed, so every
 process gets the whole test set's accuracies (:mod:`cl_bench.distributed`).
 """
@@ -42,6 +47,7 @@ class EvaluationRows:
     """One evaluation after a task: per seen task, accuracies in percent."""
 
     cil: list[float]
+    #: Empty under DIL (no task-incremental accuracy).
     til: list[float]
     #: Further per-task metrics the method supports, by name (``task_selection_acc``); empty for most methods.
     extra: dict[str, list[float]] = field(default_factory=dict)
@@ -70,6 +76,11 @@ class Evaluator:
         self.task_sizes = [len(ds) for ds in self.test_sets]
         self._features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def evaluated_tasks(self, upto: int) -> range:
+        """The tasks whose test sets are evaluated after task ``upto``: the seen ones; under DIL every
+        domain."""
+        return range(len(self.test_sets) if self.scenario.domain_incremental else upto + 1)
+
     def _loader(self, j: int) -> DataLoader:
         """Task ``j``'s test images in order; under DDP this process's share of the batches."""
         return distributed.shard_loader(self.test_sets[j], self.batch_size, self.num_workers)
@@ -95,6 +106,7 @@ class Evaluator:
         task ``j``'s test set."""
         device = module.device
         capabilities = module.capabilities
+        task_aware = capabilities.task_conditioned and not self.scenario.domain_incremental
         if capabilities.frozen_backbone:
             feats, labels = self._cached_features(module, j)
             starts = range(0, len(labels), self.batch_size)  # under DDP: this process's share
@@ -102,7 +114,7 @@ class Evaluator:
                 f = feats[k : k + self.batch_size].to(device)
                 with autocast(device, self.autocast_dtype):
                     cil = module.classify(f).float()
-                    til = module.classify(f, task=j).float() if capabilities.task_conditioned else cil
+                    til = module.classify(f, task=j).float() if task_aware else cil
                 yield cil, til, labels[k : k + self.batch_size].to(device), None, {}
             return
         for x, y in self._loader(j):
@@ -110,7 +122,7 @@ class Evaluator:
             with autocast(device, self.autocast_dtype):
                 prediction = module.predict(x)
                 cil = prediction.logits.float()
-                til = module(x, task=j).float() if capabilities.task_conditioned else cil
+                til = module(x, task=j).float() if task_aware else cil
             yield cil, til, y.to(device), prediction.chosen_task, prediction.alternatives
 
     def _within_task(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -127,13 +139,15 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate_rows(self, module: ContinualModule, upto: int) -> EvaluationRows:
-        """Accuracies (percent) on tasks ``0..upto``, and task-selection accuracy if the method has one."""
+        """Accuracies (percent) on tasks ``0..upto`` (under DIL: on every domain), and task-selection accuracy
+        if the method has one."""
         was_training = module.training
         module.eval()
         rows = EvaluationRows([], [])
         selection_row: list[float] = []
         alternative_rows: dict[str, list[float]] = {}
-        for j in range(upto + 1):
+        evaluated = self.evaluated_tasks(upto)
+        for j in evaluated:
             cil_correct = til_correct = selected = total = 0
             alternative_correct: dict[str, int] = {}
             for cil, til, y, chosen, alternatives in self._batches(module, j):
@@ -150,7 +164,8 @@ class Evaluator:
             cil_correct, til_correct, selected, total = counts.values()
             alternative_correct = distributed.sum_counts(alternative_correct)
             rows.cil.append(100.0 * cil_correct / max(total, 1))
-            rows.til.append(100.0 * til_correct / max(total, 1))
+            if not self.scenario.domain_incremental:
+                rows.til.append(100.0 * til_correct / max(total, 1))
             selection_row.append(100.0 * selected / max(total, 1))
             for name, hits in sorted(alternative_correct.items()):
                 row = alternative_rows.setdefault(name, [float("nan")] * j)  # nan: absent on earlier tasks
@@ -159,7 +174,7 @@ class Evaluator:
         if capabilities.selects_task and not capabilities.frozen_backbone:  # frozen: cached features
             rows.extra[TASK_SELECTION] = selection_row
         for name, row in alternative_rows.items():  # a name missing for some tasks has no row
-            if len(row) == upto + 1 and not any(math.isnan(v) for v in row):
+            if len(row) == len(evaluated) and not any(math.isnan(v) for v in row):
                 rows.extra[f"{name}_acc"] = row
         module.train(was_training)
         return rows

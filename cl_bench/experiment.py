@@ -60,13 +60,17 @@ def task_datasets(
     eval_tf: Any,
     batch_tf: BatchAugment | None = None,
 ) -> tuple[list[TaskDataset], list[TaskDataset], list[TaskDataset]]:
-    """Per task: train images (train transform), the same with the eval transform, and test images."""
+    """Per task: train images (train transform), the same with the eval transform, and test images: those of
+    the task's classes, and under DIL only those of the task's domain."""
     label_map = scenario.label_map
     train, train_eval, test = [], [], []
     for task in scenario.tasks:
         classes = np.asarray(task.original_classes)
         train_idx = np.flatnonzero(np.isin(data.train.labels, classes))
         test_idx = np.flatnonzero(np.isin(data.test.labels, classes))
+        if task.domain is not None:
+            train_idx = np.intersect1d(train_idx, data.domain_indices("train", task.domain))
+            test_idx = np.intersect1d(test_idx, data.domain_indices("test", task.domain))
         train.append(TaskDataset(data.train, train_idx, label_map, train_tf, batch_tf))
         train_eval.append(TaskDataset(data.train, train_idx, label_map, eval_tf))
         test.append(TaskDataset(data.test, test_idx, label_map, eval_tf))
@@ -85,7 +89,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     data = debug.subset_per_class(data, cfg.debug.samples_per_class)
     backbone = debug.build_backbone(cfg)
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
-    split = build_scenario(cfg.scenario, data.num_classes)
+    split = build_scenario(cfg.scenario, data.num_classes, data.domain_names, data.name)
     scenario = split.merged() if method.capabilities.single_task else split
     validate_data(data, scenario)
     device = select_device(trainer.accelerator)

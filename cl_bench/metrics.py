@@ -2,11 +2,14 @@
 
 ``R[t][j]`` is the accuracy (percent) on task ``j``'s test set after training task ``t`` (``j <= t``;
 entries with ``j > t`` are ``None``), ``n[j]`` the number of test images of task ``j``, ``T`` the number of
-tasks, all 0-based.
+tasks, all 0-based. Under domain-incremental learning (``scenario=dil``) every domain is evaluated after every
+task, so the rows are full; ``E_t`` below is then every domain, otherwise the seen tasks ``j <= t``.
 
-* ``A_t`` (accuracy after task t) = sum_{j<=t} n_j R[t][j] / sum_{j<=t} n_j: top-1 accuracy on the union of
-  the seen tasks' test sets, each image counted once (what SLCA, SAFE, APER/SimpleCIL and PyCIL report as
-  "CNN top1"). With equal task sizes it equals the mean of the row.
+* ``A_t`` (accuracy after task t) = sum_{j in E_t} n_j R[t][j] / sum_{j in E_t} n_j, ``E_t`` the tasks
+  evaluated after task t (the entries that are not ``None``): top-1 accuracy on the union of their test sets,
+  each image counted once (what SLCA, SAFE, APER/SimpleCIL and PyCIL report as "CNN top1"; under DIL the
+  union of all domains' test sets, RanPAC's and SAFE's DIL "top1"). With equal task sizes it equals the mean
+  of the row.
 * **last accuracy** = ``A_{T-1}``.
 * **average incremental accuracy** = (1/T) sum_t A_t (Rebuffi et al. 2017, iCaRL, Sec. 4.1).
 * **average forgetting** = 1/(T-1) sum_{j<T-1} f_j with f_j = max_{l in [j, T-2]} R[l][j] - R[T-1][j]
@@ -14,8 +17,8 @@ tasks, all 0-based.
   accuracy on an old task improves. ``None`` for a single task.
 * **backward transfer (BWT)** = 1/(T-1) sum_{j<T-1} (R[T-1][j] - R[j][j]) (Lopez-Paz & Ranzato 2017, GEM,
   Sec. 4). ``None`` for a single task.
-* **mean of per-task accuracies** = (1/(t+1)) sum_{j<=t} R[t][j] (what L2P, DualPrompt, RanPAC and LN tuning
-  report); equal to ``A_t`` only when all tasks have the same number of test images.
+* **mean of per-task accuracies** = (1/|E_t|) sum_{j in E_t} R[t][j] (what L2P, DualPrompt, RanPAC and LN
+  tuning report); equal to ``A_t`` only when all tasks have the same number of test images.
 """
 
 from __future__ import annotations
@@ -37,19 +40,28 @@ def _check(matrix: Matrix, task_sizes: Sequence[int] | None = None) -> int:
     return rows
 
 
+def evaluated(matrix: Matrix, t: int) -> list[int]:
+    """``E_t``: the tasks with an accuracy after task ``t`` (``0..t``; under DIL every domain)."""
+    return [j for j, value in enumerate(matrix[t]) if value is not None]
+
+
 def accuracy_after_task(matrix: Matrix, task_sizes: Sequence[int], t: int) -> float:
-    """``A_t``: test-size-weighted accuracy over tasks ``0..t`` after task ``t``."""
+    """``A_t``: test-size-weighted accuracy over the tasks evaluated after task ``t``."""
     _check(matrix, task_sizes)
-    total = sum(task_sizes[: t + 1])
+    columns = evaluated(matrix, t)
+    if len(task_sizes) < len(columns):
+        raise ValueError(f"{len(task_sizes)} task sizes for {len(columns)} evaluated tasks")
+    total = sum(task_sizes[j] for j in columns)
     if total == 0:
-        raise ValueError("no test images in the seen tasks")
-    return sum(task_sizes[j] * matrix[t][j] for j in range(t + 1)) / total  # type: ignore[operator]
+        raise ValueError("no test images in the evaluated tasks")
+    return sum(task_sizes[j] * matrix[t][j] for j in columns) / total  # type: ignore[operator]
 
 
 def mean_task_accuracy(matrix: Matrix, t: int) -> float:
-    """Unweighted mean of ``R[t][0..t]``."""
+    """Unweighted mean of row ``t`` over the evaluated tasks (``R[t][0..t]``; under DIL every domain)."""
     _check(matrix)
-    return sum(matrix[t][j] for j in range(t + 1)) / (t + 1)  # type: ignore[misc]
+    columns = evaluated(matrix, t)
+    return sum(matrix[t][j] for j in columns) / len(columns)  # type: ignore[misc]
 
 
 def last_accuracy(matrix: Matrix, task_sizes: Sequence[int]) -> float:

@@ -3,12 +3,16 @@
 ``results.json`` has exactly these top-level keys (accuracies in percent, see :mod:`cl_bench.metrics`):
 
 * ``acc_matrix``: rows = after task t, columns = task j, ``null`` where j > t. It is the scenario's
-  accuracy: class-incremental for ``scenario=cil``, task-incremental for ``scenario=til``.
-* ``til_acc_matrix``: the task-aware accuracy (task id given, argmax within the task's classes).
+  accuracy: class-incremental for ``scenario=cil``, task-incremental for ``scenario=til``. For
+  ``scenario=dil`` the columns are the domains and every entry is filled: after each task every domain's test
+  set is evaluated (also those not learnt yet), as the official DIL code tests on all domains.
+* ``til_acc_matrix``: the task-aware accuracy (task id given, argmax within the task's classes); ``[]`` for
+  ``scenario=dil`` (the task id names only the domain).
 * ``extra_matrices``: further per-task metrics of the method, by name, in the same layout (``{}`` for most
   methods); e.g. ``task_selection_acc``: the percentage of task j's test images for which the method chose
   task j's parameters.
-* ``last_acc``, ``avg_inc_acc``, ``avg_forgetting``, ``bwt``: from ``acc_matrix``.
+* ``last_acc``, ``avg_inc_acc``, ``avg_forgetting``, ``bwt``: from ``acc_matrix`` (under DIL ``last_acc`` and
+  ``avg_inc_acc`` cover all domains' test images: the official top-1 on the union of the domains' test sets).
 * ``class_order``: dataset class ids in the order they are learned.
 * ``task_time_s``: wall seconds per task (training plus task-end work, evaluation excluded).
 * ``peak_mem_mb``: peak GPU memory allocated if a GPU was used, else the process's peak resident memory.

@@ -72,9 +72,10 @@ class RunState:
     task_time_s: list[float] = field(default_factory=list)
 
     def record(self, rows: EvaluationRows, task_incremental: bool) -> None:
-        """Append one evaluation's rows."""
+        """Append one evaluation's rows (no task-incremental row where there is none: DIL)."""
         self.acc_rows.append(rows.til if task_incremental else rows.cil)
-        self.til_rows.append(rows.til)
+        if rows.til:
+            self.til_rows.append(rows.til)
         for name, row in rows.extra.items():
             self.extra_rows.setdefault(name, []).append(row)
 

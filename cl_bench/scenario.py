@@ -7,6 +7,13 @@ dataset's class ids in order; an explicit ``class_order`` list wins over both, a
 classes to leave the others out (ConFiT drops one Caltech-101 and two Flowers-102 classes). Labels are
 remapped to their position in the order, so task t owns a contiguous range of positions and the head grows
 in order.
+
+``scenario=dil`` (domain-incremental) splits by domain instead of by class: task t holds the images of
+domain ``scenario.domains[t]`` (per-image domain ids of :class:`~cl_bench.data.base.ClassificationData`) and
+*every* class of the order, so the head covers all classes from task 0 and never grows
+(:attr:`Task.new_classes`). This is the DIL branch of RanPAC's and SAFE's ``trainer.py`` (DomainNet: real,
+quickdraw, painting, sketch, infograph, clipart; 345 classes each task). The task id names only the domain,
+so a DIL scenario has no task-incremental accuracy.
 """
 
 from __future__ import annotations
@@ -24,16 +31,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Task:
-    """Task ``index`` owns class positions ``[start, stop)``; ``original_classes`` are dataset ids."""
+    """Task ``index`` owns class positions ``[start, stop)``; ``original_classes`` are dataset ids.
+
+    ``domain``: under DIL, the domain whose images the task holds (its classes are all of them, ``[0, C)``);
+    ``None``: every image of the task's classes.
+    """
 
     index: int
     start: int
     stop: int
     original_classes: tuple[int, ...]
+    domain: str | None = None
 
     @property
     def num_classes(self) -> int:
+        """Classes the task's images belong to (under DIL: all of them, in every task)."""
         return self.stop - self.start
+
+    @property
+    def known_classes(self) -> int:
+        """Class positions learnt before this task (``[0, known_classes)``): ``start`` when tasks bring
+        disjoint classes; under DIL none before the first domain and all of them afterwards."""
+        if self.domain is None:
+            return self.start
+        return 0 if self.index == 0 else self.stop
+
+    @property
+    def new_classes(self) -> int:
+        """Classes first seen in this task: what a head grows by (0 for every DIL domain after the first)."""
+        return self.stop - self.known_classes
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,11 @@ class Scenario:
         return self.type == ScenarioType.til
 
     @property
+    def domain_incremental(self) -> bool:
+        """Each task is one domain of every class (``scenario=dil``)."""
+        return self.type == ScenarioType.dil
+
+    @property
     def label_map(self) -> np.ndarray:
         """``label_map[dataset_class_id]`` = position of that class in the order (-1: left out)."""
         order = np.asarray(self.class_order)
@@ -59,7 +90,8 @@ class Scenario:
         return label_map
 
     def merged(self) -> Scenario:
-        """The same order as one task of all classes (joint training)."""
+        """The same order as one task of all classes (joint training; not for DIL, whose methods must declare
+        ``domain_incremental``, which joint training does not)."""
         return Scenario(self.type, self.class_order, (Task(0, 0, self.num_classes, self.class_order),))
 
 
@@ -127,11 +159,40 @@ def task_sizes(
     return [num_classes // n_tasks] * n_tasks
 
 
-def build_scenario(cfg: ScenarioConfig, num_classes: int) -> Scenario:
-    """The scenario for a dataset of ``num_classes`` classes."""
+def domain_tasks(
+    order: list[int], wanted: list[str] | None, domain_names: list[str] | None, dataset: str, n_tasks: int | None
+) -> list[Task]:
+    """DIL: one task per domain of ``wanted`` (default: the dataset's ``domain_names`` in their order), each
+    holding every class of ``order``."""
+    if domain_names is None:
+        raise ConfigError(
+            f"scenario=dil needs per-image domain ids, but dataset {dataset} has none "
+            "(ClassificationData.domain_names/train_domains/test_domains are unset): use a dataset with "
+            "domains (dataset=domainnet), or scenario=cil"
+        )
+    domains = list(domain_names) if wanted is None else [str(d) for d in wanted]
+    unknown = [d for d in domains if d not in domain_names]
+    if not domains or unknown or len(set(domains)) != len(domains):
+        raise ConfigError(
+            f"scenario.domains={domains}: list distinct domains of dataset {dataset}, which has "
+            f"{list(domain_names)}" + (f" (unknown: {unknown})" if unknown else "")
+        )
+    if n_tasks is not None and n_tasks != len(domains):
+        log.info("scenario=dil: %d domains give %d tasks (scenario.n_tasks=%s ignored)", len(domains), len(domains), n_tasks)
+    return [Task(index, 0, len(order), tuple(order), domain) for index, domain in enumerate(domains)]
+
+
+def build_scenario(
+    cfg: ScenarioConfig, num_classes: int, domain_names: list[str] | None = None, dataset: str = "the dataset"
+) -> Scenario:
+    """The scenario for a dataset of ``num_classes`` classes (and, for DIL, of domains ``domain_names``)."""
     order = class_order(
         num_classes, cfg.order_seed, None if cfg.class_order is None else list(cfg.class_order)
     )
+    if ScenarioType(cfg.type) == ScenarioType.dil:
+        domains = None if cfg.domains is None else list(cfg.domains)
+        tasks = domain_tasks(order, domains, domain_names, dataset, cfg.n_tasks)
+        return Scenario(ScenarioType.dil, tuple(order), tuple(tasks))
     tasks, start = [], 0
     for index, size in enumerate(task_sizes(len(order), cfg.n_tasks, cfg.init_classes, cfg.increment)):
         tasks.append(Task(index, start, start + size, tuple(order[start : start + size])))

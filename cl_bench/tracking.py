@@ -190,8 +190,10 @@ def _task_key(j: int, n_tasks: int) -> str:
 
 
 def matrices(doc: dict[str, Any]) -> dict[str, list[list[float | None]]]:
-    """The run's per-task matrices by metric prefix: ``acc``, ``til_acc`` and each extra matrix."""
-    return {"acc": doc["acc_matrix"], "til_acc": doc["til_acc_matrix"], **doc["extra_matrices"]}
+    """The run's per-task matrices by metric prefix: ``acc``, ``til_acc`` and each extra matrix (an empty one,
+    DIL's ``til_acc``, is left out)."""
+    found = {"acc": doc["acc_matrix"], "til_acc": doc["til_acc_matrix"], **doc["extra_matrices"]}
+    return {prefix: matrix for prefix, matrix in found.items() if matrix}
 
 
 def task_metrics(task: int, doc: dict[str, Any]) -> dict[str, float]:
@@ -214,7 +216,7 @@ def task_metrics(task: int, doc: dict[str, Any]) -> dict[str, float]:
         "bwt": doc["bwt"],
         "task_acc": doc["acc_matrix"][task][task],
         "mean_task_acc": mean_task_accuracy(doc["acc_matrix"], task),
-        "til_mean_task_acc": mean_task_accuracy(doc["til_acc_matrix"], task),
+        "til_mean_task_acc": mean_task_accuracy(doc["til_acc_matrix"], task) if doc["til_acc_matrix"] else None,
         **{name: mean_task_accuracy(m, task) for name, m in doc["extra_matrices"].items()},
         "task_time_s": doc["task_time_s"][task] if task < len(doc["task_time_s"]) else None,
     }

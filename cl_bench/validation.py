@@ -94,3 +94,13 @@ def validate_data(data: ClassificationData, scenario: Scenario) -> None:
     empty = [task.index for task in scenario.tasks if task.num_classes == 0]
     if empty:
         raise DataError(f"tasks {empty} of the scenario have no classes; check scenario.n_tasks/increment")
+    for task in scenario.tasks:
+        if task.domain is None:
+            continue
+        for split_name in ("train", "test"):
+            if len(data.domain_indices(split_name, task.domain)) == 0:
+                raise DataError(
+                    f"dataset {data.name}: domain {task.domain!r} (task {task.index} of scenario.domains) has "
+                    f"no {split_name} images; check the dataset's files or leave the domain out of "
+                    "scenario.domains"
+                )

@@ -67,7 +67,12 @@ class ArrayImages:
 
 @dataclass
 class ClassificationData:
-    """A dataset's train and test splits with class names (index = label)."""
+    """A dataset's train and test splits with class names (index = label).
+
+    A dataset of several domains (DomainNet) also names them and gives each image's domain, which
+    ``scenario=dil`` splits the tasks by: ``train_domains[i]`` is the index in ``domain_names`` of train image
+    ``i`` (the same for ``test_domains``). All three are set together or all left ``None``.
+    """
 
     name: str
     train: ImageSource
@@ -75,6 +80,9 @@ class ClassificationData:
     class_names: list[str]
     #: Whether a horizontal flip keeps an image's label (false for digits and text).
     hflip_invariant: bool = True
+    domain_names: list[str] | None = None
+    train_domains: np.ndarray | None = None
+    test_domains: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.class_names)
@@ -84,10 +92,42 @@ class ClassificationData:
                     f"{self.name}: {split_name} labels span [{split.labels.min()}, {split.labels.max()}] "
                     f"but there are {n} class names; labels must lie in [0, {n})"
                 )
+        given = [v is not None for v in (self.domain_names, self.train_domains, self.test_domains)]
+        if any(given) and not all(given):
+            raise DataError(
+                f"{self.name}: set domain_names, train_domains and test_domains together (or none of them)"
+            )
+        if self.domain_names is not None:
+            self.domain_names = [str(d) for d in self.domain_names]
+            self.train_domains = self._domain_ids("train", self.train, self.train_domains)
+            self.test_domains = self._domain_ids("test", self.test, self.test_domains)
+
+    def _domain_ids(self, split_name: str, split: ImageSource, ids: np.ndarray | None) -> np.ndarray:
+        assert self.domain_names is not None
+        ids = np.asarray(ids)
+        if ids.shape != (len(split),) or not (len(ids) == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise DataError(
+                f"{self.name}: {split_name}_domains must hold one integer domain id per image ({len(split)}), "
+                f"got shape {ids.shape} of {ids.dtype}"
+            )
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.domain_names)):
+            raise DataError(
+                f"{self.name}: {split_name}_domains span [{ids.min()}, {ids.max()}] but there are "
+                f"{len(self.domain_names)} domain names"
+            )
+        return ids.astype(np.int64)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def domain_indices(self, split_name: str, domain: str) -> np.ndarray:
+        """Indices of the ``split_name`` (``train``/``test``) images of ``domain``."""
+        if self.domain_names is None or domain not in self.domain_names:
+            raise DataError(f"{self.name}: no domain {domain!r} (domains: {self.domain_names})")
+        ids = self.train_domains if split_name == "train" else self.test_domains
+        assert ids is not None
+        return np.flatnonzero(ids == self.domain_names.index(domain))
 
 
 class TaskDataset(Dataset):

@@ -147,7 +147,9 @@ def load_domainnet(
     """DomainNet (Peng et al. 2019; 345 classes) from its split lists ``<domain>_{train,test}.txt``.
 
     Each line is ``<domain>/<class>/<image> <label>``; the chosen domains (default: all six, as the
-    class-incremental DomainNet of EASE/SAFE mixes them) are concatenated. Class names come from the paths.
+    class-incremental DomainNet of EASE/SAFE mixes them) are concatenated, and every image keeps its domain
+    (``domain_names`` = the chosen domains, ``train_domains``/``test_domains``: per image) for
+    ``scenario=dil``. Class names come from the paths.
     """
     base = Path(root).expanduser()
     chosen = list(domains or DOMAINNET_DOMAINS)
@@ -159,18 +161,29 @@ def load_domainnet(
     lists = [base / f"{d}_{s}.txt" for d in chosen for s in ("train", "test")]
     _require(lists, "DomainNet", "https://ai.bu.edu/M3SDA/ (the images and the *_train.txt/*_test.txt lists)")
     names: dict[int, str] = {}
-    splits = []
+    splits, domain_ids = [], []
     for split in ("train", "test"):
-        paths, labels = [], []
-        for domain in chosen:
+        paths, labels, ids = [], [], []
+        for k, domain in enumerate(chosen):
             for rel, label in _table(base / f"{domain}_{split}.txt"):
                 paths.append(str(base / rel))
                 labels.append(int(label))
+                ids.append(k)
                 names.setdefault(int(label), Path(rel).parent.name)
         splits.append(FileImages(paths, np.array(labels), f"{base} ({split})"))
+        domain_ids.append(np.array(ids, dtype=np.int64))
     n_classes = max(names) + 1
     class_names = [names.get(k, f"class_{k}") for k in range(n_classes)]
-    data = ClassificationData("domainnet", splits[0], splits[1], class_names, hflip_invariant=hflip_invariant)
+    data = ClassificationData(
+        "domainnet",
+        splits[0],
+        splits[1],
+        class_names,
+        hflip_invariant=hflip_invariant,
+        domain_names=chosen,
+        train_domains=domain_ids[0],
+        test_domains=domain_ids[1],
+    )
     return with_cache(data, cache_size, cache_dir, base / ".cl_bench_cache")
 
 

@@ -13,6 +13,10 @@ Generalizability and Adaptivity are All You Need" (IJCV 2024, arXiv 2303.07338; 
   embeddings under the evaluation transform; prediction is the cosine prototype classifier
   (:class:`~cl_bench.modules.heads.PrototypeHead`), as in SimpleCIL.
 
+Domain-incremental scenarios (``scenario=dil``, not in the paper): the PET module is trained on the first
+domain and the prototypes average every domain seen (feature sums accumulated), as the "NCM with Phase 1" of
+RanPAC's DIL branch.
+
 ``peft=none`` reduces APER to SimpleCIL on a doubled embedding (the same predictions as SimpleCIL).
 """
 
@@ -54,8 +58,8 @@ class APER(FirstSessionPetl):
         return torch.cat([pretrained, self.backbone(x)], dim=1)
 
     def on_task_end(self, ctx: TaskContext) -> None:
-        """Freeze after the first task; set each new class's prototype to its mean embedding."""
+        """Freeze after the first task; set each new class's prototype to its mean embedding (DIL: add the
+        domain's images to the running mean)."""
         super().on_task_end(ctx)
         features, labels = self.extract_features(ctx, ctx.train_eval_set)
-        classes = torch.unique(labels)
-        self.head.set_prototypes(classes, torch.stack([features[labels == c].mean(dim=0) for c in classes]))
+        self.head.fit(features, labels, accumulate=ctx.scenario.domain_incremental)

@@ -62,6 +62,10 @@ class Capabilities:
     task_conditioned: bool = False
     #: ``predict`` returns the task chosen for each image (task-specific parameters picked at test time).
     selects_task: bool = False
+    #: The method learns correctly when tasks revisit the same classes (``scenario=dil``: every task holds all
+    #: classes in a new domain; the head is sized at task 0 and never grows). Methods without it are refused
+    #: under DIL before anything is built (:func:`cl_bench.compatibility.check_method_fits_scenario`).
+    domain_incremental: bool = False
 
 
 @dataclass
@@ -289,10 +293,12 @@ class ContinualModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
-        """Called before training task ``ctx.task``: records it and grows the head by its classes."""
+        """Called before training task ``ctx.task``: records it and grows the head by its new classes (under
+        DIL only the first domain brings any)."""
         self.task = ctx.task
         self.task_incremental = ctx.scenario.task_incremental
-        self.head.add_task(ctx.task.num_classes)
+        if ctx.task.new_classes:
+            self.head.add_task(ctx.task.new_classes)
 
     def train_dataset(self, ctx: TaskContext) -> Dataset | None:
         """The dataset the default phase fits on (``None`` or ``epochs == 0``: no gradient training)."""
@@ -458,14 +464,15 @@ class ContinualModule(pl.LightningModule):
         return {
             "task": None
             if task is None
-            else [task.index, task.start, task.stop, list(task.original_classes)],
+            else [task.index, task.start, task.stop, list(task.original_classes), task.domain],
             "task_incremental": self.task_incremental,
         }
 
     def restore_structure(self, structure: dict[str, Any]) -> None:
         """Grow a freshly built method to ``structure`` (before its ``state_dict`` is loaded)."""
         task = structure["task"]
-        self.task = None if task is None else Task(task[0], task[1], task[2], tuple(task[3]))
+        # saved before DIL existed: four fields, no domain
+        self.task = None if task is None else Task(task[0], task[1], task[2], tuple(task[3]), *task[4:5])
         self.task_incremental = bool(structure["task_incremental"])
 
     def method_state(self, training: bool = True) -> dict[str, Any]:

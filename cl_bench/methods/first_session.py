@@ -1,10 +1,14 @@
 """First-session parameter-efficient tuning, shared by RanPAC (:mod:`cl_bench.methods.ranpac`) and APER
 (:mod:`cl_bench.methods.aper`): a PET module (:mod:`cl_bench.modules.peft`) trained with a cosine head on the
 first task only (one ``train`` phase), then frozen with the backbone; later tasks have no training phase.
+
+Under ``scenario=dil`` the first task is the first domain with every class, as in RanPAC's DIL branch
+(``trainer.py``: Phase 1 on the first domain, ``dil_init`` then skips it for the others).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ class FirstSessionPetl(ContinualModule):
         cosine_sigma: the initial scale of the first-session cosine head.
     """
 
+    CAPABILITIES = Capabilities(domain_incremental=True)
     #: Set when the first task ends: the backbone never trains again.
     backbone_frozen: bool = False
 
@@ -70,7 +75,7 @@ class FirstSessionPetl(ContinualModule):
     @property
     def capabilities(self) -> Capabilities:
         """The backbone is frozen (features cached by the evaluator) once the first task is learnt."""
-        return Capabilities(frozen_backbone=self.backbone_frozen)
+        return replace(self.CAPABILITIES, frozen_backbone=self.backbone_frozen)
 
     def phases(self, ctx: TaskContext) -> list[Phase]:
         """The first task's PET training; no training phase after it."""

@@ -42,6 +42,22 @@ The official ``eval_task`` then keeps the better of the aggregate and the fast l
 test labels*; cl_bench does not: ``forward`` is the aggregate (the method's result) and the fast learner's
 and slow learner's accuracies are reported beside it (:meth:`SAFE.predict`'s alternatives ``fast``, ``slow``).
 
+**Domain-incremental scenarios** (``scenario=dil``; the DIL branch of the code's ``trainer.py``, taken from
+RanPAC: DomainNet's domains real, quickdraw, painting, sketch, infograph, clipart, 345 classes each). Every
+task holds all classes, so the heads cover all of them from the first domain on and never grow. The trainer
+resets ``_cur_task`` to -1 and ``_known_classes`` to 0 before each domain and sets ``dil_init`` after the
+first, so the code runs session 1 (slow learner, transfer loss, cosine head over all classes, then both
+``sigma`` reset and the RanPAC heads set up) on the first domain only, and for every later domain *no training
+at all*: the fast learner stays the slow learner's copy, both ridge heads add the domain's features to the
+shared ``G``/``Q`` and are re-solved, and ``eval_task`` (``_cur_task`` is 0 again) predicts with the fast
+learner alone, never the aggregate. That is the default here (``domain_sessions=heads_only``);
+``domain_sessions=train_fast`` instead trains the fast learner on each later domain like a later CIL session
+(``later_epochs``, alignment and cross-classification against every class's slow prototype) and aggregates,
+which the code never does. The code reports top-1 on the union of all six domains' test sets after every
+domain (RanPAC's ``domainnet`` loader puts every domain's test list in each domain's test set); cl_bench's DIL
+evaluation gives every domain's accuracy and ``last_acc`` is that union's (:mod:`cl_bench.metrics`). The code
+also rebuilds the pre-trained model for the transfer loss at every domain, which changes nothing.
+
 Ablation switches: each loss weight (0 turns it off), ``aggregation`` (``entropy``, ``fast``, ``slow``,
 ``add``, ``max``), ``later_epochs=0`` (no fast learner), ``ridge_stats``, ``imprint_slow_protos``.
 
@@ -51,6 +67,9 @@ Deviations from the official code (each with the switch that gives the other beh
   slow learners' accuracies are reported beside the aggregate instead);
 * ``share_forward_pass=true`` reuses the CE pass's features for the transfer/alignment losses instead of
   the code's second forward pass (faster; differs through the adapter's dropout); default off, as the code;
+* under DIL, later domains reuse the fast learner's features for the slow head instead of a second pass
+  through the identical slow copy (the same numbers, one pass less); ``domain_sessions=train_fast`` is not
+  the code (above);
 * ``reset_sigma=false`` keeps the trained session-1 ``sigma`` in both learners,
   ``independent_projections=true`` uses the second ``W_rand`` that ``setup_RP_branch`` draws, and
   ``ridge_stats=separate`` and ``imprint_slow_protos=true`` follow the paper's figure: all four differ from
@@ -71,12 +90,13 @@ from torch import nn
 
 from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import ContinualModule, Phase, Prediction, TaskContext
+from cl_bench.methods.base import Capabilities, ContinualModule, Phase, Prediction, TaskContext
 from cl_bench.modules.analytic_heads import CosineLinear, RandomProjectionRidgeHead, ridge_grid
 from cl_bench.modules.peft import attach_peft, freeze_all_but_peft, independent_copy, peft_disabled
 
 AGGREGATIONS = ("entropy", "fast", "slow", "add", "max")
 RIDGE_STATS = ("shared", "separate")
+DOMAIN_SESSIONS = ("heads_only", "train_fast")
 
 
 def transfer_loss(
@@ -139,8 +159,11 @@ class SAFE(ContinualModule):
         share_forward_pass: reuse the CE pass's features for the extra losses (default: a second pass).
         reset_sigma: after session 1, set both cosine heads' ``sigma`` back to ``cosine_sigma`` (code).
         independent_projections: give the slow head its own ``W_rand`` (default: the fast one's, as the code).
+        domain_sessions: under DIL, what the domains after the first do: ``heads_only`` (code: refit the
+            ridge heads, predict with the fast learner) or ``train_fast`` (train and aggregate as in CIL).
     """
 
+    CAPABILITIES = Capabilities(domain_incremental=True)
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # its PET module (no peft=none)
 
     def __init__(
@@ -166,6 +189,7 @@ class SAFE(ContinualModule):
         share_forward_pass: bool = False,
         reset_sigma: bool = True,
         independent_projections: bool = False,
+        domain_sessions: str = "heads_only",
         epochs: int = 20,
         batch_size: int = 48,
         **base_args: Any,
@@ -174,6 +198,10 @@ class SAFE(ContinualModule):
             raise ConfigError(f"method.aggregation={aggregation!r}: choose one of {list(AGGREGATIONS)}")
         if ridge_stats not in RIDGE_STATS:
             raise ConfigError(f"method.ridge_stats={ridge_stats!r}: choose one of {list(RIDGE_STATS)}")
+        if domain_sessions not in DOMAIN_SESSIONS:
+            raise ConfigError(
+                f"method.domain_sessions={domain_sessions!r}: choose one of {list(DOMAIN_SESSIONS)}"
+            )
         if min(diag_weight, redundancy_weight, align_weight, cross_weight) < 0 or later_epochs < 0:
             raise ConfigError("SAFE's loss weights and method.later_epochs must be >= 0")
         if peft == "none":
@@ -195,6 +223,7 @@ class SAFE(ContinualModule):
         self.share_forward_pass = share_forward_pass
         self.cosine_sigma = cosine_sigma
         self.reset_sigma = reset_sigma
+        self.domain_sessions = domain_sessions
         ridges = ridge_grid(*ridge_exponents)
         self.cosine_head = CosineLinear(backbone.feat_dim, cosine_sigma)
         self.head: nn.Module = RandomProjectionRidgeHead(backbone.feat_dim, rp_dim, ridges)
@@ -211,17 +240,31 @@ class SAFE(ContinualModule):
 
     # ----------------------------------------------------------------- task hooks
     def on_task_start(self, ctx: TaskContext) -> None:
-        """Grow the heads (the cosine head's new rows: uniform in session 1, zero later)."""
+        """Grow the heads by the task's new classes (the cosine head's new rows: uniform in session 1, zero
+        later; under DIL only the first domain brings classes)."""
         super().on_task_start(ctx)
-        self.slow_head.add_task(ctx.task.num_classes)
+        new = ctx.task.new_classes
+        if not new:
+            return
+        self.slow_head.add_task(new)
         first = ctx.task.index == 0
-        self.cosine_head.add_task(ctx.task.num_classes, init="uniform" if first else "zeros")
+        self.cosine_head.add_task(new, init="uniform" if first else "zeros")
         if self.slow_cosine is not None:
-            self.slow_cosine.add_task(ctx.task.num_classes, init="zeros")
+            self.slow_cosine.add_task(new, init="zeros")
+
+    @property
+    def fast_learner_frozen(self) -> bool:
+        """Under DIL with ``domain_sessions=heads_only`` (the code) the fast learner is never trained after
+        the first domain: it stays the slow learner's copy and predicts alone."""
+        return self.task is not None and self.task.domain is not None and self.domain_sessions == "heads_only"
 
     def phases(self, ctx: TaskContext) -> list[Phase]:
-        """Session 1 trains for ``epochs`` (the slow learner), later sessions for ``later_epochs``."""
-        epochs = self.epochs if ctx.task.index == 0 else self.later_epochs
+        """Session 1 trains for ``epochs`` (the slow learner), later sessions for ``later_epochs`` (none for
+        later DIL domains with ``domain_sessions=heads_only``)."""
+        if ctx.task.index == 0:
+            epochs = self.epochs
+        else:
+            epochs = 0 if self.fast_learner_frozen else self.later_epochs
         return [Phase("train", epochs, ctx.train_set, self.batch_size)]
 
     def on_task_end(self, ctx: TaskContext) -> None:
@@ -236,8 +279,9 @@ class SAFE(ContinualModule):
                     self.slow_cosine.sigma.fill_(self.cosine_sigma)
         assert self.slow_backbone is not None and self.slow_cosine is not None
         fast, labels = self.extract_features(ctx, ctx.train_eval_set)
-        # at the end of session 1 the slow learner is an exact copy: its features are the fast ones
-        if ctx.task.index == 0:
+        # at the end of session 1 the slow learner is an exact copy: its features are the fast ones (and stay
+        # so while the fast learner is frozen under DIL)
+        if ctx.task.index == 0 or self.fast_learner_frozen:
             slow = fast
         else:
             slow, _ = self.extract_features(ctx, ctx.train_eval_set, self.slow_backbone)
@@ -280,7 +324,7 @@ class SAFE(ContinualModule):
     def cross_classification(self, fast: torch.Tensor, slow: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``L_s2f + L_f2s``: each cosine head classifies the other learner's old prototypes and features."""
         assert self.task is not None and self.slow_cosine is not None
-        known = self.task.start
+        known = self.task.known_classes
         targets = torch.cat([torch.arange(known, device=y.device), y])
         slow_to_fast = self.cosine_head(torch.cat([self.slow_cosine.weight[:known], slow]))
         fast_to_slow = self.slow_cosine(torch.cat([self.cosine_head.weight[:known], fast]))
@@ -327,9 +371,10 @@ class SAFE(ContinualModule):
         return fast, self.slow_cosine.sigma * self.slow_head(self.slow_backbone(x))
 
     def combine(self, fast: torch.Tensor, slow: torch.Tensor | None) -> torch.Tensor:
-        """The aggregate of the two learners (session 1: the fast learner, as the code)."""
-        first_session = self.task is None or self.task.index == 0
-        if slow is None or (first_session and self.aggregation != "slow"):
+        """The aggregate of the two learners (session 1, and every DIL domain with the fast learner frozen: the
+        fast learner, as the code)."""
+        fast_only = self.task is None or self.task.index == 0 or self.fast_learner_frozen
+        if slow is None or (fast_only and self.aggregation != "slow"):
             return fast
         return aggregate(fast, slow, self.aggregation, self.gamma)
 

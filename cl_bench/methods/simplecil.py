@@ -5,11 +5,14 @@ The pre-trained model is frozen and never trained. After each task, every new cl
 mean embedding of its training images under the test transform; prediction is
 ``argmax_c cos(f(x), mu_c)`` (a cosine classifier whose weights are the prototypes). No hyperparameters
 beyond the backbone.
+
+Domain-incremental scenarios (``scenario=dil``, not in the paper): a class's prototype is the mean over every
+image of it in the domains seen so far (its feature sum is accumulated), as the NCM of RanPAC's and SAFE's
+DIL branch (``replace_fc``: ``fc.weight[c] += sum``).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from cl_bench.backbones.base import Backbone
@@ -20,7 +23,7 @@ from cl_bench.modules.heads import PrototypeHead
 class SimpleCIL(ContinualModule):
     """Frozen backbone + class-mean prototypes with a cosine classifier; no gradient training."""
 
-    CAPABILITIES = Capabilities(frozen_backbone=True)
+    CAPABILITIES = Capabilities(frozen_backbone=True, domain_incremental=True)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone, epochs=0)
@@ -33,8 +36,7 @@ class SimpleCIL(ContinualModule):
         return []
 
     def on_task_end(self, ctx: TaskContext) -> None:
-        """Set each new class's prototype to the mean embedding of its training images."""
+        """Set each new class's prototype to the mean embedding of its training images (DIL: add the
+        domain's images to the running mean)."""
         features, labels = self.extract_features(ctx, ctx.train_eval_set)
-        classes = torch.unique(labels)
-        means = torch.stack([features[labels == c].mean(dim=0) for c in classes])
-        self.head.set_prototypes(classes, means)
+        self.head.fit(features, labels, accumulate=ctx.scenario.domain_incremental)

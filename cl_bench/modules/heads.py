@@ -79,6 +79,20 @@ class PrototypeHead(nn.Module):
             raise IndexError(f"class positions must lie in [0, {self.num_classes}), got [{low}, {high}]")
         self.prototypes[class_positions.to(self.prototypes.device)] = prototypes.to(self.prototypes)
 
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, accumulate: bool = False) -> None:
+        """Prototypes from one task's embeddings ``features`` of class positions ``labels``: each class's
+        mean embedding; with ``accumulate``, each class's *sum* is added to its stored prototype instead, for
+        tasks that revisit classes (``scenario=dil``): the cosine then compares with the mean over every
+        image of the class seen so far, as RanPAC's and SAFE's DIL ``replace_fc`` does
+        (``fc.weight[c] += sum``, "for dil, we update all classes in all tasks")."""
+        classes = torch.unique(labels)
+        stats = [features[labels == c] for c in classes]
+        if accumulate:
+            sums = torch.stack([f.sum(dim=0) for f in stats]).to(self.prototypes)
+            self.set_prototypes(classes, self.prototypes[classes.to(self.prototypes.device)] + sums)
+        else:
+            self.set_prototypes(classes, torch.stack([f.mean(dim=0) for f in stats]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine scores in float32 whatever the autocast (:mod:`cl_bench.modules.precision`)."""
         with float32(x.device):
