@@ -212,7 +212,7 @@ def _run(
             doc = document("incomplete")
             if main:
                 write_results(run_dir, doc)
-            log_task(tracker, doc, task.index, len(tasks), seconds)
+            log_task(tracker, doc, task.index, len(tasks), seconds, exp.scenario.domain_incremental)
             progress.task_done(task.index, time.perf_counter() - start)
             if main and cfg.save_checkpoints and task.index + 1 < len(tasks):
                 checkpoint_run(run_dir, method, state, tracker, config)
@@ -270,14 +270,18 @@ def log_start(cfg: DictConfig, exp: Experiment, run_dir: Path) -> None:
     )
 
 
-def log_task(tracker: Tracker, doc: dict[str, Any], task: int, n_tasks: int, seconds: float) -> None:
-    """The console line and the tracker's metrics after task ``task``."""
+def log_task(
+    tracker: Tracker, doc: dict[str, Any], task: int, n_tasks: int, seconds: float, domains: bool = False
+) -> None:
+    """The console line and the tracker's metrics after task ``task`` (``domains``: DIL, whose accuracy
+    covers every domain)."""
     task_acc = doc["acc_matrix"][-1][task]
     log.info(
-        "task %d/%d: acc on this task %.2f, on all seen tasks %.2f, %.1fs",
+        "task %d/%d: acc on this task %.2f, on all %s %.2f, %.1fs",
         task + 1,
         n_tasks,
         task_acc,
+        "domains" if domains else "seen tasks",
         doc["last_acc"],
         seconds,
     )

@@ -105,3 +105,28 @@ class TinyBackbone(LinearBackbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.fc(x))
+
+
+def write_domainnet(
+    root: Path, domains: Sequence[str], classes: Sequence[str], n_train: int = 4, n_test: int = 2, size: int = 16
+) -> None:
+    """A tiny DomainNet in its release layout: ``<domain>/<class>/<image>.jpg`` and the split lists
+    ``<domain>_{train,test}.txt`` of ``<domain>/<class>/<image> <label>`` lines. Class ``c`` is tinted by its
+    colour channel (``c % 3``) and level, each domain by its brightness, with a little noise."""
+    from torchvision.io import encode_jpeg
+
+    generator = torch.Generator().manual_seed(0)
+    for d, domain in enumerate(domains):
+        for split, n in (("train", n_train), ("test", n_test)):
+            lines = []
+            for label, name in enumerate(classes):
+                for k in range(n):
+                    rel = f"{domain}/{name}/{domain}_{name}_{split}_{k}.jpg"
+                    image = torch.full((3, size, size), 40.0 + 30.0 * d)
+                    image[label % 3] += 60.0 + 40.0 * (label // 3)
+                    image += 8.0 * torch.randn(3, size, size, generator=generator)
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    pixels = image.clamp(0, 255).to(torch.uint8)
+                    (root / rel).write_bytes(encode_jpeg(pixels, quality=95).numpy().tobytes())
+                    lines.append(f"{rel} {label}")
+            (root / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")

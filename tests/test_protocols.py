@@ -1,6 +1,7 @@
 """Every method in every protocol: ``protocol=P method=M`` composes and validates (no training) unless the
-method declares it cannot run on P's backbone; paper presets are protocol + method; tuned values and the
-shared budget reach exactly the methods they are meant for."""
+method declares it cannot run on P's backbone, or P is domain-incremental and the method does not declare
+that it can learn it; paper presets are protocol + method; tuned values and the shared budget reach exactly
+the methods they are meant for."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cl_bench.compatibility import UnsupportedBackboneError
+from cl_bench.compatibility import UnsupportedBackboneError, UnsupportedScenarioError
 from cl_bench.config import validate_config
 
 
@@ -25,6 +26,8 @@ METHODS = options("method")
 #: Methods that need a ViT (PET modules, LoRA) or LayerNorms, and those that need conv + BatchNorm.
 VIT_ONLY = {"aper", "ranpac", "safe", "slca_pp", "lnt", "l2p", "dualprompt", "coda_prompt", "ease"}
 CNN_ONLY = {"confit"}
+#: Methods that can learn domain-incremental scenarios (scenario=dil).
+DIL_METHODS = {"seq_ft", "simplecil", "ranpac", "aper", "safe"}
 
 
 def compose_many(*runs: list[str]) -> list:
@@ -46,12 +49,16 @@ def test_every_method_composes_and_validates_in_the_protocol(protocol: str) -> N
         assert cfg.method.name == method
         try:
             validate_config(cfg)
-        except UnsupportedBackboneError as exc:
+        except (UnsupportedBackboneError, UnsupportedScenarioError) as exc:
             unsupported[method] = str(exc)
-    expected = CNN_ONLY if is_vit(configs[0]) else VIT_ONLY
-    assert set(unsupported) == expected, unsupported
-    for method, reason in unsupported.items():
-        assert f"method={method} cannot run on the backbone" in reason and "it needs" in reason
+    wrong_backbone = CNN_ONLY if is_vit(configs[0]) else VIT_ONLY
+    wrong_scenario = set(METHODS) - DIL_METHODS if configs[0].scenario.type == "dil" else set()
+    assert set(unsupported) == wrong_backbone | wrong_scenario, unsupported
+    for method, reason in unsupported.items():  # the backbone is checked first
+        if method in wrong_backbone:
+            assert f"method={method} cannot run on the backbone" in reason and "it needs" in reason
+        else:
+            assert f"method={method} cannot run scenario=dil" in reason and "domain_incremental" in reason
 
 
 def test_peft_none_and_no_lora_run_on_a_cnn() -> None:

@@ -62,3 +62,20 @@ def test_baselines_compose_in_the_safe_protocol(method: str) -> None:
     validate_config(cfg)
     assert cfg.method.name == method and cfg.method.peft == "adapter"
     assert (cfg.method.epochs, cfg.method.batch_size, cfg.method.lr) == (20, 48, 0.01)
+
+
+def test_safe_domain_incremental_domainnet_preset() -> None:
+    """The DIL branch of SAFE's trainer.py: the six domains in the code's order, all 345 classes each,
+    identity class order; RanPAC's DomainNet PET (adapter on in21k-ft-in1k) and inputs."""
+    cfg = compose_config("experiment=safe/domainnet_dil")
+    validate_config(cfg)
+    assert cfg.method.name == "safe" and cfg.dataset.name == "domainnet" and cfg.scenario.type == "dil"
+    assert list(cfg.scenario.domains) == ["real", "quickdraw", "painting", "sketch", "infograph", "clipart"]
+    assert (cfg.scenario.n_tasks, cfg.scenario.order_seed, cfg.dataset.domains) == (6, None, None)
+    assert cfg.method.domain_sessions == "heads_only" and cfg.method.peft == "adapter"
+    assert (cfg.method.epochs, cfg.method.batch_size, cfg.method.lr, cfg.method.rp_dim) == (20, 48, 0.01, 10000)
+    assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    assert (cfg.transform.eval_resize, list(cfg.transform.rrc_scale)) == (256, [0.05, 1.0])
+    assert list(cfg.transform.mean) == [0.0, 0.0, 0.0] and list(cfg.transform.std) == [1.0, 1.0, 1.0]
+    for method in ("seq_ft", "simplecil", "ranpac", "aper"):
+        validate_config(compose_config("experiment=safe/domainnet_dil", f"method={method}"))

@@ -126,6 +126,23 @@ def test_domainnet_lists_mix_domains(tmp_path: Path) -> None:
         load_domainnet(str(root), domains=["photos"])
 
 
+def test_domainnet_images_keep_their_domain(tmp_path: Path) -> None:
+    from helpers import write_domainnet
+
+    from cl_bench.data.listed import load_domainnet
+
+    root = tmp_path / "domainnet"
+    write_domainnet(root, ["real", "sketch", "clipart"], ["apple", "bus"], n_train=3, n_test=2)
+    data = load_domainnet(str(root), domains=["sketch", "real", "clipart"])
+    assert data.domain_names == ["sketch", "real", "clipart"] and data.class_names == ["apple", "bus"]
+    for split, ids in (("train", data.train_domains), ("test", data.test_domains)):
+        images = getattr(data, split)
+        assert len(ids) == len(images) == 3 * 2 * (3 if split == "train" else 2)
+        folders = [Path(p).relative_to(root).parts[0] for p in images.paths]
+        assert folders == [data.domain_names[i] for i in ids]
+        assert data.domain_indices(split, "real").tolist() == [k for k, f in enumerate(folders) if f == "real"]
+
+
 def test_flowers102_official_and_stratified_splits(tmp_path: Path) -> None:
     import numpy as np
     from scipy.io import savemat
