@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 import cl_bench.config  # noqa: F401  (registers the schemas and the budget resolver)
 from cl_bench import sweeps
-from cl_bench.compatibility import UnsupportedBackboneError
+from cl_bench.compatibility import UnsupportedBackboneError, UnsupportedScenarioError
 from cl_bench.config import options_with_key
 from cl_bench.errors import ClBenchError
 
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         doc = run_experiment(cfg)
-    except UnsupportedBackboneError as exc:
+    except (UnsupportedBackboneError, UnsupportedScenarioError) as exc:
         if not in_sweep:
             print(f"cl-bench: error: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -125,9 +125,9 @@ def check_method_fits_scenario(cfg: DictConfig, method_cls: type) -> None:
     method = cfg.method.get("name", method_cls.__name__)
     raise UnsupportedScenarioError(
         f"method={method} cannot run scenario=dil: it does not declare Capabilities.domain_incremental (it "
-        "assumes each task brings new classes: a growing head, per-task losses, distillation or replay of old "
-        f"tasks' classes, or one merged task). Choose a method that does ({', '.join(dil_methods())}), or "
-        "scenario=cil."
+        "assumes each task brings new classes: a growing head, per-task losses, distillation or replay of "
+        f"old tasks' classes, or one merged task). Choose a method that does ({', '.join(dil_methods())}), "
+        "or scenario=cil."
     )
 
 

@@ -326,11 +326,13 @@ def _base_benchmark(config: dict[str, Any]) -> str:
     dataset = _section(config, "dataset").get("name", "?")
     backbone = _section(config, "backbone").get("name", "?")
     scenario = _section(config, "scenario")
-    split = (
-        f"B{scenario.get('init_classes')} Inc{scenario['increment']}"
-        if scenario.get("increment")
-        else f"{scenario.get('n_tasks', '?')} tasks"
-    )
+    if scenario.get("type") == "dil":  # the tasks are the domains (n_tasks does not count them)
+        domains = scenario.get("domains")
+        split = "domains " + ",".join(map(str, domains)) if domains else "all domains"
+    elif scenario.get("increment"):
+        split = f"B{scenario.get('init_classes')} Inc{scenario['increment']}"
+    else:
+        split = f"{scenario.get('n_tasks', '?')} tasks"
     return f"{dataset} · {backbone} · {scenario.get('type', '?')} {split}"
 
 

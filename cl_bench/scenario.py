@@ -160,7 +160,11 @@ def task_sizes(
 
 
 def domain_tasks(
-    order: list[int], wanted: list[str] | None, domain_names: list[str] | None, dataset: str, n_tasks: int | None
+    order: list[int],
+    wanted: list[str] | None,
+    domain_names: list[str] | None,
+    dataset: str,
+    n_tasks: int | None,
 ) -> list[Task]:
     """DIL: one task per domain of ``wanted`` (default: the dataset's ``domain_names`` in their order), each
     holding every class of ``order``."""
@@ -178,7 +182,12 @@ def domain_tasks(
             f"{list(domain_names)}" + (f" (unknown: {unknown})" if unknown else "")
         )
     if n_tasks is not None and n_tasks != len(domains):
-        log.info("scenario=dil: %d domains give %d tasks (scenario.n_tasks=%s ignored)", len(domains), len(domains), n_tasks)
+        log.info(
+            "scenario=dil: %d domains give %d tasks (scenario.n_tasks=%s ignored)",
+            len(domains),
+            len(domains),
+            n_tasks,
+        )
     return [Task(index, 0, len(order), tuple(order), domain) for index, domain in enumerate(domains)]
 
 

@@ -4,7 +4,8 @@
   (``3_method=lwf,seed=1``; paths shortened to their last two parts, at most :data:`MAX_SLUG` characters), so
   no override nests folders. Each job's full overrides stay in its ``.hydra/overrides.yaml``.
 * Each job that fails writes ``error.txt`` (message first, then the traceback) in its folder, one whose method
-  cannot run on the backbone writes ``skipped.txt`` (the reason); the sweep goes on with its other jobs.
+  cannot run on the backbone or the scenario (DIL) writes ``skipped.txt`` (the reason); the sweep goes on with
+  its other jobs.
 * When the sweep ends, :class:`SweepCallback` prints one screen: how many jobs completed, failed or were
   skipped, the first error line of each failed job, and the ``cl-bench-report`` command that compares them.
 
@@ -136,7 +137,7 @@ def summary(sweep_dir: Path, outcomes: Sequence[JobOutcome]) -> str:
         f"sweep {sweep_dir}: {len(outcomes)} jobs, {counts['complete']} complete, {counts['failed']} failed"
     )
     if counts["skipped"]:
-        head += f", {counts['skipped']} skipped (the method cannot run on the backbone)"
+        head += f", {counts['skipped']} skipped (the method cannot run on the backbone or scenario)"
     lines = [head]
     listed = [o for o in outcomes if o.status != "complete"]
     for o in listed[:MAX_LISTED]:

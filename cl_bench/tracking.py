@@ -216,7 +216,9 @@ def task_metrics(task: int, doc: dict[str, Any]) -> dict[str, float]:
         "bwt": doc["bwt"],
         "task_acc": doc["acc_matrix"][task][task],
         "mean_task_acc": mean_task_accuracy(doc["acc_matrix"], task),
-        "til_mean_task_acc": mean_task_accuracy(doc["til_acc_matrix"], task) if doc["til_acc_matrix"] else None,
+        "til_mean_task_acc": mean_task_accuracy(doc["til_acc_matrix"], task)
+        if doc["til_acc_matrix"]
+        else None,
         **{name: mean_task_accuracy(m, task) for name, m in doc["extra_matrices"].items()},
         "task_time_s": doc["task_time_s"][task] if task < len(doc["task_time_s"]) else None,
     }

@@ -100,7 +100,7 @@ def validate_data(data: ClassificationData, scenario: Scenario) -> None:
         for split_name in ("train", "test"):
             if len(data.domain_indices(split_name, task.domain)) == 0:
                 raise DataError(
-                    f"dataset {data.name}: domain {task.domain!r} (task {task.index} of scenario.domains) has "
-                    f"no {split_name} images; check the dataset's files or leave the domain out of "
+                    f"dataset {data.name}: domain {task.domain!r} (task {task.index} of scenario.domains) "
+                    f"has no {split_name} images; check the dataset's files or leave the domain out of "
                     "scenario.domains"
                 )

@@ -108,7 +108,12 @@ class TinyBackbone(LinearBackbone):
 
 
 def write_domainnet(
-    root: Path, domains: Sequence[str], classes: Sequence[str], n_train: int = 4, n_test: int = 2, size: int = 16
+    root: Path,
+    domains: Sequence[str],
+    classes: Sequence[str],
+    n_train: int = 4,
+    n_test: int = 2,
+    size: int = 16,
 ) -> None:
     """A tiny DomainNet in its release layout: ``<domain>/<class>/<image>.jpg`` and the split lists
     ``<domain>_{train,test}.txt`` of ``<domain>/<class>/<image> <label>`` lines. Class ``c`` is tinted by its

@@ -73,7 +73,12 @@ def test_safe_domain_incremental_domainnet_preset() -> None:
     assert list(cfg.scenario.domains) == ["real", "quickdraw", "painting", "sketch", "infograph", "clipart"]
     assert (cfg.scenario.n_tasks, cfg.scenario.order_seed, cfg.dataset.domains) == (6, None, None)
     assert cfg.method.domain_sessions == "heads_only" and cfg.method.peft == "adapter"
-    assert (cfg.method.epochs, cfg.method.batch_size, cfg.method.lr, cfg.method.rp_dim) == (20, 48, 0.01, 10000)
+    assert (cfg.method.epochs, cfg.method.batch_size, cfg.method.lr, cfg.method.rp_dim) == (
+        20,
+        48,
+        0.01,
+        10000,
+    )
     assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k_ft_in1k"
     assert (cfg.transform.eval_resize, list(cfg.transform.rrc_scale)) == (256, [0.05, 1.0])
     assert list(cfg.transform.mean) == [0.0, 0.0, 0.0] and list(cfg.transform.std) == [1.0, 1.0, 1.0]

@@ -90,7 +90,9 @@ def test_domain_ids_are_checked() -> None:
     with pytest.raises(DataError, match="together"):
         ClassificationData("x", data.train, data.test, data.class_names, domain_names=DOMAINS)
     with pytest.raises(DataError, match="train_domains must hold one integer domain id per image"):
-        ClassificationData("x", data.train, data.test, data.class_names, True, DOMAINS, np.zeros(3), np.zeros(12))
+        ClassificationData(
+            "x", data.train, data.test, data.class_names, True, DOMAINS, np.zeros(3), np.zeros(12)
+        )
     with pytest.raises(DataError, match="test_domains span"):
         ClassificationData(
             "x", data.train, data.test, data.class_names, True, DOMAINS, data.train_domains, np.full(12, 3)
@@ -136,11 +138,16 @@ def test_every_domain_is_evaluated_after_each_task_and_there_is_no_til_row() -> 
     module = _module_with_fixed_head()
     scenario = build_scenario(dil(), 3, DOMAINS)
     g = torch.Generator().manual_seed(1)
-    sets = [TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (5, 9, 7)]
+    sets = [
+        TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+        for n in (5, 9, 7)
+    ]
     rows = Evaluator(scenario, sets, batch_size=4).evaluate_rows(module, upto=0)
     assert rows.til == [] and len(rows.cil) == 3  # the domains not learnt yet too
     with torch.no_grad():
-        expected = [100.0 * float((module(x).argmax(1) == y).float().mean()) for x, y in (s.tensors for s in sets)]
+        expected = [
+            100.0 * float((module(x).argmax(1) == y).float().mean()) for x, y in (s.tensors for s in sets)
+        ]
     assert rows.cil == pytest.approx(expected)
 
 
@@ -176,6 +183,19 @@ def test_results_and_tracking_without_a_til_matrix() -> None:
     assert logged["acc/task_01"] == 60.0 and logged["eval/acc_after_task"] == doc["last_acc"]
 
 
+def test_report_names_a_dil_benchmark_by_its_domains() -> None:
+    from cl_bench.report import _base_benchmark
+
+    config = {
+        "dataset": {"name": "domainnet"},
+        "backbone": {"name": "vit"},
+        "scenario": {"type": "dil", "n_tasks": 5},
+    }
+    assert _base_benchmark(config) == "domainnet · vit · dil all domains"
+    config["scenario"]["domains"] = ["real", "sketch"]
+    assert _base_benchmark(config) == "domainnet · vit · dil domains real,sketch"
+
+
 def test_heads_are_sized_at_the_first_domain_and_never_grow() -> None:
     module = SequentialFineTuning(TinyBackbone(), epochs=0)
     scenario = build_scenario(dil(), 4, DOMAINS)
@@ -206,7 +226,9 @@ def test_prototypes_average_every_domain_seen() -> None:
     replaced = PrototypeHead(5)
     replaced.add_task(3)
     replaced.fit(first, labels_1)
-    torch.testing.assert_close(replaced.prototypes, torch.stack([first[labels_1 == c].mean(0) for c in range(3)]))
+    torch.testing.assert_close(
+        replaced.prototypes, torch.stack([first[labels_1 == c].mean(0) for c in range(3)])
+    )
 
 
 def test_methods_that_cannot_learn_dil_are_refused_with_the_reason() -> None:
@@ -297,3 +319,19 @@ def test_safe_runs_its_official_dil_branch(run_tiny, domainnet: list[str]) -> No
     extra = doc["extra_matrices"]
     assert set(extra) == {"fast_acc", "slow_acc"}
     assert extra["fast_acc"] == doc["acc_matrix"]  # the code predicts with the fast learner at every domain
+
+
+@pytest.mark.parametrize("method", ["ranpac", "aper"])
+def test_first_session_methods_adapt_on_the_first_domain_only(
+    run_tiny, domainnet: list[str], method: str
+) -> None:
+    doc, _ = run_tiny(
+        *domainnet,
+        f"method={method}",
+        "method.epochs=1",
+        "method.batch_size=8",
+        "method.adapter_bottleneck=8",
+        *(["method.rp_dim=64"] if method == "ranpac" else []),
+    )
+    _check_dil_document(doc)
+    assert doc["task_time_s"][0] > 0

@@ -110,7 +110,7 @@ def test_summary_counts_complete_failed_and_skipped_jobs(tmp_path: Path) -> None
     assert [f.name.split("_")[0] for f in folders] == ["0", "1", "2", "10", "11", "12"]
     text = summary(tmp_path, [job_outcome(f) for f in folders])
     assert text.splitlines()[0].endswith(
-        "6 jobs, 1 complete, 4 failed, 1 skipped (the method cannot run on the backbone)"
+        "6 jobs, 1 complete, 4 failed, 1 skipped (the method cannot run on the backbone or scenario)"
     )
     assert "1_method=lwf: the training loss became nan at task 1" in text and "Traceback" not in text
     assert "stopped after 1 task(s)" in text and "no results.json" in text and "unreadable" in text

@@ -107,8 +107,8 @@ class ClassificationData:
         ids = np.asarray(ids)
         if ids.shape != (len(split),) or not (len(ids) == 0 or np.issubdtype(ids.dtype, np.integer)):
             raise DataError(
-                f"{self.name}: {split_name}_domains must hold one integer domain id per image ({len(split)}), "
-                f"got shape {ids.shape} of {ids.dtype}"
+                f"{self.name}: {split_name}_domains must hold one integer domain id per image "
+                f"({len(split)}), got shape {ids.shape} of {ids.dtype}"
             )
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.domain_names)):
             raise DataError(

@@ -57,6 +57,8 @@ which the code never does. The code reports top-1 on the union of all six domain
 domain (RanPAC's ``domainnet`` loader puts every domain's test list in each domain's test set); cl_bench's DIL
 evaluation gives every domain's accuracy and ``last_acc`` is that union's (:mod:`cl_bench.metrics`). The code
 also rebuilds the pre-trained model for the transfer loss at every domain, which changes nothing.
+(SAFE@c043ce3's ``utils/data_manager.py`` knows only ``cifar224`` and ``imageneta``, so its DIL branch cannot
+run as released; the data side here is RanPAC's, which SAFE says it follows.)
 
 Ablation switches: each loss weight (0 turns it off), ``aggregation`` (``entropy``, ``fast``, ``slow``,
 ``add``, ``max``), ``later_epochs=0`` (no fast learner), ``ridge_stats``, ``imprint_slow_protos``.
@@ -371,8 +373,8 @@ class SAFE(ContinualModule):
         return fast, self.slow_cosine.sigma * self.slow_head(self.slow_backbone(x))
 
     def combine(self, fast: torch.Tensor, slow: torch.Tensor | None) -> torch.Tensor:
-        """The aggregate of the two learners (session 1, and every DIL domain with the fast learner frozen: the
-        fast learner, as the code)."""
+        """The aggregate of the two learners (session 1, and every DIL domain with the fast learner frozen:
+        the fast learner, as the code)."""
         fast_only = self.task is None or self.task.index == 0 or self.fast_learner_frozen
         if slow is None or (fast_only and self.aggregation != "slow"):
             return fast

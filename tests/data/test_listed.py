@@ -140,7 +140,9 @@ def test_domainnet_images_keep_their_domain(tmp_path: Path) -> None:
         assert len(ids) == len(images) == 3 * 2 * (3 if split == "train" else 2)
         folders = [Path(p).relative_to(root).parts[0] for p in images.paths]
         assert folders == [data.domain_names[i] for i in ids]
-        assert data.domain_indices(split, "real").tolist() == [k for k, f in enumerate(folders) if f == "real"]
+        assert data.domain_indices(split, "real").tolist() == [
+            k for k, f in enumerate(folders) if f == "real"
+        ]
 
 
 def test_flowers102_official_and_stratified_splits(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
-"""SAFE under scenario=dil, as the DIL branch of its code (trainer.py resets the session counter per domain):
-session 1 on the first domain only, later domains only refit both ridge heads into the shared G/Q (each
-domain's features added twice, fast then slow), the fast learner predicts alone; ``domain_sessions=train_fast``
-trains and aggregates instead, its cross-classification against every class's slow prototype."""
+"""SAFE under scenario=dil, as the DIL branch of its code (trainer.py resets the session counter per
+domain): session 1 on the first domain only, later domains only refit both ridge heads into the shared G/Q
+(each domain's features added twice, fast then slow), the fast learner predicts alone;
+``domain_sessions=train_fast`` trains and aggregates instead, its cross-classification against every class's
+slow prototype."""
 
 from __future__ import annotations
 
@@ -30,9 +31,7 @@ SCENARIO = build_scenario(
 def _ctx(task: int) -> TaskContext:
     g = torch.Generator().manual_seed(task)
     shift = 1.0 if task == 0 else -1.0  # another domain: the same classes, other images
-    data = TensorDataset(
-        shift + torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % CLASSES
-    )
+    data = TensorDataset(shift + torch.randn(12, 3, 8, 8, generator=g), torch.arange(12) % CLASSES)
     return task_context(SCENARIO, task, data)
 
 
