@@ -98,7 +98,7 @@ class ScenarioConfig:
     order_seed: int | None = 1993
     class_order: list[int] | None = None
     #: ``type=dil``: the dataset's domains in the order they are learnt, one task each (``null``: the
-    #: dataset's own order); ignored otherwise.
+    #: dataset's own order); must stay ``null`` for the other types.
     domains: list[str] | None = None
 
 
@@ -473,6 +473,11 @@ def validate_config(cfg: DictConfig) -> None:
                 "scenario=dil: every task holds all classes, so scenario.init_classes and scenario.increment "
                 "must be null (the tasks are scenario.domains)"
             )
+    elif sc.domains is not None:
+        raise ConfigError(
+            f"scenario.domains is for scenario=dil (now scenario={sc.type}); to use some domains of a "
+            "dataset in class-incremental tasks set dataset.domains"
+        )
     elif sc.n_tasks is None and sc.init_classes is None:
         raise ConfigError("scenario: set scenario.n_tasks, or scenario.init_classes (and scenario.increment)")
     for key in ("n_tasks", "init_classes", "increment"):

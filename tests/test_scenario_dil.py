@@ -77,6 +77,8 @@ def test_dil_errors_name_the_field() -> None:
         build_scenario(dil(["a", "a"]), 4, DOMAINS)
     with pytest.raises(ConfigError, match="scenario.init_classes and scenario.increment must be null"):
         validate_config(compose_config("scenario=dil", "scenario.init_classes=2"))
+    with pytest.raises(ConfigError, match="scenario.domains is for scenario=dil.*dataset.domains"):
+        validate_config(compose_config("scenario.domains=[real]"))
 
 
 def test_a_dataset_without_domains_is_refused_before_training() -> None:
