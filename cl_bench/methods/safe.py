@@ -57,11 +57,14 @@ which the code never does. The code reports top-1 on the union of all six domain
 domain (RanPAC's ``domainnet`` loader puts every domain's test list in each domain's test set); cl_bench's DIL
 evaluation gives every domain's accuracy and ``last_acc`` is that union's (:mod:`cl_bench.metrics`). The code
 also rebuilds the pre-trained model for the transfer loss at every domain, which changes nothing.
-(SAFE@c043ce3's ``utils/data_manager.py`` knows only ``cifar224`` and ``imageneta``, so its DIL branch cannot
-run as released; the data side here is RanPAC's, which SAFE says it follows.)
+The branch cannot run as released: SAFE@c043ce3's ``utils/data_manager.py`` knows only ``cifar224`` and
+``imageneta``, and at the second domain ``update_fc`` would concatenate the 345 x M ridge weights with a
+0 x 768 block, which PyTorch refuses (checked with 2.14; RanPAC deletes the head first). cl_bench follows the
+branch's evident intent, and RanPAC's data side, which SAFE says it follows.
 
 Ablation switches: each loss weight (0 turns it off), ``aggregation`` (``entropy``, ``fast``, ``slow``,
-``add``, ``max``), ``later_epochs=0`` (no fast learner), ``ridge_stats``, ``imprint_slow_protos``.
+``add``, ``max``), ``later_epochs=0`` (no fast learner), ``ridge_stats``, ``imprint_slow_protos``,
+``domain_sessions`` (DIL).
 
 Deviations from the official code (each with the switch that gives the other behaviour):
 
