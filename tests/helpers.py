@@ -65,9 +65,9 @@ def task_context(
 @dataclass(frozen=True)
 class ToyTasks:
     """Random tensor data for the tasks of ``toy_scenario(sizes)``: ``n_per_class`` inputs of ``input_shape``
-    per class, labels cycling over the task's classes (``start, start + 1, ..., start, ...``: each class
-    present, every run of ``num_classes`` rows holds each once), inputs ``N(0, 1) + class_shift * label``
-    (a non-zero shift makes the classes separable)."""
+    per class, labels cycling over the task's classes (``start, start + 1, ..., start, ...``: every
+    ``num_classes`` consecutive rows hold each class once), inputs ``N(0, 1) + class_shift * label`` (a
+    non-zero shift gives each class its own mean: class-structured data)."""
 
     sizes: tuple[int, ...]
     n_per_class: int
