@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from cl_bench.backbones.base import Backbone, DataConfig
 from cl_bench.config import TrainerConfig
@@ -59,6 +60,30 @@ def task_context(
     return TaskContext(
         scenario.tasks[task], scenario, train, train if train_eval is None else train_eval, seed=seed
     )
+
+
+@dataclass(frozen=True)
+class ToyTasks:
+    """Random tensor data for the tasks of ``toy_scenario(sizes)``: ``n_per_class`` inputs of ``input_shape``
+    per class, labels cycling over the task's classes (``start, start + 1, ..., start, ...``: every
+    ``num_classes`` consecutive rows hold each class once), inputs ``N(0, 1) + class_shift * label`` (a
+    non-zero shift gives each class its own mean: class-structured data)."""
+
+    sizes: tuple[int, ...]
+    n_per_class: int
+    input_shape: tuple[int, ...]
+    class_shift: float = 0.0
+
+    def context(self, task: int, til: bool = False) -> TaskContext:
+        """The context of ``task`` (task-incremental if ``til``), its inputs drawn from seed ``task``: tasks
+        differ, and the same task's context is rebuilt identically."""
+        scenario = toy_scenario(self.sizes, til)
+        spec = scenario.tasks[task]
+        labels = spec.start + torch.arange(self.n_per_class * spec.num_classes) % spec.num_classes
+        generator = torch.Generator().manual_seed(task)
+        inputs = torch.randn(len(labels), *self.input_shape, generator=generator)
+        inputs += self.class_shift * labels.view(-1, *[1] * len(self.input_shape))
+        return task_context(scenario, task, TensorDataset(inputs, labels))
 
 
 def learn(method: ContinualModule, ctx: TaskContext) -> float:

@@ -6,23 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import task_context, toy_scenario
-from torch.utils.data import TensorDataset
+from helpers import ToyTasks
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.methods.aper import APER
-from cl_bench.methods.base import TaskContext
 from cl_bench.modules.peft import peft_disabled, peft_parameters
 
 SIZES = (3, 3)
-TASKS = toy_scenario(SIZES).tasks
-
-
-def _ctx(task: int) -> TaskContext:
-    g = torch.Generator().manual_seed(task)
-    x = torch.randn(12, 3, 8, 8, generator=g)
-    data = TensorDataset(x, torch.arange(12) % 3 + 3 * task)
-    return task_context(toy_scenario(SIZES), task, data)
+TOY = ToyTasks(SIZES, n_per_class=4, input_shape=(3, 8, 8))
 
 
 @pytest.mark.parametrize("peft", ["adapter", "vpt_shallow"])
@@ -33,7 +24,7 @@ def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_a
     )
     module = APER(backbone, peft=peft, adapter_bottleneck=4)
     assert peft_parameters(module.backbone) == [p for p in module.parameters() if p.requires_grad]
-    ctx0 = _ctx(0)
+    ctx0 = TOY.context(0)
     module.on_task_start(ctx0)
     (phase,) = module.phases(ctx0)
     assert phase.data is ctx0.train_set
@@ -41,7 +32,7 @@ def test_embedding_concatenates_pretrained_and_adapted_features_and_prototypes_a
         for p in peft_parameters(module.backbone):
             p.add_(0.5 * torch.randn_like(p))  # as after the first-session training
     module.on_task_end(ctx0)
-    ctx1 = _ctx(1)
+    ctx1 = TOY.context(1)
     module.on_task_start(ctx1)
     assert module.phases(ctx1) == []
     module.on_task_end(ctx1)

@@ -20,7 +20,8 @@ from cl_bench.methods.base import TaskContext
 from cl_bench.methods.derpp import DERPlusPlus
 
 SIZES = (2, 2)
-TASKS = toy_scenario(SIZES).tasks
+SCENARIO = toy_scenario(SIZES)
+TASKS = SCENARIO.tasks
 
 
 class TinyBackbone(Backbone):
@@ -50,10 +51,6 @@ def _sets() -> tuple[ArrayImages, list[TaskDataset]]:
     return images, sets
 
 
-def _ctx(task: int, sets: list[TaskDataset], til: bool = False) -> TaskContext:
-    return task_context(toy_scenario(SIZES, til), task, sets[task])
-
-
 def _module(**kwargs) -> DERPlusPlus:
     torch.manual_seed(0)
     return DERPlusPlus(TinyBackbone(), batch_size=4, **kwargs)
@@ -72,7 +69,7 @@ def _step(module: DERPlusPlus, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
 def test_stored_logits_are_those_at_insertion_time() -> None:
     _, sets = _sets()
     module = _module(buffer_size=8)
-    first, second, *_ = _batches(module, _ctx(0, sets))
+    first, second, *_ = _batches(module, task_context(SCENARIO, 0, sets[0]))
     with torch.no_grad():
         at_insertion = module.all_logits(first[0])
     assert at_insertion.shape == (4, 4)  # task 1's classes too, before task 1 starts
@@ -95,9 +92,9 @@ def test_stored_logits_are_those_at_insertion_time() -> None:
 def _filled(module: DERPlusPlus) -> tuple[list[TaskDataset], tuple[torch.Tensor, ...]]:
     """Module after task 0 (buffer full) with its head moved; returns the sets and a task-1 batch."""
     _, sets = _sets()
-    for batch in _batches(module, _ctx(0, sets)):
+    for batch in _batches(module, task_context(SCENARIO, 0, sets[0])):
         _step(module, batch)
-    batch = _batches(module, _ctx(1, sets))[0]
+    batch = _batches(module, task_context(SCENARIO, 1, sets[1]))[0]
     with torch.no_grad():
         module.backbone.fc.weight.add_(0.05)
     return sets, batch
@@ -146,7 +143,7 @@ def test_beta_zero_is_der_with_one_draw(monkeypatch) -> None:
 
 def test_logit_matching_is_the_mean_over_every_column_and_holds_future_classes() -> None:
     module = _module(buffer_size=4)
-    module.on_task_start(_ctx(0, _sets()[1]))
+    module.on_task_start(task_context(SCENARIO, 0, _sets()[1][0]))
     stored = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 2.0]])
     module.buffer.add(torch.arange(2), torch.tensor([0, 1]), 0, logits=stored)
     current = torch.zeros(2, 4, requires_grad=True)
@@ -161,10 +158,10 @@ def test_logit_matching_is_the_mean_over_every_column_and_holds_future_classes()
 def test_head_reserves_every_task_block_and_opens_them_in_order() -> None:
     _, sets = _sets()
     module = _module()
-    module.on_task_start(_ctx(0, sets))
+    module.on_task_start(task_context(SCENARIO, 0, sets[0]))
     assert module.head.task_sizes == [2, 2] and module.head.num_classes == 2
     future = module.head.blocks[1]
-    module.on_task_start(_ctx(1, sets))
+    module.on_task_start(task_context(SCENARIO, 1, sets[1]))
     assert module.head.blocks[1] is future and module.head.num_classes == 4  # opened, not re-created
 
 

@@ -21,7 +21,8 @@ from cl_bench.methods.er import ExperienceReplay
 from cl_bench.modules.replay import ReservoirBuffer
 
 SIZES = (2, 2)
-TASKS = toy_scenario(SIZES).tasks
+SCENARIO = toy_scenario(SIZES)
+TASKS = SCENARIO.tasks
 
 
 def _stream_counts(n_items: int, capacity: int, runs: int, chunk: int) -> np.ndarray:
@@ -104,10 +105,6 @@ def _data() -> tuple[ArrayImages, list[TaskDataset], CountingTransform]:
     return images, sets, transform
 
 
-def _ctx(task: int, sets: list[TaskDataset], til: bool = False) -> TaskContext:
-    return task_context(toy_scenario(SIZES, til), task, sets[task])
-
-
 def _steps(module: ExperienceReplay, ctx: TaskContext) -> list[tuple[torch.Tensor, ...]]:
     """Start the task and run one pass of training steps (no optimiser); returns the batches."""
     module.on_task_start(ctx)
@@ -122,7 +119,7 @@ def _steps(module: ExperienceReplay, ctx: TaskContext) -> list[tuple[torch.Tenso
 def test_first_task_fills_the_buffer_with_its_own_examples() -> None:
     _, sets, _ = _data()
     module = ExperienceReplay(TinyBackbone(), buffer_size=6, batch_size=4)
-    _steps(module, _ctx(0, sets))
+    _steps(module, task_context(SCENARIO, 0, sets[0]))
     assert int(module.buffer.num_seen) == len(sets[0]) == 20
     assert set(module.buffer.task.tolist()) == {0}
     for index, label in zip(module.buffer.index.tolist(), module.buffer.label.tolist()):
@@ -132,7 +129,7 @@ def test_first_task_fills_the_buffer_with_its_own_examples() -> None:
 def test_training_batches_join_re_read_buffer_examples_of_old_tasks(monkeypatch) -> None:
     images, sets, transform = _data()
     module = ExperienceReplay(TinyBackbone(), buffer_size=6, batch_size=4, replay_batch_size=3)
-    _steps(module, _ctx(0, sets))
+    _steps(module, task_context(SCENARIO, 0, sets[0]))
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     original = module.scoped_cross_entropy
 
@@ -144,7 +141,7 @@ def test_training_batches_join_re_read_buffer_examples_of_old_tasks(monkeypatch)
     monkeypatch.setattr(module, "scoped_cross_entropy", spy)
     monkeypatch.setattr(module, "training_logits", lambda x: inputs.append(x) or module(x))
     calls = transform.calls
-    batches = _steps(module, _ctx(1, sets))
+    batches = _steps(module, task_context(SCENARIO, 1, sets[1]))
     replayed = []
     for (x, y, _), joined, (_, targets) in zip(batches, inputs, seen):
         assert len(joined) == len(x) + 3 and torch.equal(joined[: len(x)], x)
@@ -160,8 +157,9 @@ def test_training_batches_join_re_read_buffer_examples_of_old_tasks(monkeypatch)
 def test_task_incremental_loss_is_each_example_over_its_own_task() -> None:
     _, sets, _ = _data()
     module = ExperienceReplay(TinyBackbone(), buffer_size=6, batch_size=4)
-    module.on_task_start(_ctx(0, sets, til=True))
-    module.on_task_start(_ctx(1, sets, til=True))
+    scenario = toy_scenario(SIZES, til=True)
+    module.on_task_start(task_context(scenario, 0, sets[0]))
+    module.on_task_start(task_context(scenario, 1, sets[1]))
     logits = torch.randn(4, 4)
     targets = torch.tensor([0, 1, 2, 3])
     expected = torch.stack(
@@ -178,7 +176,7 @@ def test_task_incremental_loss_is_each_example_over_its_own_task() -> None:
 def test_buffer_is_part_of_the_state_dict() -> None:
     _, sets, _ = _data()
     module = ExperienceReplay(TinyBackbone(), buffer_size=6, batch_size=4)
-    _steps(module, _ctx(0, sets))
+    _steps(module, task_context(SCENARIO, 0, sets[0]))
     state = module.state_dict()
     assert torch.equal(state["buffer.index"], module.buffer.index) and int(state["buffer.num_seen"]) == 20
 

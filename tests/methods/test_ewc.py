@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LinearBackbone, task_context, toy_scenario
+from helpers import LinearBackbone, ToyTasks, task_context, toy_scenario
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -18,15 +18,7 @@ from cl_bench.methods.ewc import EWC
 from cl_bench.modules.regularizers import trainable_parameters
 
 SIZES = (2, 2)
-TASKS = toy_scenario(SIZES).tasks
-
-
-def _ctx(task: int, til: bool = False, seed: int = 0) -> TaskContext:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(6, 4, generator=gen)
-    y = torch.randint(0, 2, (6,), generator=gen) + TASKS[task].start
-    data = TensorDataset(x, y)
-    return task_context(toy_scenario(SIZES, til), task, data)
+TOY = ToyTasks(SIZES, n_per_class=3, input_shape=(4,))
 
 
 def _module(**kwargs) -> EWC:
@@ -71,7 +63,7 @@ def _hand_fisher(module: EWC, ctx: TaskContext, estimator: str) -> dict[str, tor
 @pytest.mark.parametrize("estimator", ["per_example", "per_example_weighted", "batch"])
 def test_fisher_equals_hand_computation(estimator: str) -> None:
     module = _module(fisher=estimator, fisher_chunk_size=4)  # chunks of 4 and 2 within the first batch
-    ctx = _ctx(0)
+    ctx = TOY.context(0)
     module.on_task_start(ctx)
     fisher = module.fisher(ctx)
     expected = _hand_fisher(module, ctx, estimator)
@@ -118,7 +110,7 @@ class _ConvBackbone(nn.Module):
 
 def test_per_example_fisher_does_not_depend_on_the_batch_size() -> None:
     """The mini-batch estimator shrinks with the batch size; the per-example one does not."""
-    ctx = _ctx(0)
+    ctx = TOY.context(0)
     fishers = {}
     for estimator in ("per_example", "batch"):
         for batch_size in (1, 6):
@@ -135,7 +127,7 @@ def test_fisher_is_taken_in_eval_mode_and_restores_train_mode() -> None:
     module = _module()
     module.backbone.add_module("drop", nn.Dropout(0.9))  # would make the Fisher random in train mode
     module.backbone.forward = lambda x: module.backbone.drop(module.backbone.fc(x))  # type: ignore[method-assign]
-    ctx = _ctx(0)
+    ctx = TOY.context(0)
     module.on_task_start(ctx)
     module.train()
     first, second = module.fisher(ctx), module.fisher(ctx)
@@ -145,9 +137,9 @@ def test_fisher_is_taken_in_eval_mode_and_restores_train_mode() -> None:
 
 def test_penalty_is_zero_at_the_anchor_and_grows_quadratically() -> None:
     module = _module(ewc_lambda=3.0)
-    module.on_task_start(_ctx(0))
-    module.on_task_end(_ctx(0))
-    module.on_task_start(_ctx(1))  # grows the head: the new block is not penalised
+    module.on_task_start(TOY.context(0))
+    module.on_task_end(TOY.context(0))
+    module.on_task_start(TOY.context(1))  # grows the head: the new block is not penalised
     params = dict(module.named_parameters())
     assert module.penalty(params).item() == 0.0
 
@@ -166,13 +158,13 @@ def test_penalty_is_zero_at_the_anchor_and_grows_quadratically() -> None:
 
 def test_training_loss_adds_lambda_times_penalty() -> None:
     module = _module(ewc_lambda=3.0)
-    module.on_task_start(_ctx(0))
-    module.on_task_end(_ctx(0))
-    module.on_task_start(_ctx(1))
+    module.on_task_start(TOY.context(0))
+    module.on_task_end(TOY.context(0))
+    module.on_task_start(TOY.context(1))
     with torch.no_grad():
         for p in module.backbone.parameters():
             p.add_(0.5)
-    x, y = _ctx(1).train_set.tensors
+    x, y = TOY.context(1).train_set.tensors
     ce = F.cross_entropy(module(x), y)  # class-incremental: over all 4 seen classes
     penalty = module.penalty(dict(module.named_parameters()))
     assert penalty.item() > 0
@@ -183,7 +175,7 @@ def test_training_loss_adds_lambda_times_penalty() -> None:
 
 def _finish_task(module: EWC, task: int) -> dict[str, torch.Tensor]:
     """Finish ``task`` after moving the weights; returns that task's own Fisher."""
-    ctx = _ctx(task, seed=task)
+    ctx = TOY.context(task)
     module.on_task_start(ctx)
     with torch.no_grad():
         for p in module.parameters():
@@ -217,9 +209,9 @@ def test_separate_mode_keeps_one_term_per_task() -> None:
 
 def test_task_incremental_fisher_uses_the_task_block_only() -> None:
     module = _module()
-    module.on_task_start(_ctx(0, til=True))
-    module.on_task_end(_ctx(0, til=True))
-    ctx = _ctx(1, til=True)
+    module.on_task_start(TOY.context(0, til=True))
+    module.on_task_end(TOY.context(0, til=True))
+    ctx = TOY.context(1, til=True)
     module.on_task_start(ctx)
     fisher = module.fisher(ctx)
     assert fisher["head.blocks.0.weight"].abs().sum() == 0  # task-local CE never reaches the old block

@@ -15,7 +15,6 @@ from cl_bench.backbones.cifar_resnet import CifarResNet
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.errors import ConfigError
 from cl_bench.evaluation import TASK_SELECTION, Evaluator
-from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lnt import LayerNormTuning
 from cl_bench.methods.norm_sets import PER_LAYER
 from cl_bench.methods.task_keys import AttendedKeys
@@ -48,10 +47,6 @@ def _task_data(task: int, n_per_class: int = 16, seed: int = 0) -> TensorDataset
     return TensorDataset(images, labels)
 
 
-def _ctx(task: int, scenario: Scenario, data: TensorDataset) -> TaskContext:
-    return task_context(scenario, task, data)
-
-
 def _snapshot(tensors) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
 
@@ -75,21 +70,21 @@ def two_tasks() -> dict:
     )
     frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     scenario = _scenario()
-    learn(module, _ctx(0, scenario, _task_data(0)))
+    learn(module, task_context(scenario, 0, _task_data(0)))
     after_first = {
         "set": _snapshot(module.norm_sets.parameters_of(0)),
         "key": _snapshot([module.keys.keys[0]]),
         "head": _snapshot(module.head.blocks[0].parameters()),
         "fake_head": _snapshot(module.fake_head.blocks[0].parameters()),
     }
-    learn(module, _ctx(1, scenario, _task_data(1)))
+    learn(module, task_context(scenario, 1, _task_data(1)))
     return {"module": module, "frozen": frozen, "after_first": after_first, "scenario": scenario}
 
 
 def _phases(module: LayerNormTuning) -> list[tuple[str, int]]:
     scenario = _scenario()
     data = _task_data(0)
-    ctx = _ctx(0, scenario, data)
+    ctx = task_context(scenario, 0, data)
     module.on_task_start(ctx)
     return [(phase.name, phase.epochs) for phase in module.phases(ctx)]
 
@@ -107,13 +102,13 @@ def test_head_blocks_start_with_timm_init_and_fake_head_copies_them() -> None:
     module = LayerNormTuning(_tiny_vit())
     scenario = _scenario((200, 200))
     torch.manual_seed(5)
-    module.on_task_start(_ctx(0, scenario, _task_data(0)))
+    module.on_task_start(task_context(scenario, 0, _task_data(0)))
     block, fake = module.head.blocks[0], module.fake_head.blocks[0]
     assert torch.equal(block.bias, torch.zeros(200))
     weight = block.weight.detach()
     assert abs(weight.std().item() - 0.02) < 0.001 and weight.abs().max().item() < 0.1  # PyTorch's: std ~0.1
     assert torch.equal(fake.weight, block.weight) and torch.equal(fake.bias, block.bias)
-    module.on_task_start(_ctx(1, scenario, _task_data(1)))
+    module.on_task_start(task_context(scenario, 1, _task_data(1)))
     assert torch.equal(module.head.blocks[1].bias, torch.zeros(200))
     assert abs(module.head.blocks[1].weight.std().item() - 0.02) < 0.001
 
@@ -122,7 +117,7 @@ def test_each_stage_sends_gradients_only_where_the_official_code_does() -> None:
     module = LayerNormTuning(_tiny_vit())
     scenario = _scenario()
     for task in range(2):
-        module.on_task_start(_ctx(task, scenario, _task_data(task)))
+        module.on_task_start(task_context(scenario, task, _task_data(task)))
     x, y = _task_data(1)[:8]
     expected = {
         "keys": {"keys.keys.1"},
@@ -198,7 +193,7 @@ def test_six_block_vit_of_the_cifar_experiments() -> None:
     scenario = _scenario((2, 2))
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
     for task in range(2):
-        module.on_task_start(_ctx(task, scenario, data))
+        module.on_task_start(task_context(scenario, task, data))
     prediction = module.eval().predict(data.tensors[0])
     logits, chosen = prediction.logits, prediction.chosen_task
     assert logits.shape == (4, 4) and chosen.shape == (4,)
@@ -219,7 +214,7 @@ def _single(**kwargs) -> tuple[LayerNormTuning, Scenario]:
     module = LayerNormTuning(_tiny_vit(), stages="single", **kwargs)
     scenario = _scenario()
     for task in range(2):
-        module.on_task_start(_ctx(task, scenario, _task_data(task)))
+        module.on_task_start(task_context(scenario, task, _task_data(task)))
     return module, scenario
 
 
@@ -287,7 +282,7 @@ def test_single_stage_loss_is_ce_minus_the_blockwise_mean_match() -> None:
         for kind in ("weights.1", "biases.1", "selector.keys.keys.1", "selector.attention.keys.1")
     }
     assert got == per_layer | {"fake_head.blocks.1.weight", "fake_head.blocks.1.bias"}
-    ctx = _ctx(1, _scenario(), _task_data(1))
+    ctx = task_context(_scenario(), 1, _task_data(1))
     assert {id(p) for p in module.phases(ctx)[0].trainable} == {
         id(p) for n, p in module.named_parameters() if n.removeprefix("backbone.") in got
     }
@@ -329,9 +324,9 @@ def test_single_stage_learns_two_tasks_and_keeps_task_0() -> None:
         _tiny_vit(), stages="single", epochs=2, rectification_epochs=1, batch_size=16, lr=0.05
     )
     scenario = _scenario()
-    learn(module, _ctx(0, scenario, _task_data(0)))
+    learn(module, task_context(scenario, 0, _task_data(0)))
     first = _snapshot(module.norm_sets.parameters_of(0) + module.norm_sets.selector_parameters(0))
-    learn(module, _ctx(1, scenario, _task_data(1)))
+    learn(module, task_context(scenario, 1, _task_data(1)))
     assert _same(module.norm_sets.parameters_of(0) + module.norm_sets.selector_parameters(0), first)
     rows = Evaluator(scenario, [_task_data(t, 8, seed=1) for t in range(2)], batch_size=16).evaluate_rows(
         module.eval(), 1

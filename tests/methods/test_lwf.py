@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyBackbone, fit_phase, task_context, toy_scenario
+from helpers import TinyBackbone, ToyTasks, fit_phase
 from torch.utils.data import TensorDataset
 
 from cl_bench.errors import ConfigError
@@ -18,15 +18,7 @@ from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lwf import LwF, distillation
 
 SIZES = (2, 2, 2)
-TASKS = toy_scenario(SIZES).tasks
-
-
-def _ctx(task: int, til: bool = False) -> TaskContext:
-    gen = torch.Generator().manual_seed(task)
-    data = TensorDataset(
-        torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen) + 2 * task
-    )
-    return task_context(toy_scenario(SIZES, til), task, data)
+TOY = ToyTasks(SIZES, n_per_class=4, input_shape=(4,))
 
 
 def _module(**kwargs) -> LwF:
@@ -39,7 +31,7 @@ def _advance(module: LwF, task: int, til: bool = False) -> TaskContext:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    ctx = _ctx(task, til)
+    ctx = TOY.context(task, til)
     module.on_task_start(ctx)
     return ctx
 
@@ -57,12 +49,12 @@ def test_distillation_is_the_temperature_scaled_kl() -> None:
 
 def test_teacher_is_a_frozen_snapshot_of_the_old_classes_outside_the_module() -> None:
     module = _module()
-    module.on_task_start(_ctx(0))
+    module.on_task_start(TOY.context(0))
     assert module.teacher is None
     _advance(module, 1)
     teacher = module.teacher
     assert teacher is not None and not teacher.training
-    x = _ctx(1).train_set.tensors[0]
+    x = TOY.context(1).train_set.tensors[0]
     assert teacher(x).shape == (8, 2) and module(x).shape == (8, 4)
     torch.testing.assert_close(teacher(x), module(x)[:, :2])  # a copy of the model at the task start
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -78,7 +70,7 @@ def test_teacher_is_a_frozen_snapshot_of_the_old_classes_outside_the_module() ->
 
 def test_class_incremental_loss_is_ce_plus_alpha_kd_over_all_old_classes() -> None:
     module = _module(alpha=0.7, temperature=3.0)
-    module.on_task_start(_ctx(0))
+    module.on_task_start(TOY.context(0))
     _advance(module, 1)
     ctx = _advance(module, 2)
     x, y = ctx.train_set.tensors
@@ -94,7 +86,7 @@ def test_class_incremental_loss_is_ce_plus_alpha_kd_over_all_old_classes() -> No
 
 def test_task_incremental_distils_each_old_task_separately() -> None:
     module = _module(alpha=0.5)
-    module.on_task_start(_ctx(0, til=True))
+    module.on_task_start(TOY.context(0, til=True))
     _advance(module, 1, til=True)
     ctx = _advance(module, 2, til=True)
     x, y = ctx.train_set.tensors
@@ -110,8 +102,8 @@ def test_task_incremental_distils_each_old_task_separately() -> None:
 
 def test_warm_up_trains_only_the_new_block() -> None:
     module = _module(warmup_epochs=20, lr=0.5)
-    module.on_task_start(_ctx(0))
-    ctx = _ctx(1)
+    module.on_task_start(TOY.context(0))
+    ctx = TOY.context(1)
     module.on_task_start(ctx)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     warmup, train = module.phases(ctx)
@@ -125,7 +117,7 @@ def test_warm_up_trains_only_the_new_block() -> None:
         assert torch.equal(after[name], value), f"{name} changed during the warm-up"
     x, y = ctx.train_set.tensors
     fresh = _module()
-    fresh.on_task_start(_ctx(0))
+    fresh.on_task_start(TOY.context(0))
     fresh.on_task_start(ctx)  # same seed: the same new block before any warm-up
     new_block_ce = F.cross_entropy(module(x)[:, 2:], y - 2)
     assert new_block_ce < F.cross_entropy(fresh(x)[:, 2:], y - 2)
@@ -133,21 +125,21 @@ def test_warm_up_trains_only_the_new_block() -> None:
 
 def test_warm_up_is_on_by_default_for_as_many_epochs_as_training() -> None:
     module = _module(epochs=3)
-    ctx = _ctx(0)
+    ctx = TOY.context(0)
     module.on_task_start(ctx)
     assert [p.name for p in module.phases(ctx)] == ["train"]  # nothing to warm up on the first task
-    ctx = _ctx(1)
+    ctx = TOY.context(1)
     module.on_task_start(ctx)
     assert [(p.name, p.epochs) for p in module.phases(ctx)] == [("warmup", 3), ("train", 3)]
     module = _module(epochs=3, warmup_epochs=0)
-    module.on_task_start(_ctx(0))
+    module.on_task_start(TOY.context(0))
     module.on_task_start(ctx)
     assert [p.name for p in module.phases(ctx)] == ["train"]
 
 
 def test_unaugmented_teacher_logits_are_recorded_on_the_eval_images() -> None:
     module = _module(alpha=0.5)
-    module.on_task_start(_ctx(0))
+    module.on_task_start(TOY.context(0))
     ctx = _advance(module, 1)
     x, y = ctx.train_set.tensors
     augmented = TensorDataset(x + 0.5 * torch.randn_like(x), y)  # stands in for the train transform
@@ -167,7 +159,7 @@ def test_unaugmented_teacher_logits_are_recorded_on_the_eval_images() -> None:
 
 def test_augmented_teacher_inputs_run_the_teacher_on_the_training_batch() -> None:
     module = _module(teacher_inputs="augmented")
-    module.on_task_start(_ctx(0))
+    module.on_task_start(TOY.context(0))
     ctx = _advance(module, 1)
     assert module.train_dataset(ctx) is ctx.train_set
     train = module.phases(ctx)[-1]

@@ -9,23 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LinearBackbone, task_context, toy_scenario
-from torch.utils.data import TensorDataset
+from helpers import LinearBackbone, ToyTasks
 
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import TaskContext
 from cl_bench.methods.mas import MAS
 
 SIZES = (2, 2)
-TASKS = toy_scenario(SIZES).tasks
-
-
-def _ctx(task: int, til: bool = False) -> TaskContext:
-    gen = torch.Generator().manual_seed(task)
-    data = TensorDataset(
-        torch.randn(6, 4, generator=gen), torch.randint(0, 2, (6,), generator=gen) + 2 * task
-    )
-    return task_context(toy_scenario(SIZES, til), task, data)
+TOY = ToyTasks(SIZES, n_per_class=3, input_shape=(4,))
 
 
 def _module(**kwargs) -> MAS:
@@ -60,7 +50,7 @@ def _hand_importance(module: MAS, x: torch.Tensor, squared: bool) -> dict[str, t
 @pytest.mark.parametrize("convention", ["avalanche", "facil"])
 def test_importance_equals_hand_computation(convention: str) -> None:
     module = _module(convention=convention)
-    ctx = _ctx(0)
+    ctx = TOY.context(0)
     module.on_task_start(ctx)
     expected = _hand_importance(module, ctx.train_eval_set.tensors[0], squared=convention == "avalanche")
     importance = module.importance(ctx)
@@ -71,23 +61,23 @@ def test_importance_equals_hand_computation(convention: str) -> None:
 
 def _two_tasks(module: MAS) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Runs the task hooks of both tasks; returns the importances of task 0 and task 1."""
-    module.on_task_start(_ctx(0))
-    first = module.importance(_ctx(0))
-    module.on_task_end(_ctx(0))
-    module.on_task_start(_ctx(1))
+    module.on_task_start(TOY.context(0))
+    first = module.importance(TOY.context(0))
+    module.on_task_end(TOY.context(0))
+    module.on_task_start(TOY.context(1))
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.1)
-    second = module.importance(_ctx(1))
-    module.on_task_end(_ctx(1))
+    second = module.importance(TOY.context(1))
+    module.on_task_end(TOY.context(1))
     return first, second
 
 
 def test_avalanche_omega_is_omega_1_after_task_1_then_folds_with_alpha() -> None:
     module = _module(alpha=0.25)
-    module.on_task_start(_ctx(0))
-    first = module.importance(_ctx(0))
-    module.on_task_end(_ctx(0))
+    module.on_task_start(TOY.context(0))
+    first = module.importance(TOY.context(0))
+    module.on_task_end(TOY.context(0))
     (term,) = module.penalty.terms
     for name, value in first.items():  # Omega = Omega_1, not (1 - alpha) Omega_1
         torch.testing.assert_close(term.importance[name], value)
@@ -113,12 +103,12 @@ def test_facil_omega_starts_at_zero() -> None:
 @pytest.mark.parametrize(("convention", "factor"), [("avalanche", 1.0), ("facil", 0.5)])
 def test_training_loss_adds_lambda_times_penalty(convention: str, factor: float) -> None:
     module = _module(lambda_reg=2.0, convention=convention)
-    module.on_task_start(_ctx(0))
-    module.on_task_end(_ctx(0))
-    module.on_task_start(_ctx(1))
+    module.on_task_start(TOY.context(0))
+    module.on_task_end(TOY.context(0))
+    module.on_task_start(TOY.context(1))
     with torch.no_grad():
         module.backbone.fc.weight.add_(0.3)
-    x, y = _ctx(1).train_set.tensors
+    x, y = TOY.context(1).train_set.tensors
     (term,) = module.penalty.terms
     params = dict(module.named_parameters())
     by_hand = sum(
@@ -132,10 +122,10 @@ def test_training_loss_adds_lambda_times_penalty(convention: str, factor: float)
 
 def test_task_incremental_importance_uses_the_task_block_only() -> None:
     module = _module()
-    module.on_task_start(_ctx(0, til=True))
-    module.on_task_end(_ctx(0, til=True))
-    module.on_task_start(_ctx(1, til=True))
-    importance = module.importance(_ctx(1, til=True))
+    module.on_task_start(TOY.context(0, til=True))
+    module.on_task_end(TOY.context(0, til=True))
+    module.on_task_start(TOY.context(1, til=True))
+    importance = module.importance(TOY.context(1, til=True))
     assert importance["head.blocks.0.weight"].abs().sum() == 0
     assert importance["head.blocks.1.weight"].abs().sum() > 0
 

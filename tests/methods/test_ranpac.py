@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import task_context, toy_scenario
-from torch.utils.data import TensorDataset
+from helpers import ToyTasks
 
 from cl_bench.backbones.cifar_resnet import CifarResNet
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import TaskContext
 from cl_bench.methods.ranpac import RanPAC
 from cl_bench.modules.peft import peft_parameters
 
 SIZES = (3, 3)
-TASKS = toy_scenario(SIZES).tasks
+TOY = ToyTasks(SIZES, n_per_class=4, input_shape=(3, 8, 8))
 TINY_VIT = (
     "dataset.size=8",
     "transform.input_size=8",
@@ -32,13 +30,6 @@ TINY_VIT = (
 )
 
 
-def _ctx(task: int) -> TaskContext:
-    g = torch.Generator().manual_seed(task)
-    x = torch.randn(12, 3, 8, 8, generator=g)
-    data = TensorDataset(x, torch.randint(0, 3, (12,), generator=g) + 3 * task)
-    return task_context(toy_scenario(SIZES), task, data)
-
-
 def _vit() -> TimmBackbone:
     torch.manual_seed(0)
     kwargs = {"img_size": 8, "patch_size": 4, "depth": 1}
@@ -48,7 +39,7 @@ def _vit() -> TimmBackbone:
 def test_first_task_trains_pet_then_everything_is_frozen_and_the_head_is_ridge() -> None:
     module = RanPAC(_vit(), peft="ssf", rp_dim=16, ridge_exponents=[0, 0])
     assert (module.epochs, module.batch_size) == (20, 48)
-    ctx0 = _ctx(0)
+    ctx0 = TOY.context(0)
     module.on_task_start(ctx0)
     assert module.train_dataset(ctx0) is ctx0.train_set
     trained = {id(p) for g in module.param_groups() for p in g["params"]}
@@ -57,7 +48,7 @@ def test_first_task_trains_pet_then_everything_is_frozen_and_the_head_is_ridge()
     assert module.capabilities.frozen_backbone and not any(
         p.requires_grad for p in module.backbone.parameters()
     )
-    ctx1 = _ctx(1)
+    ctx1 = TOY.context(1)
     module.on_task_start(ctx1)
     assert module.phases(ctx1) == []  # no training phase after the first task
     module.on_task_end(ctx1)
@@ -72,7 +63,7 @@ def test_first_task_trains_pet_then_everything_is_frozen_and_the_head_is_ridge()
 
 def test_no_phase_one_trains_nothing_and_pet_needs_a_vit() -> None:
     module = RanPAC(CifarResNet(20), peft="none", rp_dim=8)
-    ctx0 = _ctx(0)
+    ctx0 = TOY.context(0)
     module.on_task_start(ctx0)
     assert module.phases(ctx0) == []
     with pytest.raises(ConfigError, match="timm ViT"):

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import task_context, toy_scenario
-from torch.utils.data import TensorDataset
+from helpers import ToyTasks
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.errors import ConfigError
@@ -17,7 +16,7 @@ from cl_bench.methods.safe import SAFE, aggregate, aggregation_weights, entropy,
 from cl_bench.modules.peft import peft_parameters
 
 SIZES = (3, 3)
-TASKS = toy_scenario(SIZES).tasks
+TOY = ToyTasks(SIZES, n_per_class=4, input_shape=(3, 8, 8))
 #: A one-block 192-d ViT on 8 px digits, one epoch per session: a SAFE run in about 30 s on 2 busy cores.
 TINY_VIT = (
     "dataset.size=8",
@@ -72,14 +71,6 @@ def test_aggregation_weights_follow_the_entropy_formula_and_sum_to_one() -> None
     assert torch.equal(aggregate(fast, slow, "fast", 1.0), fast)
 
 
-def _ctx(task: int) -> TaskContext:
-    g = torch.Generator().manual_seed(task)
-    data = TensorDataset(
-        torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g) + 3 * task
-    )
-    return task_context(toy_scenario(SIZES), task, data)
-
-
 def _safe(**kwargs) -> SAFE:
     torch.manual_seed(0)
     backbone = TimmBackbone(
@@ -102,7 +93,7 @@ def _sgd_steps(module: SAFE, ctx: TaskContext, steps: int = 2) -> None:
 
 def test_slow_learner_is_frozen_after_session_one_and_the_fast_learner_trains_on() -> None:
     module = _safe()
-    ctx0 = _ctx(0)
+    ctx0 = TOY.context(0)
     module.on_task_start(ctx0)
     assert [(p.name, p.epochs) for p in module.phases(ctx0)] == [("train", 20)]
     _sgd_steps(module, ctx0)
@@ -111,7 +102,7 @@ def test_slow_learner_is_frozen_after_session_one_and_the_fast_learner_trains_on
     slow_state = {k: v.clone() for k, v in module.slow_backbone.state_dict().items()}
     assert not any(p.requires_grad for p in module.slow_backbone.parameters())
     assert not any(p.requires_grad for p in module.slow_cosine.parameters())
-    ctx1 = _ctx(1)
+    ctx1 = TOY.context(1)
     module.on_task_start(ctx1)
     assert [p.epochs for p in module.phases(ctx1)] == [15] and module.epochs == 20
     assert module.cosine_head.num_classes == 6 and module.slow_cosine.num_classes == 6
@@ -130,11 +121,11 @@ def test_slow_learner_is_frozen_after_session_one_and_the_fast_learner_trains_on
 
 def test_later_loss_is_ce_plus_alignment_sum_plus_cross_classification() -> None:
     module = _safe(align_weight=0.7, cross_weight=0.3)
-    ctx0 = _ctx(0)
+    ctx0 = TOY.context(0)
     module.on_task_start(ctx0)
     _sgd_steps(module, ctx0, steps=1)
     module.on_task_end(ctx0)
-    ctx1 = _ctx(1)
+    ctx1 = TOY.context(1)
     module.on_task_start(ctx1)
     with torch.no_grad():  # make the fast learner differ from the slow one
         for p in peft_parameters(module.backbone):
@@ -157,7 +148,7 @@ def test_sigma_is_reset_after_session_one_as_the_codes_setup_rp() -> None:
     """``setup_RP``/``setup_RP_branch`` call ``fc.reset_parameters()``: the slow learner's sigma is 10 for
     good, the fast learner starts session 2 at 10 and carries its trained sigma on from there."""
     module = _safe()
-    ctx0 = _ctx(0)
+    ctx0 = TOY.context(0)
     module.on_task_start(ctx0)
     _sgd_steps(module, ctx0)
     trained = module.cosine_head.sigma.item()
@@ -169,7 +160,7 @@ def test_sigma_is_reset_after_session_one_as_the_codes_setup_rp() -> None:
     x = ctx0.train_set.tensors[0]
     fast, slow = module.learner_logits(x)
     torch.testing.assert_close(fast, 10.0 * module.head(module.backbone(x)))  # ridge logits times 10
-    ctx1 = _ctx(1)
+    ctx1 = TOY.context(1)
     module.on_task_start(ctx1)
     assert module.cosine_head.sigma.item() == 10.0  # the fast learner's session 2 starts at 10
     _sgd_steps(module, ctx1)

@@ -8,24 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyBackbone, task_context, toy_scenario
-from torch.utils.data import TensorDataset
+from helpers import TinyBackbone, ToyTasks
 
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import TaskContext
 from cl_bench.methods.si import SynapticIntelligence
 
 SIZES = (2, 2)
-TASKS = toy_scenario(SIZES).tasks
+TOY = ToyTasks(SIZES, n_per_class=4, input_shape=(4,))
 LR = 0.1
-
-
-def _ctx(task: int) -> TaskContext:
-    gen = torch.Generator().manual_seed(task)
-    data = TensorDataset(
-        torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen) + 2 * task
-    )
-    return task_context(toy_scenario(SIZES), task, data)
 
 
 def _module(**kwargs) -> SynapticIntelligence:
@@ -56,7 +47,7 @@ def _train(module: SynapticIntelligence, ctx: TaskContext, steps: int = 3) -> di
 
 def test_path_integral_is_lr_times_squared_gradient_under_plain_sgd() -> None:
     module = _module()
-    expected = _train(module, _ctx(0))
+    expected = _train(module, TOY.context(0))
     assert set(module.omega) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(module.omega[name], value)
@@ -65,9 +56,9 @@ def test_path_integral_is_lr_times_squared_gradient_under_plain_sgd() -> None:
 
 def test_path_integral_excludes_the_penalty_gradient() -> None:
     module = _module(c=5.0)
-    _train(module, _ctx(0))
-    module.on_task_end(_ctx(0))
-    ctx = _ctx(1)
+    _train(module, TOY.context(0))
+    module.on_task_end(TOY.context(0))
+    ctx = TOY.context(1)
     module.on_task_start(ctx)
     module.on_train_start()
     optimizer = torch.optim.SGD(module.parameters(), lr=LR)
@@ -93,11 +84,11 @@ def test_path_integral_excludes_the_penalty_gradient() -> None:
 
 def test_task_end_sets_relu_importance_and_anchor() -> None:
     module = _module(xi=0.01)
-    _train(module, _ctx(0))
+    _train(module, TOY.context(0))
     omega = {n: v.clone() for n, v in module.omega.items()}
     start = dict(module.start)
     module.omega["backbone.fc.bias"][0] = -1.0  # a negative contribution is clipped at 0
-    module.on_task_end(_ctx(0))
+    module.on_task_end(TOY.context(0))
     (term,) = module.penalty.terms
     for name, p in module.named_parameters():
         value = omega[name].clone()
@@ -112,12 +103,12 @@ def test_task_end_sets_relu_importance_and_anchor() -> None:
 
 def test_second_task_adds_to_the_importance() -> None:
     module = _module()
-    _train(module, _ctx(0))
-    module.on_task_end(_ctx(0))
+    _train(module, TOY.context(0))
+    module.on_task_end(TOY.context(0))
     first = {n: v.clone() for n, v in module.penalty.terms[0].importance.items()}
-    _train(module, _ctx(1))
+    _train(module, TOY.context(1))
     start, omega = dict(module.start), {n: v.clone() for n, v in module.omega.items()}
-    module.on_task_end(_ctx(1))
+    module.on_task_end(TOY.context(1))
     for name, p in module.named_parameters():
         new = omega[name] / ((p.detach() - start[name]) ** 2 + module.xi)
         expected = (first.get(name, 0.0) + new).clamp(min=0)

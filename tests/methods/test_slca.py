@@ -10,17 +10,15 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import end_task, task_context, toy_scenario
+from helpers import ToyTasks, end_task
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from cl_bench.backbones.base import Backbone, DataConfig
 from cl_bench.errors import ConfigError
-from cl_bench.methods.base import TaskContext
 from cl_bench.methods.slca import SLCA, final_layer_norm_name
 
 SIZES = (2, 2, 1)
-TASKS = toy_scenario(SIZES).tasks
+TOY = ToyTasks(SIZES, n_per_class=12, input_shape=(6,), class_shift=1.0)
 TINY_VIT = (
     "backbone=timm",
     "backbone.name=vit_tiny_patch16_224",
@@ -71,14 +69,6 @@ class NoNorm(Backbone):
         return self.fc(x)
 
 
-def _ctx(task: int, seed: int = 0) -> TaskContext:
-    t = TASKS[task]
-    gen = torch.Generator().manual_seed(100 + task)
-    labels = torch.arange(t.start, t.stop).repeat_interleave(12)
-    data = TensorDataset(torch.randn(len(labels), 6, generator=gen) + labels[:, None].float(), labels)
-    return task_context(toy_scenario(SIZES), task, data, seed=seed)
-
-
 def _module(backbone: Backbone | None = None, **kwargs) -> SLCA:
     torch.manual_seed(0)
     kwargs = {"ca_samples_per_class": 16, "ca_batch_size": 16, **kwargs}
@@ -112,8 +102,8 @@ def test_backbone_without_final_layer_norm_warns_and_changes_nothing(caplog) -> 
 
 def test_heads_are_trunc_normal_and_old_ones_frozen_and_lrs_are_slow() -> None:
     module = _module()
-    module.on_task_start(_ctx(0))
-    module.on_task_start(_ctx(1))
+    module.on_task_start(TOY.context(0))
+    module.on_task_start(TOY.context(1))
     old, new = module.head.blocks
     assert not old.weight.requires_grad and new.weight.requires_grad
     # trunc-normal(std 0.02), not nn.Linear's uniform(+-1/sqrt(4))
@@ -122,13 +112,13 @@ def test_heads_are_trunc_normal_and_old_ones_frozen_and_lrs_are_slow() -> None:
     assert groups["backbone"]["lr"] == 1e-4 and groups["head"]["lr"] == 0.01
     assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in new.parameters()}
     fast = _module(slow=False)
-    fast.on_task_start(_ctx(0))
+    fast.on_task_start(TOY.context(0))
     assert {g["name"]: g["lr"] for g in fast.param_groups()} == {"backbone": 0.01, "head": 0.01}
 
 
 def test_multistep_schedule_decays_at_the_milestones() -> None:
     module = _module(epochs=4, milestones=[2], lr_decay=0.1)
-    module.on_task_start(_ctx(0))
+    module.on_task_start(TOY.context(0))
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
@@ -142,9 +132,9 @@ def test_multistep_schedule_decays_at_the_milestones() -> None:
 
 def test_training_loss_is_task_local_cross_entropy() -> None:
     module = _module()
-    module.on_task_start(_ctx(0))
-    module.on_task_start(_ctx(1))
-    x, y = _ctx(1).train_set.tensors
+    module.on_task_start(TOY.context(0))
+    module.on_task_start(TOY.context(1))
+    x, y = TOY.context(1).train_set.tensors
     module.log = lambda *args, **kwargs: None
     loss = module.training_step((x, y), 0)
     torch.testing.assert_close(loss, F.cross_entropy(module(x)[:, 2:4], y - 2))
@@ -152,14 +142,14 @@ def test_training_loss_is_task_local_cross_entropy() -> None:
 
 def test_statistics_then_ca_changes_only_the_classifier_and_recall_restores_it() -> None:
     module = _module()
-    ctx0 = _ctx(0)
+    ctx0 = TOY.context(0)
     module.on_task_start(ctx0)
     end_task(module, ctx0)
     assert module.statistics.classes == [0, 1] and module._stage1_head is None  # no CA on task 0
     x0, y0 = ctx0.train_eval_set.tensors
     with torch.no_grad():
         torch.testing.assert_close(module.statistics.means[0], module.backbone(x0[y0 == 0]).mean(0))
-    ctx1 = _ctx(1)
+    ctx1 = TOY.context(1)
     module.on_task_start(ctx1)
     _train_head_a_bit(module)
     backbone_before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
@@ -169,18 +159,18 @@ def test_statistics_then_ca_changes_only_the_classifier_and_recall_restores_it()
     assert all(torch.equal(v, backbone_before[k]) for k, v in module.backbone.state_dict().items())
     assert all(not torch.equal(v, head_before[k]) for k, v in module.head.state_dict().items())
     assert [b.weight.requires_grad for b in module.head.blocks] == [False, True]
-    module.on_task_start(_ctx(2))  # recall: the pre-CA heads come back before the new one is added
+    module.on_task_start(TOY.context(2))  # recall: the pre-CA heads come back before the new one is added
     assert all(torch.equal(module.head.state_dict()[k], v) for k, v in head_before.items())
 
 
 def test_without_recall_the_aligned_heads_stay() -> None:
     module = _module(recall=False)
     for task in (0, 1):
-        module.on_task_start(_ctx(task))
+        module.on_task_start(TOY.context(task))
         _train_head_a_bit(module)
-        end_task(module, _ctx(task))
+        end_task(module, TOY.context(task))
     aligned = {k: v.clone() for k, v in module.head.state_dict().items()}
-    module.on_task_start(_ctx(2))
+    module.on_task_start(TOY.context(2))
     assert all(torch.equal(module.head.state_dict()[k], v) for k, v in aligned.items())
 
 
@@ -189,9 +179,9 @@ def test_ca_is_repeatable_and_can_be_switched_off() -> None:
     for kwargs in ({}, {}, {"ca": False}):
         module = _module(**kwargs)
         for task in (0, 1):
-            module.on_task_start(_ctx(task))
+            module.on_task_start(TOY.context(task))
             _train_head_a_bit(module)
-            end_task(module, _ctx(task))
+            end_task(module, TOY.context(task))
         heads.append(module.head.state_dict())
     assert all(torch.equal(v, heads[1][k]) for k, v in heads[0].items())
     assert not torch.equal(heads[0]["blocks.0.weight"], heads[2]["blocks.0.weight"])
@@ -199,9 +189,9 @@ def test_ca_is_repeatable_and_can_be_switched_off() -> None:
 
 def test_class_tasks_follow_the_scenario_or_the_official_rule() -> None:
     module = _module()
-    assert module.class_tasks(_ctx(2)).tolist() == [0, 0, 1, 1, 2]
+    assert module.class_tasks(TOY.context(2)).tolist() == [0, 0, 1, 1, 2]
     official = _module(official_task_index=True)  # c // 1 with the last task's single class
-    assert official.class_tasks(_ctx(2)).tolist() == [0, 1, 2, 3, 4]
+    assert official.class_tasks(TOY.context(2)).tolist() == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,9 @@ import copy
 
 import pytest
 import torch
-from helpers import end_task, task_context, toy_scenario
-from torch.utils.data import TensorDataset
+from helpers import ToyTasks, end_task
 
 from cl_bench.backbones.timm_backbone import TimmBackbone
-from cl_bench.methods.base import TaskContext
 from cl_bench.methods.lora import LoRALinear
 from cl_bench.methods.losses import symmetric_cross_entropy
 from cl_bench.methods.slca import reset_final_layer_norm
@@ -21,7 +19,7 @@ from cl_bench.methods.slca_pp import ScaledIncrementalLinearHead, SLCAPlusPlus
 
 DIM, DEPTH = 32, 2
 SIZES = (2, 2, 2)
-TASKS = toy_scenario(SIZES).tasks
+TOY = ToyTasks(SIZES, n_per_class=6, input_shape=(3, 16, 16), class_shift=0.3)
 TINY_VIT = (
     "backbone=timm",
     "backbone.name=vit_tiny_patch16_224",
@@ -48,15 +46,6 @@ def _vit() -> TimmBackbone:
 def _module(**kwargs) -> SLCAPlusPlus:
     kwargs = {"ca_samples_per_class": 8, "ca_batch_size": 16, "ca_epochs": 2, **kwargs}
     return SLCAPlusPlus(_vit(), **kwargs)
-
-
-def _ctx(task: int) -> TaskContext:
-    t = TASKS[task]
-    gen = torch.Generator().manual_seed(task)
-    labels = torch.arange(t.start, t.stop).repeat_interleave(6)
-    images = torch.randn(len(labels), 3, 16, 16, generator=gen) + 0.3 * labels[:, None, None, None]
-    data = TensorDataset(images, labels)
-    return task_context(toy_scenario(SIZES), task, data)
 
 
 def test_hybrid_slow_learner_adds_svd_lora_and_keeps_the_output() -> None:
@@ -90,13 +79,13 @@ def test_only_norms_biases_cls_token_and_lora_train() -> None:
 
 def test_param_groups_and_cosine_floor() -> None:
     module = _module(epochs=4)
-    module.on_task_start(_ctx(0))
+    module.on_task_start(TOY.context(0))
     assert {g["name"]: g["lr"] for g in module.param_groups()} == {
         "lora": 5e-3,
         "backbone": 1e-3,
         "head": 0.01,
     }
-    module.on_task_start(_ctx(1))
+    module.on_task_start(TOY.context(1))
     assert {g["name"]: g["lr"] for g in module.param_groups()} == {
         "lora": 1e-3,
         "backbone": 1e-3,
@@ -109,16 +98,16 @@ def test_param_groups_and_cosine_floor() -> None:
         scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-4, 1e-4])
     fast = _module(slow=False)
-    fast.on_task_start(_ctx(0))
+    fast.on_task_start(TOY.context(0))
     assert {g["lr"] for g in fast.param_groups()} == {0.01}
 
 
 def test_training_loss_is_symmetric_ce_on_the_current_task() -> None:
     module = _module(sce_alpha=0.5, sce_beta=0.5)
-    module.on_task_start(_ctx(0))
-    module.on_task_start(_ctx(1))
+    module.on_task_start(TOY.context(0))
+    module.on_task_start(TOY.context(1))
     module.log = lambda *args, **kwargs: None
-    x, y = _ctx(1).train_set.tensors
+    x, y = TOY.context(1).train_set.tensors
     loss = module.training_step((x, y), 0)
     torch.testing.assert_close(loss, symmetric_cross_entropy(module(x)[:, 2:4], y - 2, 0.5, 0.5))
 
@@ -127,10 +116,10 @@ def test_ca_scales_old_heads_for_evaluation_and_recall_resets_them() -> None:
     module = _module()
     assert isinstance(module.head, ScaledIncrementalLinearHead)
     for task in (0, 1, 2):
-        module.on_task_start(_ctx(task))
+        module.on_task_start(TOY.context(task))
         assert torch.equal(module.head.input_scales, torch.ones(task + 1))  # recall: scales back to 1
         before = {k: v.clone() for k, v in module.head.state_dict().items()}
-        end_task(module, _ctx(task))
+        end_task(module, TOY.context(task))
     torch.testing.assert_close(module.head.input_scales, torch.tensor([1.04, 1.02, 1.0]))
     assert not torch.equal(module.head.blocks[0].weight, before["blocks.0.weight"])
     features = torch.randn(3, DIM)
@@ -144,12 +133,12 @@ def test_ca_shrinks_old_samples_randomly_not_their_means() -> None:
     module = _module()
     assert not module.ca_mean_shrink
     generator = torch.Generator().manual_seed(0)
-    scaler = module.ca_feature_scaler(torch.tensor([0, 0, 1, 1, 2, 2]), _ctx(2), generator)
+    scaler = module.ca_feature_scaler(torch.tensor([0, 0, 1, 1, 2, 2]), TOY.context(2), generator)
     scales = scaler(torch.tensor([0] * 50 + [5] * 5))
     assert (scales[:50] < 1 / (1 + 0.01 * 2) + 1e-6).all() and (scales[:50] > 1 / (1 + 0.03 * 2) - 1e-6).all()
     assert torch.equal(scales[50:], torch.ones(5))
-    assert copy.deepcopy(module).ca_feature_scaler(torch.zeros(1), _ctx(2), generator) is not None
-    assert _module(feature_scale_mu=0.0).ca_feature_scaler(torch.zeros(1), _ctx(2), generator) is None
+    assert copy.deepcopy(module).ca_feature_scaler(torch.zeros(1), TOY.context(2), generator) is not None
+    assert _module(feature_scale_mu=0.0).ca_feature_scaler(torch.zeros(1), TOY.context(2), generator) is None
 
 
 def test_tiny_vit_run_is_complete(run_tiny) -> None:
