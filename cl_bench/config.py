@@ -222,6 +222,11 @@ class DebugConfig:
     smoke: bool = False
     #: Keep only the first N train and N test images of each class (``null``: all).
     samples_per_class: int | None = None
+    #: Learn (and evaluate) only the first N tasks of the scenario (``null``: all).
+    max_tasks: int | None = None
+    #: Upper bounds on method sizes, applied to each key the chosen method has (e.g. ``batch_size: 4``,
+    #: ``rp_dim: 256``): a smoke run of any preset stays small. Recorded capped in results.json.
+    method_caps: dict[str, int] = field(default_factory=dict)
     #: A backbone whose weights cannot be loaded (no file, no network) starts from random weights instead of
     #: stopping the run (allowed in smoke runs only).
     random_weights_if_missing: bool = False

@@ -5,6 +5,9 @@
   ``results.json`` says so (``config.debug.smoke``) and ``cl-bench-report`` leaves smoke runs out of its
   tables.
 * ``debug.samples_per_class``: the first N train and N test images of each class (:func:`subset_per_class`).
+* ``debug.max_tasks``: only the first N tasks (:func:`first_tasks`).
+* ``debug.method_caps``: upper bounds on the method's sizes (batch size, random-projection width, buffer,
+  ...) for the keys the method has (:func:`cap_method`), so that a smoke run of a ViT-B preset is small.
 * ``debug.random_weights_if_missing`` (smoke runs only): a backbone whose weights cannot be loaded starts from
   random weights (:func:`build_backbone`).
 * ``trainer.max_epochs``, ``trainer.limit_train_batches``, ``trainer.limit_eval_batches``,
@@ -23,10 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cl_bench.data.base import ClassificationData, ImageSource, TaskDataset
 from cl_bench.errors import CheckpointError, ConfigError
+from cl_bench.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,12 @@ def check_options(cfg: DictConfig) -> None:
     if t.profiler is not None and t.profiler not in PROFILERS:
         raise ConfigError(f"trainer.profiler={t.profiler!r}: use {', '.join(PROFILERS)} or null")
     d = cfg.debug
-    if d.samples_per_class is not None and d.samples_per_class < 1:
-        raise ConfigError(f"debug.samples_per_class={d.samples_per_class} must be at least 1 (or null: all)")
+    for key in ("samples_per_class", "max_tasks"):
+        if d[key] is not None and d[key] < 1:
+            raise ConfigError(f"debug.{key}={d[key]} must be at least 1 (or null: all)")
+    for key, cap in d.method_caps.items():
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ConfigError(f"debug.method_caps.{key}={cap!r} must be an integer >= 0")
     if d.smoke:
         log.warning("SMOKE RUN (debug=smoke): a check that the run goes end to end, its numbers mean nothing")
     if d.random_weights_if_missing and not d.smoke:
@@ -150,6 +158,36 @@ def subset_per_class(data: ClassificationData, n: int | None) -> ClassificationD
         train_domains=data.train_domains[chosen["train"]],
         test_domains=data.test_domains[chosen["test"]],
     )
+
+
+def first_tasks(scenario: Scenario, n: int | None) -> Scenario:
+    """``scenario`` cut to its first ``n`` tasks and their classes (``None``: unchanged)."""
+    if n is None or n >= len(scenario.tasks):
+        return scenario
+    tasks = scenario.tasks[:n]
+    log.info("debug.max_tasks=%d: learning %d of %d tasks", n, n, len(scenario.tasks))
+    return replace(scenario, class_order=scenario.class_order[: tasks[-1].stop], tasks=tasks)
+
+
+def cap_method(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with each ``debug.method_caps`` key that the method has lowered to the cap (a copy; ``cfg``
+    itself when nothing changes). Caps of keys the method lacks are ignored: one cap list fits every method."""
+    lowered = {
+        key: cap
+        for key, cap in cfg.debug.method_caps.items()
+        if isinstance(cfg.method.get(key), int)
+        and not isinstance(cfg.method.get(key), bool)
+        and cfg.method[key] > cap
+    }
+    if not lowered:
+        return cfg
+    log.info(
+        "debug.method_caps: %s", ", ".join(f"method.{k}={cfg.method[k]} -> {v}" for k, v in lowered.items())
+    )
+    capped = copy.deepcopy(cfg)
+    with open_dict(capped):
+        capped.method.merge_with(lowered)
+    return capped
 
 
 def limit_eval(test_sets: Sequence[TaskDataset], n_batches: int | None, batch_size: int) -> list[TaskDataset]:

@@ -89,7 +89,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     data = debug.subset_per_class(data, cfg.debug.samples_per_class)
     backbone = debug.build_backbone(cfg)
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
-    split = build_scenario(cfg.scenario, data.num_classes, data.domain_names, data.name)
+    split = debug.first_tasks(
+        build_scenario(cfg.scenario, data.num_classes, data.domain_names, data.name), cfg.debug.max_tasks
+    )
     scenario = split.merged() if method.capabilities.single_task else split
     validate_data(data, scenario)
     device = select_device(trainer.accelerator)

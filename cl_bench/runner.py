@@ -103,6 +103,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     """Run the continual experiment described by ``cfg``; return the final ``results.json`` document."""
     validate_config(cfg)
     debug.check_options(cfg)
+    cfg = debug.cap_method(cfg)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(config, dict)
     validate_numbers(config)

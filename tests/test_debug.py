@@ -32,6 +32,8 @@ SEQ_FT = ("method=seq_ft", "method.epochs=3", "method.batch_size=16")
         ("trainer.profiler=nvprof", "trainer.profiler='nvprof'"),
         ("debug.samples_per_class=0", "debug.samples_per_class=0"),
         ("debug.random_weights_if_missing=true", "smoke runs only"),
+        ("debug.max_tasks=0", "debug.max_tasks=0"),
+        ("+debug.method_caps.batch_size=-1", "debug.method_caps.batch_size=-1"),
     ],
 )
 def test_bad_knobs_fail_at_start_naming_the_key(override: str, message: str) -> None:
@@ -67,6 +69,39 @@ def test_first_per_class_and_subset() -> None:
     assert torch.equal(subset.image(2), images.image(int(picked[2])))
 
 
+def test_first_tasks_keeps_the_first_tasks_and_their_classes() -> None:
+    from cl_bench.config import ScenarioConfig
+    from cl_bench.scenario import build_scenario
+
+    full = build_scenario(ScenarioConfig(init_classes=4, increment=2), 10)
+    cut = debug.first_tasks(full, 2)
+    assert cut.tasks == full.tasks[:2] and cut.class_order == full.class_order[:6]
+    assert (cut.label_map >= 0).sum() == 6 and cut.label_map[list(full.class_order[:6])].tolist() == list(
+        range(6)
+    )
+    assert debug.first_tasks(full, None) is full and debug.first_tasks(full, 9) is full
+
+
+def test_cap_method_lowers_only_the_keys_the_method_has() -> None:
+    cfg = compose_config(
+        "method=ranpac",
+        "method.batch_size=48",
+        "+debug.method_caps={batch_size: 4, rp_dim: 256, buffer_size: 9}",
+    )
+    capped = debug.cap_method(cfg)
+    assert (
+        capped.method.batch_size == 4 and capped.method.rp_dim == 256 and "buffer_size" not in capped.method
+    )
+    assert cfg.method.batch_size == 48  # the caller's config is left alone
+    small = compose_config(
+        "method=ranpac",
+        "method.batch_size=2",
+        "method.rp_dim=0",
+        "+debug.method_caps={batch_size: 4, rp_dim: 256}",
+    )
+    assert debug.cap_method(small) is small  # nothing above its cap: rp_dim 0 (no projection) stays
+
+
 def test_limit_eval_spreads_the_kept_images() -> None:
     images = ArrayImages(np.zeros((100, 2, 2, 3), np.uint8), np.repeat(np.arange(10), 10))
     full = TaskDataset(images, np.arange(100), np.arange(10), lambda x: x)
@@ -88,9 +123,11 @@ def test_smoke_run_is_short_and_says_so(run_tiny) -> None:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ContinualModule, "on_train_batch_end", count)
-        doc, run_dir = run_tiny(*SEQ_FT, "debug=smoke", "debug.samples_per_class=20")
+        doc, run_dir = run_tiny(*SEQ_FT, "scenario.n_tasks=5", "debug=smoke", "debug.samples_per_class=20")
     assert doc["config"]["debug"]["smoke"] is True and doc["status"] == "complete"
-    assert batches == [0, 0, 1, 1]  # one epoch of two batches per task
+    assert batches == [0, 0, 1, 1]  # the first two tasks (of five), one epoch of two batches each
+    assert len(doc["acc_matrix"]) == 2 and len(doc["class_order"]) == 4
+    assert doc["config"]["method"]["batch_size"] == 4  # capped (debug.method_caps), and recorded so
     assert not (run_dir / "final_model.pt").exists()
 
 
@@ -191,7 +228,7 @@ def test_smoke_run_of_the_vit_preset(tmp_path: Path, method: str) -> None:
 
     doc = run_experiment(cfg)
     assert doc["status"] == "complete" and doc["config"]["debug"]["smoke"] is True
-    assert len(doc["acc_matrix"]) == 5
+    assert len(doc["acc_matrix"]) == 2  # debug.max_tasks: the first two of its five tasks
 
 
 @pytest.mark.slow
