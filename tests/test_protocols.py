@@ -30,6 +30,17 @@ CNN_ONLY = {"confit"}
 DIL_METHODS = {"seq_ft", "simplecil", "ranpac", "aper", "safe"}
 
 
+#: Composing one protocol with every method takes seconds (Hydra composes each pair from its files), so the
+#: fast lane checks one protocol per kind (a CNN, a small ViT, a ViT-B paper protocol, a DIL one) and the
+#: slow lane (``make test-all``, CI) all of them.
+FAST_PROTOCOLS = {"cifar100_resnet32", "cifar100_b50_vit_tiny", "slca/cifar100", "safe/domainnet_dil"}
+
+
+def lane(names: list[str], fast: set[str]) -> list:
+    """``names`` as test parameters, those outside ``fast`` marked slow."""
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def compose_many(*runs: list[str]) -> list:
     import cl_bench.config  # noqa: F401  (schemas and the budget resolver)
 
@@ -41,7 +52,7 @@ def is_vit(cfg) -> bool:
     return "vit" in str(cfg.backbone.name)
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("protocol", lane(PROTOCOLS, FAST_PROTOCOLS))
 def test_every_method_composes_and_validates_in_the_protocol(protocol: str) -> None:
     configs = compose_many(*[[f"protocol={protocol}", f"method={m}"] for m in METHODS])
     unsupported: dict[str, str] = {}
@@ -71,7 +82,7 @@ def test_peft_none_and_no_lora_run_on_a_cnn() -> None:
         validate_config(cfg)
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("experiment", lane(options("experiment"), FAST_PROTOCOLS))
 def test_an_experiment_is_its_protocol_and_method(experiment: str) -> None:
     text = (CONF_DIR / "experiment" / f"{experiment}.yaml").read_text()
     defaults = OmegaConf.create(text).defaults
@@ -87,7 +98,7 @@ def test_an_experiment_is_its_protocol_and_method(experiment: str) -> None:
 TUNED = options("tuned")
 
 
-@pytest.mark.parametrize("tuned", TUNED)
+@pytest.mark.parametrize("tuned", lane(TUNED, {t for t in TUNED if t.split("/", 1)[1] in FAST_PROTOCOLS}))
 def test_tuned_values_apply_to_their_method_in_their_protocol_only(tuned: str) -> None:
     method, protocol = tuned.split("/", 1)
     assert method in METHODS and protocol in PROTOCOLS, f"tuned/{tuned}.yaml: no method {method} or protocol"
