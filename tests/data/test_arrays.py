@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,59 @@ def test_shared_cifar100_npz() -> None:
     assert data.test.images.shape == (10000, 32, 32, 3)
     assert np.bincount(data.train.labels, minlength=100).tolist() == [500] * 100
     assert np.bincount(data.test.labels, minlength=100).tolist() == [100] * 100
+
+
+def _compressed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, np.ndarray]]:
+    """A ``savez_compressed`` archive whose image members count as large (the cache threshold lowered)."""
+    import cl_bench.data.arrays as arrays_module
+
+    monkeypatch.setattr(arrays_module, "CACHE_MIN_BYTES", 1)
+    arrays = _arrays(n_train=40, n_test=10)
+    np.savez_compressed(tmp_path / "c.npz", **arrays)
+    return tmp_path / "c.npz", arrays
+
+
+def test_a_compressed_archive_is_decoded_once_then_memory_mapped(tmp_path: Path, monkeypatch) -> None:
+    file, arrays = _compressed(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    first = load_npz(str(file), cache_dir=str(cache))
+    copies = sorted(p.name for p in cache.iterdir())
+    assert len(copies) == 2 and all(name.startswith("c-x_") for name in copies)  # the two image members
+    opened: list[str] = []
+    original = zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        opened.append(getattr(name, "filename", name))
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    second = load_npz(str(file), cache_dir=str(cache))
+    assert "x_train.npy" not in opened and "x_test.npy" not in opened  # read from the copies
+    for data in (first, second):
+        assert isinstance(data.train.images, np.memmap)
+        np.testing.assert_array_equal(data.train.images, arrays["x_train"])
+        np.testing.assert_array_equal(data.test.images, arrays["x_test"])
+
+
+def test_a_damaged_copy_is_decoded_again(tmp_path: Path, monkeypatch, caplog) -> None:
+    file, arrays = _compressed(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    load_npz(str(file), cache_dir=str(cache))
+    (copy,) = cache.glob("c-x_train-*.npy")
+    raw = bytearray(copy.read_bytes())
+    raw[-1] ^= 0xFF  # same size, one image byte changed
+    copy.write_bytes(bytes(raw))
+    data = load_npz(str(file), cache_dir=str(cache))
+    assert "does not match" in caplog.text
+    np.testing.assert_array_equal(data.train.images, arrays["x_train"])
+
+
+def test_no_cache_or_an_unusable_cache_folder_decodes_in_memory(tmp_path: Path, monkeypatch, caplog) -> None:
+    file, arrays = _compressed(tmp_path, monkeypatch)
+    data = load_npz(str(file), cache=False, cache_dir=str(tmp_path / "unused"))
+    assert not isinstance(data.train.images, np.memmap) and not (tmp_path / "unused").exists()
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    data = load_npz(str(file), cache_dir=str(blocked))
+    assert "cannot cache" in caplog.text
+    np.testing.assert_array_equal(data.test.images, arrays["x_test"])
