@@ -227,8 +227,8 @@ class DebugConfig:
     #: Upper bounds on method sizes, applied to each key the chosen method has (e.g. ``batch_size: 4``,
     #: ``rp_dim: 256``): a smoke run of any preset stays small. Recorded capped in results.json.
     method_caps: dict[str, int] = field(default_factory=dict)
-    #: A backbone whose weights cannot be loaded (no file, no network) starts from random weights instead of
-    #: stopping the run (allowed in smoke runs only).
+    #: Nothing is downloaded, and a backbone whose weights are not on this machine (no file, not in the
+    #: Hugging Face cache) starts from random weights instead of stopping the run (smoke runs only).
     random_weights_if_missing: bool = False
 
 

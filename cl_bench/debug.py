@@ -8,8 +8,8 @@
 * ``debug.max_tasks``: only the first N tasks (:func:`first_tasks`).
 * ``debug.method_caps``: upper bounds on the method's sizes (batch size, random-projection width, buffer,
   ...) for the keys the method has (:func:`cap_method`), so that a smoke run of a ViT-B preset is small.
-* ``debug.random_weights_if_missing`` (smoke runs only): a backbone whose weights cannot be loaded starts from
-  random weights (:func:`build_backbone`).
+* ``debug.random_weights_if_missing`` (smoke runs only): nothing is downloaded, and a backbone whose weights
+  are not on this machine starts from random weights (:func:`build_backbone`).
 * ``trainer.max_epochs``, ``trainer.limit_train_batches``, ``trainer.limit_eval_batches``,
   ``trainer.gradient_clip_val``/``gradient_clip_algorithm``, ``trainer.accumulate_grad_batches`` and
   ``trainer.profiler`` (:func:`trainer_options`, :func:`limit_eval`).
@@ -17,9 +17,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def first_tasks(scenario: Scenario, n: int | None) -> Scenario:
 
 def cap_method(cfg: DictConfig) -> DictConfig:
     """``cfg`` with each ``debug.method_caps`` key that the method has lowered to the cap (a copy; ``cfg``
-    itself when nothing changes). Caps of keys the method lacks are ignored: one cap list fits every method."""
+    itself when nothing changes). Caps of keys the method lacks are ignored: one list fits every method."""
     lowered = {
         key: cap
         for key, cap in cfg.debug.method_caps.items()
@@ -206,13 +207,32 @@ def limit_eval(test_sets: Sequence[TaskDataset], n_batches: int | None, batch_si
     return limited
 
 
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face Hub downloads off: weights already in the local cache load, missing ones fail at once
+    (without it an unreachable hub is retried with back-off for about 45 s before failing)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no hub client: nothing to download from
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def build_backbone(cfg: DictConfig) -> Any:
-    """The backbone of ``cfg``; with ``debug.random_weights_if_missing`` a backbone whose weights cannot be
-    loaded is built again with random weights (``pretrained=false``, ``checkpoint=null``), loudly."""
+    """The backbone of ``cfg``; with ``debug.random_weights_if_missing`` (smoke runs) nothing is downloaded
+    and a backbone whose weights are not on this machine (no file, not in the Hugging Face cache) is built
+    again with random weights (``pretrained=false``, ``checkpoint=null``), loudly."""
     from cl_bench.config import build_from_config
 
     try:
-        return build_from_config("backbone", cfg.backbone)
+        with hub_offline() if cfg.debug.random_weights_if_missing else contextlib.nullcontext():
+            return build_from_config("backbone", cfg.backbone)
     except CheckpointError as exc:
         if not cfg.debug.random_weights_if_missing:
             raise

@@ -42,21 +42,25 @@ PRESETS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
-def weights_overrides(preset: str) -> tuple[str, ...]:
-    """The small ViT's and the ResNet-32's checkpoints where the preset names them and they lie here."""
+def local_overrides(preset: str, data_dir: Path) -> tuple[str, ...]:
+    """What this machine has instead of the preset's files: the small ViT's checkpoint, and CIFAR-100 as the
+    arrays file when the python-pickle folder (``dataset=cifar100``) is absent."""
+    extra: tuple[str, ...] = ()
     if preset == "cifar100_b50_vit_tiny" and (WEIGHTS / "vit_tiny6_c100first50.pth").is_file():
-        return (f"backbone.checkpoint={WEIGHTS / 'vit_tiny6_c100first50.pth'}",)
-    return ()
+        extra += (f"backbone.checkpoint={WEIGHTS / 'vit_tiny6_c100first50.pth'}",)
+    if not (data_dir / "cifar-100-python").is_dir() and (data_dir / "cifar100.npz").is_file():
+        extra += ("dataset=cifar100_npz",)
+    return extra
 
 
 def smoke(preset: str, extra: tuple[str, ...], data_dir: Path, folder: Path) -> dict:
+    extra = (*extra, *local_overrides(preset, data_dir))
     command = [
         sys.executable,
         "-m",
         "cl_bench",
         f"experiment={preset}",
         *extra,
-        *weights_overrides(preset),
         "debug=smoke",
         f"paths.data_dir={data_dir}",
         f"paths.run_dir={folder}",
@@ -92,7 +96,11 @@ def main() -> None:
     machine = f"{platform.machine()}_{os.cpu_count()}cpu"
     out = args.out or REPO / "docs" / "bench" / f"smoke_{machine}.json"
     doc = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+        },
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "command": "python scripts/bench_smoke.py",
         "runs": rows,

@@ -245,3 +245,24 @@ def test_smoke_run_of_a_preset_whose_weights_are_absent(run_tiny, tmp_path: Path
         "debug=smoke",
     )
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+
+
+def test_smoke_runs_never_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside ``hub_offline`` the Hugging Face client is offline (a missing file fails at once instead of
+    ~45 s of retries against an unreachable hub), and the setting is restored afterwards."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with debug.hub_offline():
+        assert constants.is_offline_mode()
+    assert constants.HF_HUB_OFFLINE is False
+    seen: list[bool] = []
+
+    def build(group, cfg, **kwargs):
+        seen.append(constants.is_offline_mode())
+        return "backbone"
+
+    monkeypatch.setattr("cl_bench.config.build_from_config", build)
+    assert debug.build_backbone(compose_config("debug=smoke")) == "backbone"
+    assert debug.build_backbone(compose_config()) == "backbone"
+    assert seen == [True, False]  # offline for the smoke run only

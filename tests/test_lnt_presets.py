@@ -32,5 +32,9 @@ def test_lnt_preset_composes_builds_and_matches_the_official_protocol(name: str)
     assert list(cfg.scenario.class_order) == order
     backbone = build_from_config("backbone", cfg.backbone)
     method = build_from_config("method", cfg.method, backbone=backbone)
-    assert isinstance(method, LayerNormTuning) and method.stage_epochs == {"keys": 5, "norms": 5, "rectify": 5}
+    assert isinstance(method, LayerNormTuning) and method.stage_epochs == {
+        "keys": 5,
+        "norms": 5,
+        "rectify": 5,
+    }
     assert len(method.norm_sets.layers) == 25 and method.norm_sets.params_per_set == 38_400  # §4.2

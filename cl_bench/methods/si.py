@@ -19,8 +19,8 @@ gradients and accumulate importance; in the task-incremental setting the current
 old blocks (``g = 0``: no new importance) and the penalty resists what weight decay does to them. BatchNorm
 affine parameters are regularised like the others (Avalanche excludes them; Zenke et al. had none).
 
-Defaults (``cl_bench/conf/method/si.yaml``): ``c`` 0.1 and ``xi`` 1e-3, Zenke et al.'s split CIFAR-10/100 setting
-(the reference repository's ``fig_transfer_cifar`` run, ``xi=0.001``); Avalanche's ``eps`` 1e-7 and
+Defaults (``cl_bench/conf/method/si.yaml``): ``c`` 0.1 and ``xi`` 1e-3, Zenke et al.'s split CIFAR-10/100
+setting (the reference repository's ``fig_transfer_cifar`` run, ``xi=0.001``); Avalanche's ``eps`` 1e-7 and
 Mammoth's perm-MNIST ``xi`` 0.1 are other choices. The optimiser settings are the repository's ``seq_ft``
 protocol.
 """

@@ -14,7 +14,10 @@ and later samples pseudo-features from ``N(mu_c, Sigma_c)``. Following the offic
 
 Statistics are computed in float64 and samples drawn in float32 whatever the trainer's autocast
 (:mod:`cl_bench.modules.precision`). Sampling draws ``mean + z @ L^T`` with ``L`` the Cholesky factor of
-``Sigma_c`` and ``z ~ N(0, I)`` from the caller's ``torch.Generator``, so it is repeatable
+``Sigma_c`` (factorised in float32 as the code does; where float32 rounding leaves an ill-conditioned
+``Sigma_c`` indefinite, as for a class of a few images with a large feature variance in a smoke run, through
+its float64 eigendecomposition) and ``z ~ N(0, I)`` from the caller's
+``torch.Generator``, so it is repeatable
 (``torch.distributions.MultivariateNormal``, which the code uses, samples the same distribution the same way
 but only from the global RNG).
 
@@ -93,6 +96,19 @@ class ClassStatistics:
             updated.append(cls)
         return updated
 
+    def _factor(self, cls: int, device: torch.device) -> torch.Tensor:
+        """``L`` with ``L @ L.T = Sigma_c``: the float32 Cholesky factor (the code's), or, where float32
+        rounding of an ill-conditioned ``Sigma_c`` left it indefinite, ``V sqrt(max(lambda, 0))`` from its
+        float64 eigendecomposition (the nearest positive semi-definite matrix, equal up to that rounding)."""
+        covariance = self.covariances[cls].to(device)
+        factor, info = torch.linalg.cholesky_ex(covariance)
+        if info.item() == 0:
+            return factor
+        if not torch.isfinite(covariance).all():
+            raise ConfigError(f"the covariance of class {cls} is not finite (its features overflowed)")
+        values, vectors = torch.linalg.eigh(covariance.double())
+        return (vectors * values.clamp(min=0).sqrt()).float()
+
     def sample(
         self,
         classes: Sequence[int],
@@ -118,12 +134,7 @@ class ClassStatistics:
                 mean = self.means[cls].to(device)
                 if mean_scales is not None:
                     mean = mean * float(mean_scales[i])
-                factor, info = torch.linalg.cholesky_ex(self.covariances[cls].to(device))
-                if info.item() != 0:
-                    raise ConfigError(
-                        f"the covariance of class {cls} is not positive definite; raise covariance_shrink "
-                        f"(now {self.covariance_shrink})"
-                    )
+                factor = self._factor(cls, device)
                 noise = torch.randn(per_class, mean.shape[0], generator=generator, device=device)
                 samples.append(mean + noise @ factor.T)
         labels = torch.as_tensor(classes, device=device).repeat_interleave(per_class)

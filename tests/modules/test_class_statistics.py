@@ -83,3 +83,25 @@ def test_bad_input_fails_clearly() -> None:
         stats.sample([9], 4, torch.Generator())
     with pytest.raises(ConfigError, match="covariance_shrink"):
         ClassStatistics(covariance_shrink=-1.0)
+
+
+def test_a_covariance_float32_cannot_factorise_is_sampled_through_float64() -> None:
+    """Two images of a class in 768-d with a large spread (a smoke run's random ViT-B): the stored float32
+    covariance is rank one plus 1e-4 * I, too ill-conditioned for a float32 Cholesky; sampling still works
+    and follows the stored covariance along its one large direction."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        features = 30 * torch.randn(2, 768, generator=gen)
+        stats = ClassStatistics()
+        stats.update(features, torch.tensor([0, 0]))
+        if torch.linalg.cholesky_ex(stats.covariances[0])[1].item() != 0:
+            break
+    else:
+        pytest.fail("no draw made the float32 Cholesky fail: the premise of this test does not hold")
+    samples, _ = stats.sample([0], 20_000, torch.Generator().manual_seed(1))
+    assert torch.isfinite(samples).all()
+    direction = (features[1] - features[0]).double()
+    direction /= direction.norm()
+    along = (samples.double() - stats.means[0].double()) @ direction
+    expected = direction @ stats.covariances[0].double() @ direction
+    assert abs(along.var() / expected - 1) < 0.05
