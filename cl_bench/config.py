@@ -355,24 +355,28 @@ def target_parameters(fn: Callable[..., Any]) -> tuple[dict[str, inspect.Paramet
 
     A class whose ``__init__`` takes ``**kwargs`` forwards them to its base class (``super().__init__(
     **kwargs)``), so it also accepts the keywords of the base classes' ``__init__`` up to the first one
-    without ``**kwargs``; a subclass's parameter or hint wins over its base's.
+    without ``**kwargs``; a subclass's parameter or hint wins over its base's. Keywords a class names in
+    ``refused_base_args`` (:attr:`cl_bench.methods.base.ContinualModule.refused_base_args`) are not accepted.
     """
     inits = (
         [c.__dict__["__init__"] for c in fn.__mro__ if "__init__" in c.__dict__]
         if inspect.isclass(fn)
         else [fn]
     )
+    refused = getattr(fn, "refused_base_args", frozenset())
     params: dict[str, inspect.Parameter] = {}
     hints: dict[str, Any] = {}
+    accepts_any = True
     for init in inits:
         sig = inspect.signature(init)
         for name, p in sig.parameters.items():
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self":
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self" and name not in refused:
                 params.setdefault(name, p)
         hints = {**_type_hints(init), **hints}
         if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-            return params, hints, False
-    return params, hints, True
+            accepts_any = False
+            break
+    return params, hints, accepts_any
 
 
 def validate_target_group(group: str, section: DictConfig) -> None:

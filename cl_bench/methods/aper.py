@@ -47,8 +47,8 @@ class APER(FirstSessionPetl):
         """``peft=none`` runs on any backbone."""
         return cls.backbone_needs if settings["peft"] != "none" else frozenset()
 
-    def __init__(self, backbone: Backbone, **first_session_args: Any) -> None:
-        super().__init__(backbone, **first_session_args)
+    def __init__(self, backbone: Backbone, **base_args: Any) -> None:
+        super().__init__(backbone, **base_args)
         self.head: nn.Module = PrototypeHead(2 * backbone.feat_dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

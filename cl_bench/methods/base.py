@@ -16,6 +16,7 @@ in ``cl_bench/methods/README.md``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -202,6 +203,14 @@ class TaskContext:
 class ContinualModule(pl.LightningModule):
     """Backbone + incremental classifier with task hooks; subclasses override what their paper changes.
 
+    The arguments below are the *shared training keywords*; their defaults here hold for every method whose
+    paper or official code says nothing else. A method's constructor lists a shared keyword only when its
+    default differs from the one it would inherit (and cites where the value comes from, in a comment or in
+    its docstring's Args), and forwards all others with ``**base_args: Any`` to ``super().__init__``; it never
+    re-lists a keyword with the inherited default (``tests/test_method_defaults.py`` checks this). A method
+    that trains nothing takes none of them (SimpleCIL); one that has no use for a keyword names it in
+    :attr:`refused_base_args`.
+
     Args:
         backbone: the feature extractor (provided by the runner).
         epochs: training epochs per task.
@@ -224,6 +233,11 @@ class ContinualModule(pl.LightningModule):
     #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
     #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
     backbone_needs: ClassVar[frozenset[str]] = frozenset()
+    #: Shared training keywords the method does not take because nothing it trains would use them
+    #: (``backbone_lr`` when no backbone parameter trains at it): config validation reports them as unknown
+    #: keys (:func:`cl_bench.config.target_parameters`) and the constructor refuses a value other than the
+    #: default.
+    refused_base_args: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def needs(cls, settings: dict[str, Any]) -> frozenset[str]:
@@ -244,6 +258,7 @@ class ContinualModule(pl.LightningModule):
         loss_scope: str = "seen",
     ) -> None:
         super().__init__()
+        self._refuse_unused_base_args(locals())
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"method.optimizer={optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
@@ -269,6 +284,16 @@ class ContinualModule(pl.LightningModule):
         self.phase: Phase | None = None
         if self.CAPABILITIES.frozen_backbone:
             freeze(self.backbone)
+
+    def _refuse_unused_base_args(self, arguments: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` if a keyword of :attr:`refused_base_args` was given a value."""
+        defaults = inspect.signature(ContinualModule.__init__).parameters
+        given = sorted(n for n in self.refused_base_args if arguments[n] != defaults[n].default)
+        if given:
+            raise ConfigError(
+                f"method.{given[0]}: {type(self).__name__} does not take it (nothing it trains would use "
+                "it); remove it"
+            )
 
     @property
     def capabilities(self) -> Capabilities:

@@ -56,7 +56,9 @@ class CodaPromptMethod(PromptMethod):
         prompt_length: rows per component (8: 4 prefix keys + 4 prefix values).
         layers: the prompted layers (0-4).
         ortho_weight: weight of the orthogonality penalty (0.0).
+        epochs, batch_size, lr: 20 epochs of batches of 128 at 1e-3 (official).
         scheduler: ``coda_cosine`` (official), ``cosine`` (annealed to 0) or ``none``.
+        clip_grad_norm: ``None``: no clipping (the official code clips nothing).
     """
 
     def __init__(
@@ -69,12 +71,9 @@ class CodaPromptMethod(PromptMethod):
         epochs: int = 20,
         batch_size: int = 128,
         lr: float = 0.001,
-        optimizer: str = "adam",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
         scheduler: str = "coda_cosine",
         clip_grad_norm: float | None = None,
-        **prompt_args: Any,
+        **base_args: Any,
     ) -> None:
         if scheduler not in CODA_SCHEDULERS:
             raise ConfigError(f"method.scheduler={scheduler!r}: choose one of {list(CODA_SCHEDULERS)}")
@@ -85,12 +84,9 @@ class CodaPromptMethod(PromptMethod):
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
             scheduler="none" if scheduler == "coda_cosine" else scheduler,
             clip_grad_norm=clip_grad_norm,
-            **prompt_args,
+            **base_args,
         )
         depth = len(self.vit.blocks)
         if not layers or len(set(layers)) != len(layers) or not all(0 <= i < depth for i in layers):

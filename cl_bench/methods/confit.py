@@ -54,7 +54,11 @@ STAGES = ("head", "bn", "all")
 class ConFiT(ContinualModule):
     """Per-task BN with Xconv-recovered means, trained with the three-stage hierarchical schedule.
 
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s):
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s, which refuses ``backbone_lr`` here: every
+    parameter trains at ``lr``):
+        batch_size, momentum, weight_decay, scheduler: batches of 128, SGD without momentum or weight decay
+            at a constant learning rate (official ``main.py``, CIFAR-100; its 10 epochs and lr 0.01 are the
+            base's defaults).
         hierarchical: head -> +BN affine -> all stages (``False``: all parameters from epoch 0).
         stage_epochs: first epochs of the BN stage and of the full stage; ``None``: ``[E//5, E//2]``.
         task_bn: store and restore BN state per task.
@@ -64,34 +68,29 @@ class ConFiT(ContinualModule):
 
     CAPABILITIES = Capabilities(task_conditioned=True)
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"conv_batchnorm"})  # Xconv BN, per-task BN
+    refused_base_args: ClassVar[frozenset[str]] = frozenset({"backbone_lr"})
 
     def __init__(
         self,
         backbone: Backbone,
-        epochs: int = 10,
         batch_size: int = 128,
-        lr: float = 0.01,
-        optimizer: str = "sgd",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         scheduler: str = "none",
-        loss_scope: str = "seen",
         hierarchical: bool = True,
         stage_epochs: list[int] | None = None,
         task_bn: bool = True,
         xconv_bn: bool = True,
         cil_bn: str = "shared",
+        **base_args: Any,
     ) -> None:
         super().__init__(
             backbone,
-            epochs=epochs,
             batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
             momentum=momentum,
             weight_decay=weight_decay,
             scheduler=scheduler,
-            loss_scope=loss_scope,
+            **base_args,
         )
         if xconv_bn and not task_bn:
             raise ConfigError(
@@ -108,7 +107,9 @@ class ConFiT(ContinualModule):
                 "with 0 <= first <= second, or null for the paper's [epochs//5, epochs//2]"
             )
         self.hierarchical = hierarchical
-        self.stage_epochs = (epochs // 5, epochs // 2) if stage_epochs is None else tuple(stage_epochs)
+        self.stage_epochs = (
+            (self.epochs // 5, self.epochs // 2) if stage_epochs is None else tuple(stage_epochs)
+        )
         self.task_bn = task_bn
         self.xconv_bn = xconv_bn
         self.cil_bn = cil_bn

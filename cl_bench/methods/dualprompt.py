@@ -62,6 +62,7 @@ class DualPrompt(PromptMethod):
         pull_coefficient: weight of the key-query pull term (1.0).
         copy_previous_prompt: E-prompt ``t`` starts from E-prompt ``t-1`` (official ``shared_prompt_pool``).
         batchwise_selection: the batch's majority E-prompt at test time (module docstring).
+        epochs, batch_size, lr: 5 epochs of batches of 24 at ``0.03 * 24 / 256`` (official).
     """
 
     CAPABILITIES = Capabilities(task_conditioned=True, selects_task=True)
@@ -80,11 +81,7 @@ class DualPrompt(PromptMethod):
         epochs: int = 5,
         batch_size: int = 24,
         lr: float = 0.0028125,
-        optimizer: str = "adam",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        scheduler: str = "none",
-        **prompt_args: Any,
+        **base_args: Any,
     ) -> None:
         if insertion not in INSERTIONS:
             raise ConfigError(f"method.insertion={insertion!r}: choose one of {list(INSERTIONS)}")
@@ -92,17 +89,7 @@ class DualPrompt(PromptMethod):
             raise ConfigError(
                 "method.e_layers must be non-empty, method.e_length >= 1 and method.g_length >= 0"
             )
-        super().__init__(
-            backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            **prompt_args,
-        )
+        super().__init__(backbone, epochs=epochs, batch_size=batch_size, lr=lr, **base_args)
         depth = len(self.vit.blocks)
         self.g_layers = list(g_layers) if g_length else []
         self.e_layers = list(e_layers)

@@ -128,7 +128,11 @@ class AdapterBank(PetModule):
 class EASE(ContinualModule):
     """One adapter subspace per task, prototype classifier over all subspaces with semantic complement.
 
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; defaults: official ``ease_cifar.json``):
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s, which refuses ``backbone_lr`` here: the
+    adapters and the proxy head train at ``lr``; defaults: official ``ease_cifar.json``):
+        epochs, batch_size, lr: 20 epochs of batches of 48 at 0.025 (SGD, momentum 0.9, weight decay 5e-4 and
+            a cosine schedule to 0: the base's defaults).
+        loss_scope: only ``task`` (the proxy head covers the current task's classes, official).
         adapter_bottleneck, adapter_scale, adapter_dropout: the adapters (official ``ffn_num`` 64, 0.1, 0.1).
         alpha: weight of the other tasks' adapter subspaces at test time (0.1, divided by the task index).
         use_init_ptm, beta: add the pre-trained model's subspace, with weight ``beta`` (off, 0).
@@ -138,6 +142,7 @@ class EASE(ContinualModule):
 
     #: The adapters sit in timm ViT blocks.
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})
+    refused_base_args: ClassVar[frozenset[str]] = frozenset({"backbone_lr"})
 
     def __init__(
         self,
@@ -153,11 +158,8 @@ class EASE(ContinualModule):
         epochs: int = 20,
         batch_size: int = 48,
         lr: float = 0.025,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        scheduler: str = "cosine",
         loss_scope: str = "task",
+        **base_args: Any,
     ) -> None:
         if adapter_bottleneck < 1 or not 0.0 <= adapter_dropout < 1.0:
             raise ConfigError("method.adapter_bottleneck must be >= 1 and method.adapter_dropout in [0, 1)")
@@ -171,11 +173,8 @@ class EASE(ContinualModule):
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
             loss_scope=loss_scope,
+            **base_args,
         )
         vit = timm_vit(backbone)
         dim = int(vit.embed_dim)

@@ -22,7 +22,10 @@ from cl_bench.modules.peft import attach_peft, freeze_all_but_peft
 class FirstSessionPetl(ContinualModule):
     """A PET module trained with a cosine head on the first task only, then frozen with the backbone.
 
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; ``epochs`` are the first task's):
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s):
+        epochs, batch_size: the first task's 20 epochs of batches of 48 (RanPAC ``tuned_epoch``, RevisitingCIL
+            ``exps/aper_adapter``; their lr 0.01, SGD momentum 0.9, weight decay 5e-4 and cosine schedule are
+            the base's defaults).
         peft: ``adapter``, ``ssf``, ``vpt`` (deep), ``vpt_shallow`` or ``none`` (no first-session training).
         adapter_bottleneck, adapter_scale, adapter_dropout, prompt_tokens: PET sizes
             (:func:`~cl_bench.modules.peft.attach_peft`; official 64, 0.1, 0.1, 5).

@@ -38,7 +38,7 @@ never cached. The fine-tuning references of the comparison are other methods: he
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,8 @@ SHARING = ("shared", "per_task")
 class InputTuning(ContinualModule):
     """Frozen backbone in eval mode; a learnable input transformation (shared or per task) and a linear head.
 
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s):
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s, which refuses ``backbone_lr`` here: the
+    backbone is frozen; the paper's optimiser is unknown, every default is ours):
         transform: ``additive``, ``padding`` or ``residual_conv`` (see module docstring).
         sharing: ``shared`` or ``per_task``.
         transform_lr: learning rate of the transformation (``None``: ``lr``).
@@ -63,28 +64,27 @@ class InputTuning(ContinualModule):
         pad: frame width of ``padding``, in pixels.
         conv_hidden: hidden channels of ``residual_conv``.
         conv_layers: convolutions of ``residual_conv`` (the last one zero-initialised).
+        weight_decay: 0 (ours, as :class:`~cl_bench.methods.linear_probe.LinearProbe`'s, which is this method
+            with ``g`` fixed to the identity).
         loss_scope: ``None``: ``seen`` for ``shared``, ``task`` for ``per_task`` (whose task models are
             trained on their own classes only; ``seen`` is refused there).
     """
+
+    refused_base_args: ClassVar[frozenset[str]] = frozenset({"backbone_lr"})
 
     def __init__(
         self,
         backbone: Backbone,
         transform: str = "additive",
         sharing: str = "shared",
-        epochs: int = 10,
-        batch_size: int = 64,
-        lr: float = 0.01,
         transform_lr: float | None = 0.1,
         identity_penalty: float = 0.0,
         pad: int = 4,
         conv_hidden: int = 16,
         conv_layers: int = 2,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
         weight_decay: float = 0.0,
-        scheduler: str = "cosine",
         loss_scope: str | None = None,
+        **base_args: Any,
     ) -> None:
         if transform not in INPUT_TRANSFORMS:
             raise ConfigError(f"method.transform={transform!r}: choose one of {sorted(INPUT_TRANSFORMS)}")
@@ -100,17 +100,7 @@ class InputTuning(ContinualModule):
             raise ConfigError("method.transform_lr and method.identity_penalty must be >= 0")
         if loss_scope is None:
             loss_scope = "seen" if sharing == "shared" else "task"
-        super().__init__(
-            backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            loss_scope=loss_scope,
-        )
+        super().__init__(backbone, weight_decay=weight_decay, loss_scope=loss_scope, **base_args)
         freeze(self.backbone)
         self.transform_name = transform
         self.transform_options: dict[str, int] = {
@@ -119,7 +109,7 @@ class InputTuning(ContinualModule):
             "residual_conv": {"hidden": conv_hidden, "layers": conv_layers},
         }[transform]
         self.sharing = sharing
-        self.transform_lr = lr if transform_lr is None else transform_lr
+        self.transform_lr = self.lr if transform_lr is None else transform_lr
         self.identity_penalty = identity_penalty
         #: ``[g]`` when shared, ``[g_0, g_1, ...]`` per task; built at the first task from its image shape.
         self.transforms = nn.ModuleList()

@@ -55,6 +55,7 @@ class L2P(PromptMethod):
         batchwise_selection: ``train``, ``always`` (official) or ``never`` (module docstring).
         pull_coefficient: weight of the key-query pull term (0.1).
         head_input: ``prompt`` (mean of the prompt tokens' outputs, official) or ``token`` ([CLS]).
+        epochs, batch_size, lr: 5 epochs of batches of 16 at ``0.03 * 16 / 256`` (official).
     """
 
     def __init__(
@@ -69,11 +70,7 @@ class L2P(PromptMethod):
         epochs: int = 5,
         batch_size: int = 16,
         lr: float = 0.001875,
-        optimizer: str = "adam",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        scheduler: str = "none",
-        **prompt_args: Any,
+        **base_args: Any,
     ) -> None:
         if batchwise_selection not in BATCHWISE_MODES:
             raise ConfigError(
@@ -86,17 +83,7 @@ class L2P(PromptMethod):
                 f"method.prompt_length={prompt_length} must be >= 1 and method.top_k={top_k} in "
                 f"[1, pool_size={pool_size}]"
             )
-        super().__init__(
-            backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            **prompt_args,
-        )
+        super().__init__(backbone, epochs=epochs, batch_size=batch_size, lr=lr, **base_args)
         dim = int(self.vit.embed_dim)
         self.pool = PromptPool(pool_size, dim, (prompt_length, dim))
         self.top_k = top_k

@@ -8,6 +8,8 @@ epoch. The backbone's BatchNorm statistics stay fixed (eval mode).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch.nn.functional as F
 
 from cl_bench.backbones.base import Backbone
@@ -15,32 +17,28 @@ from cl_bench.methods.base import Capabilities, ContinualModule, HeadTraining, P
 
 
 class LinearProbe(ContinualModule):
-    """Frozen backbone, continually trained linear head on cached features."""
+    """Frozen backbone, continually trained linear head on cached features.
+
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s, which refuses ``backbone_lr`` here: the
+    backbone is frozen):
+        epochs, batch_size: 30 epochs of batches of 128, as the head-only joint baseline of RanPAC and SAFE
+            (``joint_linear``; ``shared/research/methods_vit.md``).
+        weight_decay: 0 (ours; ``joint_linear``: 5e-4).
+    """
 
     CAPABILITIES = Capabilities(frozen_backbone=True)
+    refused_base_args: ClassVar[frozenset[str]] = frozenset({"backbone_lr"})
 
     def __init__(
         self,
         backbone: Backbone,
         epochs: int = 30,
         batch_size: int = 128,
-        lr: float = 0.01,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
         weight_decay: float = 0.0,
-        scheduler: str = "cosine",
-        loss_scope: str = "seen",
+        **base_args: Any,
     ) -> None:
         super().__init__(
-            backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            loss_scope=loss_scope,
+            backbone, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, **base_args
         )
 
     def phases(self, ctx: TaskContext) -> list[Phase]:

@@ -94,8 +94,8 @@ STAGES = {"two": ("keys", "norms", "rectify"), "single": ("norms", "rectify")}
 class LayerNormTuning(ContinualModule):
     """Per-task LayerNorm scale/bias sets on a frozen backbone, chosen at test time by task keys.
 
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; defaults from the official CIFAR-100
-    config ``couple/configs/cifar100.py``, §4.5):
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s, which refuses ``backbone_lr`` here: the
+    backbone is frozen; defaults from the official CIFAR-100 config ``couple/configs/cifar100.py``, §4.5):
         epochs: epochs of the LayerNorm stage (official ``epochs`` = 5).
         batch_size: 128 (official).
         lr: learning rate of the key and LayerNorm stages: the official 0.005 scaled by batch/256 = 0.0025
@@ -120,6 +120,7 @@ class LayerNormTuning(ContinualModule):
 
     CAPABILITIES = Capabilities(task_conditioned=True, selects_task=True)
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"layernorm"})  # one LayerNorm set per task
+    refused_base_args: ClassVar[frozenset[str]] = frozenset({"backbone_lr"})
 
     def __init__(
         self,
@@ -135,10 +136,10 @@ class LayerNormTuning(ContinualModule):
         rectification_epochs: int = 5,
         rectification_lr: float = 0.001,
         optimizer: str = "adam",
-        momentum: float = 0.9,
         weight_decay: float = 0.0,
         scheduler: str = "none",
         loss_scope: str = "task",
+        **base_args: Any,
     ) -> None:
         if stages not in STAGES:
             raise ConfigError(f"method.stages={stages!r}: choose one of {list(STAGES)}")
@@ -160,10 +161,10 @@ class LayerNormTuning(ContinualModule):
             batch_size=batch_size,
             lr=lr,
             optimizer=optimizer,
-            momentum=momentum,
             weight_decay=weight_decay,
             scheduler=scheduler,
             loss_scope=loss_scope,
+            **base_args,
         )
         freeze(self.backbone)
         self.norm_sets = NormSets(self.backbone)

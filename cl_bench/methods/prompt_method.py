@@ -10,7 +10,7 @@ model twice: once without prompts for the query (the [CLS] token after the final
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,10 @@ from cl_bench.modules.prompts import timm_vit
 class PromptMethod(ContinualModule):
     """A frozen ViT with learnable prompts and a growing linear head.
 
-    Args (as :class:`~cl_bench.methods.base.ContinualModule`'s, without ``backbone_lr``: the backbone is
-    frozen; defaults: the official codes' Adam without weight decay at a constant learning rate):
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s, which refuses ``backbone_lr`` here: the
+    backbone is frozen; each subclass states its paper's ``epochs``, ``batch_size`` and ``lr``):
+        optimizer, weight_decay, scheduler: Adam without weight decay at a constant learning rate (the
+            official l2p-/dualprompt-pytorch and CODA-Prompt codes).
         clip_grad_norm: clip the gradient's global norm to this value before each step (official
             l2p-/dualprompt-pytorch ``clip_grad`` 1.0); ``None``: no clipping (CODA-Prompt).
         loss_scope: ``task`` (default, the official ``train_mask``: logits of the other tasks' classes
@@ -35,19 +37,17 @@ class PromptMethod(ContinualModule):
 
     #: Prompts are placed in timm ViT blocks.
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})
+    refused_base_args: ClassVar[frozenset[str]] = frozenset({"backbone_lr"})
 
     def __init__(
         self,
         backbone: Backbone,
-        epochs: int,
-        batch_size: int,
-        lr: float,
         optimizer: str = "adam",
-        momentum: float = 0.9,
         weight_decay: float = 0.0,
         scheduler: str = "none",
         clip_grad_norm: float | None = 1.0,
         loss_scope: str = "task",
+        **base_args: Any,
     ) -> None:
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ConfigError(
@@ -55,14 +55,11 @@ class PromptMethod(ContinualModule):
             )
         super().__init__(
             backbone,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
             optimizer=optimizer,
-            momentum=momentum,
             weight_decay=weight_decay,
             scheduler=scheduler,
             loss_scope=loss_scope,
+            **base_args,
         )
         self.vit = timm_vit(backbone)
         self.backbone.requires_grad_(False)

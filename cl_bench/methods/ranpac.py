@@ -52,11 +52,11 @@ class RanPAC(FirstSessionPetl):
         backbone: Backbone,
         rp_dim: int = 10000,
         ridge_exponents: tuple[int, int] | list[int] = (-8, 8),
-        **first_session_args: Any,
+        **base_args: Any,
     ) -> None:
         if len(ridge_exponents) != 2:
             raise ConfigError(f"method.ridge_exponents={list(ridge_exponents)}: give [low, high]")
-        super().__init__(backbone, **first_session_args)
+        super().__init__(backbone, **base_args)
         self.head: nn.Module = RandomProjectionRidgeHead(
             backbone.feat_dim, rp_dim, ridge_grid(*ridge_exponents)
         )

@@ -147,8 +147,9 @@ class SAFE(ContinualModule):
     """Slow learner (PET trained on session 1 with the transfer loss, then frozen) and fast learner (the same
     PET trained on); RanPAC heads; entropy-weighted aggregation (module docstring).
 
-    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; ``epochs`` are session 1's and the
-    cosine schedule's period):
+    Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s; defaults: ``args/cifar224_publish.csv``):
+        epochs: session 1's (``tuned_epoch`` 20), also the cosine schedule's period in every session.
+        batch_size: 48.
         peft, adapter_bottleneck, adapter_scale, adapter_dropout, prompt_tokens: the PET module
             (:func:`~cl_bench.modules.peft.attach_peft`).
         cosine_sigma: initial scale of the cosine head (10 in SAFE's ``inc_net.py``).

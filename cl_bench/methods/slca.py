@@ -89,6 +89,9 @@ class SLCA(ContinualModule):
     """Slow-learner fine-tuning with post-hoc Classifier Alignment (see the module docstring).
 
     Args (beyond :class:`~cl_bench.methods.base.ContinualModule`'s, whose defaults here are the code's):
+        epochs, batch_size: 20 epochs (CIFAR-100 config) of batches of 128 (``slca.py``; its lr 0.01, SGD
+            momentum 0.9 and weight decay 5e-4 are the base's defaults).
+        backbone_lr: the slow learner's rate, ``lr * bcb_lrscale`` = 1e-4.
         slow: train the backbone at ``backbone_lr`` (``False``: at ``lr``, no slow learner).
         scheduler: ``multistep`` (``milestones``, ``lr_decay``), ``cosine`` (to ``eta_min`` over the epochs)
             or ``none``; stepped per epoch.
@@ -105,6 +108,7 @@ class SLCA(ContinualModule):
         covariance_shrink: added to every class covariance's diagonal.
         recall: restore the pre-CA heads when the next task starts (``False``: keep the aligned heads).
         official_task_index: give class ``c`` the task ``c // (current task size)`` in CA, as the code does.
+        loss_scope: ``task`` (the code's task-local CE over the current head) or ``seen``.
     """
 
     training_state_attributes = ("statistics", "_stage1_head")
@@ -114,9 +118,7 @@ class SLCA(ContinualModule):
         backbone: Backbone,
         epochs: int = 20,
         batch_size: int = 128,
-        lr: float = 0.01,
         backbone_lr: float | None = 1e-4,
-        weight_decay: float = 5e-4,
         scheduler: str = "multistep",
         loss_scope: str = "task",
         slow: bool = True,
@@ -147,13 +149,13 @@ class SLCA(ContinualModule):
             backbone,
             epochs=epochs,
             batch_size=batch_size,
-            lr=lr,
-            backbone_lr=backbone_lr if slow else lr,
-            weight_decay=weight_decay,
+            backbone_lr=backbone_lr,
             scheduler="none",  # SLCA's own schedules are built in configure_optimizers
             loss_scope=loss_scope,
             **base_args,
         )
+        if not slow:
+            self.backbone_lr = self.lr
         self.scheduler_name = scheduler
         self.slow = slow
         self.milestones = list(milestones)
@@ -170,9 +172,9 @@ class SLCA(ContinualModule):
                 epochs=ca_epochs,
                 samples_per_class=ca_samples_per_class,
                 batch_size=ca_batch_size,
-                lr=lr if ca_lr is None else ca_lr,
+                lr=self.lr if ca_lr is None else ca_lr,
                 momentum=self.momentum,
-                weight_decay=weight_decay,
+                weight_decay=self.weight_decay,
                 logit_norm=ca_logit_norm or None,
             )
             self.statistics = ClassStatistics(covariance_shrink)

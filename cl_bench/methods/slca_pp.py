@@ -82,6 +82,9 @@ class SLCAPlusPlus(SLCA):
     """SLCA with symmetric CE, the LoRA "Hybrid Slow Learner" and scaled CA (see the module docstring).
 
     Args (beyond :class:`~cl_bench.methods.slca.SLCA`'s, whose defaults here are SLCA++'s code's):
+        backbone_lr: ``lr * bcb_lrscale`` = 1e-3 (``slcapp_cifar_lora.json``).
+        scheduler, eta_min: ``cosine`` to ``lr * bcb_lrscale * 0.1^len(milestones)`` = 1e-4 (``slca_pp.py``).
+        ca_mean_shrink: ``False`` (SLCA++ scales CA's samples instead, ``feature_scale_mu``).
         hybrid: add LoRA and train only the ``trainable`` backbone parameters (``False``: the whole backbone).
         lora_rank, lora_scale: LoRA's rank and the factor of ``B A``.
         lora_targets: name suffixes of the linear layers that get LoRA.
@@ -120,7 +123,7 @@ class SLCAPlusPlus(SLCA):
         sce_beta: float = 0.1,
         feature_scale_mu: float = 0.02,
         feature_scale_jitter: float = 0.02,
-        **slca_args: Any,
+        **base_args: Any,
     ) -> None:
         if lora_init not in LORA_INITS:
             raise ConfigError(f"method.lora_init={lora_init!r}: choose one of {list(LORA_INITS)}")
@@ -136,7 +139,7 @@ class SLCAPlusPlus(SLCA):
             scheduler=scheduler,
             eta_min=eta_min,
             ca_mean_shrink=ca_mean_shrink,
-            **slca_args,
+            **base_args,
         )
         self.hybrid = hybrid
         self.lora_targets = list(lora_targets)
