@@ -105,16 +105,9 @@ class DERPlusPlus(ExperienceReplay):
         backbone: Backbone,
         alpha: float = 0.3,
         beta: float = 0.5,
-        buffer_size: int = 500,
-        replay_batch_size: int | None = None,
         **base_args: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            buffer_size=buffer_size,
-            replay_batch_size=replay_batch_size,
-            **base_args,
-        )
+        super().__init__(backbone, **base_args)
         if alpha < 0 or beta < 0:
             raise ConfigError(f"method.alpha={alpha} and method.beta={beta} must be >= 0")
         self.alpha = alpha
