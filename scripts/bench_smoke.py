@@ -3,7 +3,7 @@ each run a fresh ``cl-bench`` process, from start to exit, as a user checking a 
 Presets whose pre-trained weights are absent run on random weights (what ``debug=smoke`` allows). Writes
 ``docs/bench/smoke_<machine>.json``.
 
-    OMP_NUM_THREADS=2 python scripts/bench_smoke.py --data-dir ../shared/data [--only slca/cifar100]
+    OMP_NUM_THREADS=2 python scripts/bench_smoke.py --data-dir ../shared/data [--only PRESET] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--only", nargs="*", help="presets to run (default: all of PRESETS)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--note", default="", help="conditions, e.g. other jobs on the machine")
     args = parser.parse_args()
     chosen = [(p, e) for p, e in PRESETS if not args.only or p in args.only]
     rows = []
@@ -103,6 +104,7 @@ def main() -> None:
         },
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "command": "python scripts/bench_smoke.py",
+        "note": args.note,
         "runs": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
