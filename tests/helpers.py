@@ -33,6 +33,19 @@ TINY = (
     "save_model=false",
 )
 
+#: Overrides (after TINY) for a one-block ViT on 8 px digits: whole runs of the methods built for pre-trained
+#: transformers.
+TINY_VIT_RUN = (
+    "dataset.size=8",
+    "transform.input_size=8",
+    "backbone=timm",
+    "backbone.name=vit_tiny_patch16_224",
+    "backbone.pretrained=false",
+    "+backbone.model_kwargs={img_size:8,patch_size:4,depth:1,embed_dim:32,num_heads:2}",
+    "method.epochs=1",
+    "method.batch_size=64",
+)
+
 
 def compose_config(*overrides: str):
     """Compose ``cl_bench/conf/config.yaml`` with command-line style overrides, as ``cl-bench`` would."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, TINY
+from helpers import REPO_ROOT, TINY, TINY_VIT_RUN
 
 import cl_bench.runner as runner
 from cl_bench.checkpointing import MANIFEST_FILE, load_checkpoint
@@ -31,17 +31,6 @@ METRICS = (
 )
 THREE_TASKS = ("scenario.init_classes=4", "scenario.increment=3", "save_model=true")
 CNN = ("method.epochs=1", "method.batch_size=32")
-#: A one-block ViT on 8 px digits (the methods built for pre-trained transformers).
-TINY_VIT = (
-    "dataset.size=8",
-    "transform.input_size=8",
-    "backbone=timm",
-    "backbone.name=vit_tiny_patch16_224",
-    "backbone.pretrained=false",
-    "+backbone.model_kwargs={img_size:8,patch_size:4,depth:1,embed_dim:32,num_heads:2}",
-    "method.epochs=1",
-    "method.batch_size=64",
-)
 #: Every method, with what its checkpoint must carry.
 METHODS = {
     "seq_ft": ("method=seq_ft", *CNN),  # weights and growing heads
@@ -56,23 +45,37 @@ METHODS = {
     "lwf": ("method=lwf", *CNN),  # the teacher is rebuilt at the next task start
     "confit": ("method=confit", "scenario=til", *CNN),  # per-task BN snapshots (extra state)
     "input_tuning": ("method=input_tuning", "method.sharing=per_task", *CNN),  # one transform per task
-    "aper": ("method=aper", *TINY_VIT, "method.adapter_bottleneck=4"),  # first-session head, frozen backbone
-    "ranpac": ("method=ranpac", *TINY_VIT, "method.adapter_bottleneck=4", "method.rp_dim=16"),  # ridge stats
+    "aper": (
+        "method=aper",
+        *TINY_VIT_RUN,
+        "method.adapter_bottleneck=4",
+    ),  # first-session head, frozen backbone
+    "ranpac": (
+        "method=ranpac",
+        *TINY_VIT_RUN,
+        "method.adapter_bottleneck=4",
+        "method.rp_dim=16",
+    ),  # ridge stats
     "safe": (
         "method=safe",
-        *TINY_VIT,
+        *TINY_VIT_RUN,
         "method.adapter_bottleneck=4",
         "method.rp_dim=16",
         "method.later_epochs=1",
     ),
     "slca": (
         "method=slca",
-        *TINY_VIT,
+        *TINY_VIT_RUN,
         "method.ca_epochs=1",
         "method.ca_samples_per_class=4",
     ),  # class Gaussians
-    "slca_pp": ("method=slca_pp", *TINY_VIT, "method.ca_epochs=1", "method.ca_samples_per_class=4"),  # LoRA
-    "lnt": ("method=lnt", *TINY_VIT, "method.rectification_epochs=1"),  # keys and LayerNorm sets
+    "slca_pp": (
+        "method=slca_pp",
+        *TINY_VIT_RUN,
+        "method.ca_epochs=1",
+        "method.ca_samples_per_class=4",
+    ),  # LoRA
+    "lnt": ("method=lnt", *TINY_VIT_RUN, "method.rectification_epochs=1"),  # keys and LayerNorm sets
 }
 
 

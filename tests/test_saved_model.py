@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import TINY_VIT_RUN
 from omegaconf import OmegaConf
 
 import cl_bench
@@ -18,23 +19,13 @@ from cl_bench.evaluation import Evaluator
 from cl_bench.experiment import task_datasets
 from cl_bench.scenario import build_scenario
 
-TINY_VIT = (
-    "dataset.size=8",
-    "transform.input_size=8",
-    "backbone=timm",
-    "backbone.name=vit_tiny_patch16_224",
-    "backbone.pretrained=false",
-    "+backbone.model_kwargs={img_size:8,patch_size:4,depth:1,embed_dim:32,num_heads:2}",
-    "method.epochs=1",
-    "method.batch_size=64",
-)
 METHODS = {
     "seq_ft": ("method=seq_ft", "method.epochs=1"),
     "simplecil": ("method=simplecil",),
     "confit": ("method=confit", "scenario=til", "method.epochs=1"),
     "input_tuning": ("method=input_tuning", "method.sharing=per_task", "method.epochs=1"),
-    "ranpac": ("method=ranpac", *TINY_VIT, "method.adapter_bottleneck=4", "method.rp_dim=16"),
-    "lnt": ("method=lnt", *TINY_VIT, "method.rectification_epochs=1"),
+    "ranpac": ("method=ranpac", *TINY_VIT_RUN, "method.adapter_bottleneck=4", "method.rp_dim=16"),
+    "lnt": ("method=lnt", *TINY_VIT_RUN, "method.rectification_epochs=1"),
 }
 
 
