@@ -230,6 +230,11 @@ class DebugConfig:
     #: Nothing is downloaded, and a backbone whose weights are not on this machine (no file, not in the
     #: Hugging Face cache) starts from random weights instead of stopping the run (smoke runs only).
     random_weights_if_missing: bool = False
+    #: Feed images of at most this side (``null``: the preset's size). The train recipe stays the preset's,
+    #: its resize sides scale with it, and a ViT is set to this resolution (its position embedding
+    #: resampled, as timm does for weights of another resolution): a smoke run of a ViT-B/16 preset then
+    #: computes 5 tokens per image instead of 197, with every block, width and method part in place.
+    input_size: int | None = None
 
 
 @dataclass

@@ -8,6 +8,8 @@
 * ``debug.max_tasks``: only the first N tasks (:func:`first_tasks`).
 * ``debug.method_caps``: upper bounds on the method's sizes (batch size, random-projection width, buffer,
   ...) for the keys the method has (:func:`cap_method`), so that a smoke run of a ViT-B preset is small.
+* ``debug.input_size``: images of at most this side, the preset's train recipe kept and a ViT set to that
+  resolution (:func:`shrink_input`).
 * ``debug.random_weights_if_missing`` (smoke runs only): nothing is downloaded, and a backbone whose weights
   are not on this machine starts from random weights (:func:`build_backbone`).
 * ``trainer.max_epochs``, ``trainer.limit_train_batches``, ``trainer.limit_eval_batches``,
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cl_bench.backbones.base import Backbone
 from cl_bench.data.base import ClassificationData, ImageSource, TaskDataset
 from cl_bench.errors import CheckpointError, ConfigError
 from cl_bench.scenario import Scenario
@@ -64,7 +67,7 @@ def check_options(cfg: DictConfig) -> None:
     if t.profiler is not None and t.profiler not in PROFILERS:
         raise ConfigError(f"trainer.profiler={t.profiler!r}: use {', '.join(PROFILERS)} or null")
     d = cfg.debug
-    for key in ("samples_per_class", "max_tasks"):
+    for key in ("samples_per_class", "max_tasks", "input_size"):
         if d[key] is not None and d[key] < 1:
             raise ConfigError(f"debug.{key}={d[key]} must be at least 1 (or null: all)")
     for key, cap in d.method_caps.items():
@@ -239,3 +242,45 @@ def build_backbone(cfg: DictConfig) -> Any:
         keys = {k: v for k, v in (("pretrained", False), ("checkpoint", None)) if k in cfg.backbone}
         log.warning("SMOKE RUN WITH RANDOM BACKBONE WEIGHTS: %s", exc)
         return build_from_config("backbone", OmegaConf.merge(cfg.backbone, keys))
+
+
+def shrink_input(backbone: Backbone, transform_cfg: DictConfig, size: int | None) -> DictConfig:
+    """Lower the run's input side to ``size`` (``debug.input_size``; ``None`` or not smaller: unchanged).
+
+    The backbone takes the new side: a ViT through timm's ``set_input_size`` (its position embedding
+    resampled to the smaller patch grid, the side rounded up to a whole number of patches), a CNN as it is.
+    Returns the ``transform`` config to build the pipelines from: the preset's train recipe (``auto``
+    resolved at the preset's size, so the same augmentation runs) with its resize sides scaled alike."""
+    from cl_bench.config import TrainAugment
+    from cl_bench.data.transforms import resolve_augment
+
+    full = transform_cfg.input_size or backbone.data_config.input_size
+    if size is None or full <= size:
+        return transform_cfg
+    model = getattr(backbone, "model", backbone)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:  # a transformer whose patch grid is fixed at construction
+        if not hasattr(model, "set_input_size"):
+            log.warning(
+                "debug.input_size=%d: %s cannot change its input size; kept at %d px",
+                size,
+                type(model).__name__,
+                full,
+            )
+            return transform_cfg
+        patch = int(patch_embed.patch_size[0])
+        size = -(-size // patch) * patch
+        model.set_input_size(img_size=(size, size))
+    backbone.data_config = replace(backbone.data_config, input_size=size)
+
+    def scaled(side: int | None) -> int | None:
+        return None if side is None else max(size, round(side * size / full))
+
+    shrunk = copy.deepcopy(transform_cfg)
+    with open_dict(shrunk):
+        shrunk.train = resolve_augment(TrainAugment(shrunk.train), full).value
+        shrunk.input_size = size
+        shrunk.train_resize = scaled(transform_cfg.train_resize)
+        shrunk.eval_resize = scaled(transform_cfg.eval_resize)
+    log.info("debug.input_size: inputs of %d px instead of %d (train recipe %s)", size, full, shrunk.train)
+    return shrunk

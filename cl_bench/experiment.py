@@ -88,6 +88,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     data.name = cfg.dataset.get("name", data.name)
     data = debug.subset_per_class(data, cfg.debug.samples_per_class)
     backbone = debug.build_backbone(cfg)
+    transform_cfg = debug.shrink_input(backbone, cfg.transform, cfg.debug.input_size)
     method: ContinualModule = build_from_config("method", cfg.method, backbone=backbone)
     split = debug.first_tasks(
         build_scenario(cfg.scenario, data.num_classes, data.domain_names, data.name), cfg.debug.max_tasks
@@ -95,7 +96,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     scenario = split.merged() if method.capabilities.single_task else split
     validate_data(data, scenario)
     device = select_device(trainer.accelerator)
-    pipeline = build_input_pipeline(backbone.data_config, cfg.transform, data, device)
+    pipeline = build_input_pipeline(backbone.data_config, transform_cfg, data, device)
     method.batch_transform = pipeline.batch
     train_tf, eval_tf = pipeline.train, pipeline.eval
     train_sets, train_eval_sets, test_sets = task_datasets(data, scenario, train_tf, eval_tf, pipeline.batch)

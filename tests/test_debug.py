@@ -33,6 +33,7 @@ SEQ_FT = ("method=seq_ft", "method.epochs=3", "method.batch_size=16")
         ("debug.samples_per_class=0", "debug.samples_per_class=0"),
         ("debug.random_weights_if_missing=true", "smoke runs only"),
         ("debug.max_tasks=0", "debug.max_tasks=0"),
+        ("debug.input_size=0", "debug.input_size=0"),
         ("+debug.method_caps.batch_size=-1", "debug.method_caps.batch_size=-1"),
     ],
 )
@@ -100,6 +101,47 @@ def test_cap_method_lowers_only_the_keys_the_method_has() -> None:
         "+debug.method_caps={batch_size: 4, rp_dim: 256}",
     )
     assert debug.cap_method(small) is small  # nothing above its cap: rp_dim 0 (no projection) stays
+
+
+def test_shrink_input_sets_a_vit_to_the_smaller_patch_grid() -> None:
+    """A 224 px ViT/16 asked for 40 px takes 48 (whole patches): its position embedding keeps the [CLS] entry
+    and resamples the 14x14 grid to 3x3 (bicubic with antialiasing, as timm resizes weights of another
+    resolution); the pipelines keep the 224 px recipe (``auto``: RandomResizedCrop), resize sides scaled."""
+    import torch.nn.functional as F
+
+    from cl_bench.backbones.timm_backbone import TimmBackbone
+    from cl_bench.data.transforms import build_transforms
+
+    backbone = TimmBackbone("vit_tiny_patch16_224", model_kwargs={"depth": 1})
+    before = backbone.model.pos_embed.detach().clone()
+    transform = compose_config("transform.eval_resize=256").transform
+    shrunk = debug.shrink_input(backbone, transform, 40)
+    assert backbone.data_config.input_size == 48 and backbone.model.patch_embed.grid_size == (3, 3)
+    after = backbone.model.pos_embed.detach()
+    grid = before[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(3, 3), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(after[:, 0], before[:, 0])
+    torch.testing.assert_close(after[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 9, -1))
+    assert backbone(torch.zeros(2, 3, 48, 48)).shape == (2, 192)
+    assert (shrunk.train, shrunk.input_size, shrunk.eval_resize) == ("rrc_flip", 48, 55)  # 256 * 48/224
+    assert transform.input_size is None and transform.eval_resize == 256  # the run's config is unchanged
+    train_tf, eval_tf = build_transforms(backbone.data_config, shrunk, True)
+    image = torch.zeros(3, 90, 120, dtype=torch.uint8)
+    assert train_tf(image).shape == eval_tf(image).shape == (3, 48, 48)
+
+
+def test_shrink_input_keeps_a_cnn_and_the_resize_recipe() -> None:
+    from cl_bench.backbones.cifar_resnet import CifarResNet
+
+    backbone = CifarResNet(depth=20)
+    transform = compose_config("transform.train=resize_crop_flip", "transform.train_resize=40").transform
+    shrunk = debug.shrink_input(backbone, transform, 16)
+    assert backbone.data_config.input_size == 16
+    assert (shrunk.train, shrunk.input_size, shrunk.train_resize) == ("resize_crop_flip", 16, 20)
+    assert backbone(torch.zeros(1, 3, 16, 16)).shape == (1, backbone.feat_dim)
+    for size in (None, 16, 64):  # unset, or not smaller: nothing changes
+        assert debug.shrink_input(backbone, transform, size) is transform
+    assert backbone.data_config.input_size == 16
 
 
 def test_limit_eval_spreads_the_kept_images() -> None:
@@ -233,18 +275,19 @@ def test_smoke_run_of_the_vit_preset(tmp_path: Path, method: str) -> None:
 
 @pytest.mark.slow
 def test_smoke_run_of_a_preset_whose_weights_are_absent(run_tiny, tmp_path: Path) -> None:
-    """A ViT preset whose pre-trained weights cannot be fetched (no network) still runs as a smoke run, on
-    random weights (the digits data stand in for its dataset to keep it short)."""
+    """A ViT-B/16 preset whose pre-trained weights cannot be fetched (no network) still runs as a smoke run,
+    on random weights and at 32 px (``debug.input_size``: 2x2 patches); the digits data stand in for its
+    dataset."""
     doc, _ = run_tiny(
         "experiment=slca/cifar100",
         "dataset=digits",
-        "dataset.size=16",
-        "transform.input_size=16",
-        "backbone.model_kwargs={img_size:16,depth:2}",
+        "transform.input_size=null",
         "scenario.n_tasks=2",
         "debug=smoke",
     )
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 2
+    assert doc["config"]["debug"]["input_size"] == 32
+    assert doc["config"]["backbone"]["name"].startswith("vit_base")
 
 
 def test_smoke_runs_never_download(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,6 +86,14 @@ def resolve_data_config(backbone_cfg: DataConfig, cfg: TransformConfig) -> DataC
     )
 
 
+def resolve_augment(augment: TrainAugment, input_size: int) -> TrainAugment:
+    """``augment`` with ``auto`` resolved: the CIFAR recipe for inputs up to ``SMALL_INPUT_MAX``, else the
+    ImageNet one."""
+    if augment != TrainAugment.auto:
+        return augment
+    return TrainAugment.crop_flip if input_size <= SMALL_INPUT_MAX else TrainAugment.rrc_flip
+
+
 def _range(name: str, values: list[float], low: float) -> tuple[float, float]:
     if len(values) != 2 or not low < values[0] <= values[1]:
         raise ConfigError(
@@ -99,9 +107,7 @@ def resolve_spec(
 ) -> PipelineSpec:
     """The pipeline a run uses, with a clear error for any inconsistent ``transform.*`` value."""
     dc = resolve_data_config(backbone_cfg, cfg)
-    augment = TrainAugment(cfg.train)
-    if augment == TrainAugment.auto:
-        augment = TrainAugment.crop_flip if dc.input_size <= SMALL_INPUT_MAX else TrainAugment.rrc_flip
+    augment = resolve_augment(TrainAugment(cfg.train), dc.input_size)
     for key in ("train_interpolation", "eval_interpolation"):
         if getattr(cfg, key) not in (None, *INTERPOLATIONS):
             raise ConfigError(f"transform.{key}={getattr(cfg, key)!r}: choose one of {list(INTERPOLATIONS)}")
