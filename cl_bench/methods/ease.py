@@ -30,7 +30,6 @@ written for 768-d features (``out_dim=768`` default); here the subspace width is
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -41,7 +40,7 @@ from cl_bench.backbones.base import Backbone
 from cl_bench.errors import ConfigError
 from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.modules.analytic_heads import CosineLinear
-from cl_bench.modules.peft import PetModule
+from cl_bench.modules.peft import AdapterBranch, PetModule
 from cl_bench.modules.prompts import timm_vit
 
 
@@ -84,26 +83,9 @@ def reweighted_logits(
 
 
 # --------------------------------------------------------------------------- adapters
-class Bottleneck(nn.Module):
-    """AdaptFormer's ``scale * Up(Dropout(ReLU(Down(x))))`` with the ``lora`` initialisation (zero ``Up``)."""
-
-    def __init__(self, dim: int, bottleneck: int, scale: float, dropout: float) -> None:
-        super().__init__()
-        self.down = nn.Linear(dim, bottleneck)
-        self.up = nn.Linear(bottleneck, dim)
-        self.dropout = nn.Dropout(dropout)
-        self.scale = scale
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.dropout(torch.relu(self.down(x))))
-
-
 class AdapterBank(PetModule):
-    """A ViT block's ``norm2`` + MLP with one parallel adapter per task; ``active`` chooses which (``None``:
+    """A ViT block's ``norm2`` + MLP with one parallel adapter branch per task (AdaptFormer's, shared with
+    :class:`~cl_bench.modules.peft.ParallelAdapter`); ``active`` chooses which (``None``:
     the pre-trained block). Like :class:`~cl_bench.modules.peft.ParallelAdapter`, the block's ``norm2`` moves
     in here because the adapter reads the residual stream before it (official ``Block.forward``)."""
 
@@ -225,7 +207,7 @@ class EASE(ContinualModule):
             )
         for bank in self.banks:
             bank.adapters.requires_grad_(False)
-            bank.adapters.append(Bottleneck(**self.adapter_args))
+            bank.adapters.append(AdapterBranch(**self.adapter_args))
             bank.active = ctx.task.index
         self.proxy = CosineLinear(self.adapter_args["dim"], self.proxy_sigma)
         self.proxy.add_task(ctx.task.num_classes)
@@ -323,7 +305,7 @@ class EASE(ContinualModule):
         super().restore_structure(structure)
         for bank in self.banks:
             for _ in range(int(structure["adapters"]) - len(bank.adapters)):
-                bank.adapters.append(Bottleneck(**self.adapter_args))
+                bank.adapters.append(AdapterBranch(**self.adapter_args))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         for name in ("prototypes", "class_tasks"):  # resize to the saved shapes before copying

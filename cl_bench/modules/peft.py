@@ -52,20 +52,13 @@ class PetModule(nn.Module):
         raise NotImplementedError
 
 
-class ParallelAdapter(PetModule):
-    """AdaptFormer's parallel adapter around a ViT block's MLP: ``MLP(norm(x)) + scale * adapter(x)``.
+class AdapterBranch(nn.Module):
+    """AdaptFormer's bottleneck branch ``scale * Up(Dropout(ReLU(Down(x))))``: ``Down`` Kaiming-uniform,
+    ``Up`` and both biases zero (``ffn_adapter_init_option=lora``), so the branch outputs zero at init.
+    :class:`ParallelAdapter` adds it beside a block's MLP; EASE keeps one per task (``methods/ease.py``)."""
 
-    The block's ``norm2`` moves inside this module (the block's own ``norm2`` becomes the identity) because
-    the adapter reads the block's residual stream *before* the LayerNorm, as in AdaptFormer. With the
-    block's drop-path at 0 (the official setting) this equals AdaptFormer's block exactly.
-    """
-
-    def __init__(
-        self, norm: nn.Module, mlp: nn.Module, dim: int, bottleneck: int, scale: float, dropout: float
-    ):
+    def __init__(self, dim: int, bottleneck: int, scale: float, dropout: float) -> None:
         super().__init__()
-        self.norm = norm
-        self.mlp = mlp
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.dropout = nn.Dropout(dropout)
@@ -75,13 +68,33 @@ class ParallelAdapter(PetModule):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.dropout(torch.relu(self.down(x))))
+
+
+class ParallelAdapter(AdapterBranch, PetModule):
+    """AdaptFormer's parallel adapter around a ViT block's MLP: ``MLP(norm(x)) + scale * adapter(x)``.
+
+    The block's ``norm2`` moves inside this module (the block's own ``norm2`` becomes the identity) because
+    the adapter reads the block's residual stream *before* the LayerNorm, as in AdaptFormer. With the
+    block's drop-path at 0 (the official setting) this equals AdaptFormer's block exactly. The branch's
+    layers are this module's own (``down``/``up``), the keys saved models have.
+    """
+
+    def __init__(
+        self, norm: nn.Module, mlp: nn.Module, dim: int, bottleneck: int, scale: float, dropout: float
+    ):
+        super().__init__(dim, bottleneck, scale, dropout)
+        self.norm = norm
+        self.mlp = mlp
+
     def pet_parameters(self) -> list[nn.Parameter]:
         return [*self.down.parameters(), *self.up.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mlp(self.norm(x))
         if self.enabled:
-            out = out + self.scale * self.up(self.dropout(torch.relu(self.down(x))))
+            out = out + super().forward(x)
         return out
 
 

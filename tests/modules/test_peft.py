@@ -11,6 +11,7 @@ from cl_bench.backbones.cifar_resnet import CifarResNet
 from cl_bench.backbones.timm_backbone import TimmBackbone
 from cl_bench.errors import ConfigError
 from cl_bench.modules.peft import (
+    AdapterBranch,
     ParallelAdapter,
     PromptedBlock,
     ScaleShift,
@@ -59,6 +60,19 @@ def test_adapter_adds_scale_times_the_bottleneck_of_the_pre_norm_stream() -> Non
     x = torch.randn(5, 4)
     expected = mlp(norm(x)) + 0.1 * adapter.up(torch.relu(adapter.down(x)))
     torch.testing.assert_close(adapter(x), expected)
+
+
+def test_adapter_branch_is_zero_at_init_and_keeps_the_saved_keys() -> None:
+    """The branch EASE keeps per task outputs 0 at init (zero ``Up``); ``ParallelAdapter`` holds it as its
+    own ``down``/``up`` layers, the keys of saved models, and lists only those as PET parameters."""
+    branch = AdapterBranch(dim=4, bottleneck=2, scale=0.1, dropout=0.0)
+    assert torch.count_nonzero(branch(torch.randn(3, 4))) == 0
+    adapter = ParallelAdapter(nn.LayerNorm(4), nn.Linear(4, 4), dim=4, bottleneck=2, scale=0.1, dropout=0.0)
+    keys = {"norm.weight", "norm.bias", "mlp.weight", "mlp.bias", "down.weight", "down.bias", "up.weight"}
+    assert set(adapter.state_dict()) == keys | {"up.bias"}
+    assert {id(p) for p in adapter.pet_parameters()} == {
+        id(p) for p in (adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias)
+    }
 
 
 def test_ssf_wraps_the_official_insertion_points() -> None:
