@@ -7,7 +7,9 @@ Files: ``config.yaml`` (the resolved config), ``environment.json`` (versions and
 a process runs it (:mod:`cl_bench.locking`) and ``final_model.pt`` at the end (:mod:`cl_bench.saved_model`).
 
 ``resume=auto`` (the default) continues an interrupted run of the same config (same config up to
-:data:`~cl_bench.checkpointing.VOLATILE_KEYS`) if there is one:
+:data:`~cl_bench.checkpointing.VOLATILE_KEYS`) if there is one. A run started by an older cl_bench lacks the
+keys added since; each such key counts as the same when this command gives it the default this version
+declares for it (:func:`stored_config_now`), so a version upgrade between two preemptions keeps the run:
 
 * the run folder itself (``paths.run_dir``, or a fixed ``hydra.run.dir`` as on a SLURM requeue);
 * otherwise (Hydra's timestamped folders) the runs of this config listed in the resume index,
@@ -23,18 +25,22 @@ same config that has no usable checkpoint (it starts over and recomputes the sam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import platform
 import subprocess
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from hydra import utils as hydra_utils
 from omegaconf import DictConfig, OmegaConf
 
 from cl_bench.checkpointing import (
@@ -183,9 +189,76 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
-def same_config(run_dir: Path, config: dict[str, Any]) -> bool:
+def _plain(value: Any) -> Any:
+    """``value`` as it appears in a resolved config (dataclasses as dicts, enums as strings, lists)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = OmegaConf.to_container(OmegaConf.structured(value), enum_to_str=True)
+    elif isinstance(value, Enum):
+        value = value.value
+    try:
+        return yaml.safe_load(yaml.safe_dump(value))
+    except yaml.YAMLError:
+        return repr(value)
+
+
+def declared_default(cfg: DictConfig, path: tuple[str, ...]) -> tuple[bool, Any]:
+    """``(True, default)`` when this version declares a default for the key at ``path``: the field default
+    of the config schema (``cl_bench/config.py``), or the parameter default of the ``_target_`` the key
+    configures (the dataset, backbone or method constructor, its base classes' included); else ``(False,
+    None)``."""
+    parent = cfg if len(path) == 1 else OmegaConf.select(cfg, ".".join(path[:-1]), default=None)
+    if not isinstance(parent, DictConfig):
+        return False, None
+    name, schema = path[-1], OmegaConf.get_type(parent)
+    if dataclasses.is_dataclass(schema):
+        for f in dataclasses.fields(schema):
+            if f.name == name and f.default is not dataclasses.MISSING:
+                return True, _plain(f.default)
+            if f.name == name and f.default_factory is not dataclasses.MISSING:
+                return True, _plain(f.default_factory())
+        return False, None
+    target = parent.get("_target_") if "_target_" in parent else None
+    if not isinstance(target, str):
+        return False, None
+    try:
+        built = hydra_utils.get_object(target)
+    except Exception:  # an unknown target is reported when the run builds it
+        return False, None
+    for function in [c.__init__ for c in built.__mro__] if isinstance(built, type) else [built]:
+        try:
+            parameter = inspect.signature(function).parameters.get(name)
+        except (TypeError, ValueError):
+            continue
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return True, _plain(parameter.default)
+    return False, None
+
+
+def stored_config_now(
+    saved: dict[str, Any], config: dict[str, Any], cfg: DictConfig, prefix: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[str]]:
+    """A folder's stored config as this version reads it: ``saved`` plus each key of ``config`` that it
+    lacks and that ``config`` sets to this version's declared default (:func:`declared_default`), as
+    written by an older cl_bench before the key existed. Returns it and the dotted keys added."""
+    out, added = dict(saved), []
+    for key, value in config.items():
+        path = (*prefix, str(key))
+        if key not in saved:
+            found, default = declared_default(cfg, path)
+            if found and default == _plain(value):
+                out[key] = value
+                added.append(".".join(path))
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            out[key], more = stored_config_now(saved[key], value, cfg, path)
+            added += more
+    return out, added
+
+
+def same_config(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> bool:
+    """Whether ``run_dir`` holds a run of ``config`` (up to volatile keys and keys added since at their
+    defaults)."""
     saved = _saved_config(run_dir)
-    return saved is not None and comparable(saved) == comparable(config)
+    return saved is not None and comparable(stored_config_now(saved, config, cfg)[0]) == comparable(config)
 
 
 def _results_status(run_dir: Path) -> str | None:
@@ -210,13 +283,15 @@ def _warn_legacy(run_dir: Path) -> None:
 
 
 def _load_or_set_aside(run_dir: Path, config: dict[str, Any], device: torch.device | None) -> dict | None:
-    """The folder's checkpoint if it is sound and of this config, else ``None`` (a bad one set aside)."""
+    """The checkpoint of a folder holding a run of this config (:func:`same_config`) if it is sound and
+    was written for that run's config, else ``None`` (a bad one set aside)."""
     if not has_checkpoint(run_dir):
         _warn_legacy(run_dir)
         return None
     try:
         payload = load_checkpoint(run_dir, device)
-        if payload["config_hash"] != config_hash(config):
+        saved = _saved_config(run_dir) or config
+        if payload["config_hash"] not in (config_hash(config), config_hash(saved)):
             raise CorruptCheckpoint(f"{run_dir / MANIFEST_FILE} belongs to another config")
         return payload
     except CorruptCheckpoint as exc:
@@ -224,14 +299,15 @@ def _load_or_set_aside(run_dir: Path, config: dict[str, Any], device: torch.devi
         return None
 
 
-def _refuse_existing(run_dir: Path, config: dict[str, Any], resume: str) -> None:
+def _refuse_existing(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> None:
     """Refuse to start afresh in a folder holding results, with a message that says what they are."""
     status = _results_status(run_dir)
     if status is None:
         return
     saved = _saved_config(run_dir)
-    if saved is not None and comparable(saved) != comparable(config):
-        diff = ", ".join(config_differences(comparable(saved), comparable(config))) or "?"
+    if saved is not None and not same_config(run_dir, config, cfg):
+        now = comparable(stored_config_now(saved, config, cfg)[0])
+        diff = ", ".join(config_differences(now, comparable(config))) or "?"
         raise ConfigError(
             f"{run_dir} holds the results of another config (differing in: {diff}). Choose another folder "
             "(hydra.run.dir or paths.run_dir) or move that run away first."
@@ -246,15 +322,26 @@ def _refuse_existing(run_dir: Path, config: dict[str, Any], resume: str) -> None
             f"{run_dir / RESULTS_FILE} is unreadable; it is left as it is. Move it away or choose another "
             "folder."
         )
-    if resume == "never" and has_checkpoint(run_dir):
+    if cfg.resume == "never" and has_checkpoint(run_dir):
         raise ConfigError(
             f"resume=never, but {run_dir} holds an interrupted run of this config with a checkpoint: "
             "resume=auto continues it; to start it over, move it away or choose another folder."
         )
 
 
+def _log_added_keys(folder: Path, config: dict[str, Any], cfg: DictConfig) -> None:
+    saved = _saved_config(folder)
+    added = stored_config_now(saved, config, cfg)[1] if saved is not None else []
+    if added:
+        log.warning(
+            "%s was started by an older cl_bench; keys added since take their defaults: %s",
+            folder,
+            ", ".join(added),
+        )
+
+
 # --------------------------------------------------------------------------------------------- claiming
-def _try_resume(folder: Path, config: dict[str, Any], explicit: bool) -> RunClaim | None:
+def _try_resume(folder: Path, config: dict[str, Any], cfg: DictConfig, explicit: bool) -> RunClaim | None:
     """Lock ``folder`` and take its checkpoint; ``None`` when it holds none of this config (lock dropped).
 
     A live holder is reported (``explicit``: the folder was named) or the folder skipped."""
@@ -267,10 +354,11 @@ def _try_resume(folder: Path, config: dict[str, Any], explicit: bool) -> RunClai
         log.warning("not resuming %s: %s", folder, exc)
         return None
     try:
-        if same_config(folder, config):
+        if same_config(folder, config, cfg):
             remove_temporaries(folder)
             checkpoint = _load_or_set_aside(folder, config, None)
             if checkpoint is not None:
+                _log_added_keys(folder, config, cfg)
                 return RunClaim(folder, lock, checkpoint)
     except BaseException:
         lock.release()
@@ -285,12 +373,12 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> 
     run_dir = Path(run_dir)
     if resume not in ("auto", "never"):
         folder = Path(resume)
-        if not (folder / CONFIG_FILE).is_file() or not same_config(folder, config):
+        if not (folder / CONFIG_FILE).is_file() or not same_config(folder, config, cfg):
             raise ConfigError(
                 f"resume={folder}: no run of this config there (its config.yaml must equal this command's). "
                 "Use resume=auto or resume=never."
             )
-        claim = _try_resume(folder, config, explicit=True)
+        claim = _try_resume(folder, config, cfg, explicit=True)
         if claim is None:
             raise ConfigError(f"resume={folder}: that run has no usable checkpoint (see the log above)")
         return _prepared(cfg, config, claim)
@@ -299,7 +387,7 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> 
         if not cfg.paths.run_dir:  # Hydra's own folder: also the registered runs of this config
             candidates += [d for d in indexed_runs(cfg, config) if d.resolve() != run_dir.resolve()]
         for folder in candidates:
-            claim = _try_resume(folder, config, explicit=folder == run_dir)
+            claim = _try_resume(folder, config, cfg, explicit=folder == run_dir)
             if claim is not None:
                 if folder != run_dir:
                     log.info(
@@ -310,7 +398,7 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> 
                 return _prepared(cfg, config, claim)
     lock = RunLock(run_dir).acquire()
     try:
-        _refuse_existing(run_dir, config, resume)
+        _refuse_existing(run_dir, config, cfg)
         remove_temporaries(run_dir)
         if has_checkpoint(run_dir):  # resume=auto found it unusable for another reason: start over
             set_aside(run_dir, "not resumable with this config")
@@ -346,7 +434,7 @@ def follower_folder(
         elif cfg.resume == "auto" and not cfg.paths.run_dir:
             candidates += indexed_runs(cfg, config)
         for folder in candidates:
-            if same_config(folder, config) and has_checkpoint(folder):
+            if same_config(folder, config, cfg) and has_checkpoint(folder):
                 return folder, load_checkpoint(folder, device)
         return run_dir, None
     return run_dir, (load_checkpoint(run_dir, device) if resumed else None)

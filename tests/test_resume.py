@@ -205,6 +205,32 @@ def test_resume_never_and_a_changed_config_start_no_resume(
         run_tiny("method=simplecil", run_dir=run_dir)
 
 
+def test_a_run_started_before_keys_were_added_resumes_with_their_defaults(
+    run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run interrupted under an older cl_bench, whose config.yaml lacks keys added since (a schema field,
+    ``debug.input_size``, and a dataset constructor parameter, ``dataset.split_seed``), resumes when this
+    command gives them their declared defaults, and ends with the uninterrupted run's matrix; a missing key
+    set to another value is a difference, named."""
+    import yaml
+
+    reference, _ = run_tiny("method=simplecil", run_dir=tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        kill_before_task(patch, 1)
+        with pytest.raises(Killed):
+            run_tiny("method=simplecil", run_dir=run_dir)
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del stored["debug"]["input_size"], stored["dataset"]["split_seed"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match=r"another config \(differing in: dataset\.split_seed\)"):
+        run_tiny("method=simplecil", "dataset.split_seed=1", run_dir=run_dir)
+    learned = record_learned_tasks(monkeypatch)
+    resumed, _ = run_tiny("method=simplecil", run_dir=run_dir)
+    assert learned == [1] and resumed["acc_matrix"] == reference["acc_matrix"]
+    assert "keys added since take their defaults: dataset.split_seed, debug.input_size" in caplog.text
+
+
 @pytest.mark.slow
 def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     """A real ``cl-bench`` process killed with SIGKILL after its first task; the same command, run again
