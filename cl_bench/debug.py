@@ -1,7 +1,8 @@
 """Debug runs and the trainer knobs behind them, all from config.
 
 * ``debug=smoke`` (``cl_bench/conf/debug/smoke.yaml``): one epoch of two batches per training phase (each
-  Lightning fit of a task) on two images per class, no model files; checks that a preset runs end to end.
+  Lightning fit of a task) on two images per class at 32 px, no model files; checks that a preset runs end
+  to end.
   ``results.json`` says so (``config.debug.smoke``) and ``cl-bench-report`` leaves smoke runs out of its
   tables.
 * ``debug.samples_per_class``: the first N train and N test images of each class (:func:`subset_per_class`).
