@@ -14,7 +14,9 @@ declares for it (:func:`stored_config_now`), so a version upgrade between two pr
 * the run folder itself (``paths.run_dir``, or a fixed ``hydra.run.dir`` as on a SLURM requeue);
 * otherwise (Hydra's timestamped folders) the runs of this config listed in the resume index,
   ``<paths.output_dir>/.cl_bench/resume/<config hash>/``: every run in a Hydra folder registers it there
-  when it starts and removes it when it completes. Nothing else under ``paths.output_dir`` is looked at.
+  when it starts and removes it when it completes; when none is listed under this hash, the runs listed
+  under the other hashes whose stored config is this one's (an older cl_bench's run). Nothing else under
+  ``paths.output_dir`` is looked at.
 
 The candidate folder is locked (:mod:`cl_bench.locking`) before anything is read or written, and checked
 again under the lock. A checkpoint that fails its checks is set aside (:func:`~cl_bench.checkpointing.
@@ -157,18 +159,21 @@ def register(cfg: DictConfig, config: dict[str, Any], run_dir: Path) -> None:
 
 
 def unregister(cfg: DictConfig, config: dict[str, Any], run_dir: Path) -> None:
+    """Remove ``run_dir`` from the index, under every config hash (a run resumed by a newer cl_bench was
+    listed under its first version's hash too)."""
     if cfg.paths.run_dir:
         return
+    name = _index_entry(cfg, config, run_dir).name
     try:
-        _index_entry(cfg, config, run_dir).unlink(missing_ok=True)
+        for entry in (Path(cfg.paths.output_dir) / INDEX_DIR).glob(f"*/{name}"):
+            entry.unlink(missing_ok=True)
     except OSError:
         pass
 
 
-def indexed_runs(cfg: DictConfig, config: dict[str, Any]) -> list[Path]:
-    """This config's registered run folders, most recently checkpointed first."""
+def _listed_runs(index: Path) -> list[Path]:
+    """The run folders with a checkpoint that ``index`` (one config hash's folder) lists."""
     folders = []
-    index = _index_dir(cfg, config)
     for entry in sorted(index.glob("*.json")) if index.is_dir() else []:
         try:
             folder = Path(json.loads(entry.read_text())["run_dir"])
@@ -177,6 +182,18 @@ def indexed_runs(cfg: DictConfig, config: dict[str, Any]) -> list[Path]:
             continue
         if has_checkpoint(folder):
             folders.append(folder)
+    return folders
+
+
+def indexed_runs(cfg: DictConfig, config: dict[str, Any]) -> list[Path]:
+    """This config's registered run folders, most recently checkpointed first: those listed under its
+    config hash, else those listed under another hash whose stored config is this one up to keys added
+    since (:func:`same_config`: a run started by an older cl_bench)."""
+    own = _index_dir(cfg, config)
+    folders = _listed_runs(own)
+    if not folders and own.parent.is_dir():
+        for index in sorted(d for d in own.parent.iterdir() if d.is_dir() and d != own):
+            folders += [f for f in _listed_runs(index) if same_config(f, config, cfg)]
     return sorted(folders, key=lambda d: (d / MANIFEST_FILE).stat().st_mtime, reverse=True)
 
 

@@ -231,6 +231,41 @@ def test_a_run_started_before_keys_were_added_resumes_with_their_defaults(
     assert "keys added since take their defaults: dataset.split_seed, debug.input_size" in caplog.text
 
 
+def test_the_resume_index_finds_a_run_an_older_version_registered(
+    run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In Hydra's folders runs are found through the index, keyed by the config hash, which a key added
+    since changes: with nothing under this command's hash, the runs listed under another hash whose stored
+    config is this one's (up to keys at their defaults) are found, and completing one unlists it there."""
+    import yaml
+    from helpers import compose_config
+    from omegaconf import OmegaConf
+
+    from cl_bench.run_folder import indexed_runs, unregister
+
+    run_dir, outputs = tmp_path / "run", f"paths.output_dir={tmp_path / 'out'}"
+    with monkeypatch.context() as patch:
+        kill_before_task(patch, 1)
+        with pytest.raises(Killed):
+            run_tiny("method=simplecil", outputs, run_dir=run_dir)
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del stored["debug"]["input_size"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    old_entry = tmp_path / "out" / ".cl_bench" / "resume" / "0123456789abcdef" / "entry.json"
+    old_entry.parent.mkdir(parents=True)
+    old_entry.write_text(json.dumps({"run_dir": str(run_dir)}))
+
+    def command(*overrides: str):
+        cfg = compose_config(*TINY, "method=simplecil", outputs, *overrides)
+        return cfg, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+    assert indexed_runs(*command()) == [run_dir]
+    assert indexed_runs(*command("seed=1")) == []  # another experiment
+    monkeypatch.setattr("cl_bench.run_folder._index_entry", lambda cfg, config, folder: old_entry)
+    unregister(*command(), run_dir)
+    assert not old_entry.exists()
+
+
 @pytest.mark.slow
 def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     """A real ``cl-bench`` process killed with SIGKILL after its first task; the same command, run again
