@@ -271,11 +271,19 @@ def stored_config_now(
     return out, added
 
 
-def same_config(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> bool:
-    """Whether ``run_dir`` holds a run of ``config`` (up to volatile keys and keys added since at their
-    defaults)."""
+def added_keys(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> list[str] | None:
+    """The keys added since ``run_dir``'s run started (:func:`stored_config_now`) when it holds a run of
+    ``config`` up to volatile keys and those; ``None`` when it holds no run of this config."""
     saved = _saved_config(run_dir)
-    return saved is not None and comparable(stored_config_now(saved, config, cfg)[0]) == comparable(config)
+    if saved is None:
+        return None
+    now, added = stored_config_now(saved, config, cfg)
+    return added if comparable(now) == comparable(config) else None
+
+
+def same_config(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> bool:
+    """Whether ``run_dir`` holds a run of ``config`` (see :func:`added_keys`)."""
+    return added_keys(run_dir, config, cfg) is not None
 
 
 def _results_status(run_dir: Path) -> str | None:
@@ -322,8 +330,8 @@ def _refuse_existing(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> 
     if status is None:
         return
     saved = _saved_config(run_dir)
-    if saved is not None and not same_config(run_dir, config, cfg):
-        now = comparable(stored_config_now(saved, config, cfg)[0])
+    now = None if saved is None else comparable(stored_config_now(saved, config, cfg)[0])
+    if now is not None and now != comparable(config):
         diff = ", ".join(config_differences(now, comparable(config))) or "?"
         raise ConfigError(
             f"{run_dir} holds the results of another config (differing in: {diff}). Choose another folder "
@@ -346,17 +354,6 @@ def _refuse_existing(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> 
         )
 
 
-def _log_added_keys(folder: Path, config: dict[str, Any], cfg: DictConfig) -> None:
-    saved = _saved_config(folder)
-    added = stored_config_now(saved, config, cfg)[1] if saved is not None else []
-    if added:
-        log.warning(
-            "%s was started by an older cl_bench; keys added since take their defaults: %s",
-            folder,
-            ", ".join(added),
-        )
-
-
 # --------------------------------------------------------------------------------------------- claiming
 def _try_resume(folder: Path, config: dict[str, Any], cfg: DictConfig, explicit: bool) -> RunClaim | None:
     """Lock ``folder`` and take its checkpoint; ``None`` when it holds none of this config (lock dropped).
@@ -371,11 +368,17 @@ def _try_resume(folder: Path, config: dict[str, Any], cfg: DictConfig, explicit:
         log.warning("not resuming %s: %s", folder, exc)
         return None
     try:
-        if same_config(folder, config, cfg):
+        added = added_keys(folder, config, cfg)
+        if added is not None:
             remove_temporaries(folder)
             checkpoint = _load_or_set_aside(folder, config, None)
             if checkpoint is not None:
-                _log_added_keys(folder, config, cfg)
+                if added:
+                    log.warning(
+                        "%s was started by an older cl_bench; keys added since take their defaults: %s",
+                        folder,
+                        ", ".join(added),
+                    )
                 return RunClaim(folder, lock, checkpoint)
     except BaseException:
         lock.release()
