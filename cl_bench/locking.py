@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_bench.errors import RunLockedError, StorageError
+from cl_bench.storage import read_small_text
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class LockHolder:
 def read_holder(path: Path) -> LockHolder | None:
     """The holder written in ``path``; ``None`` if the file is gone or unreadable (a torn or foreign file)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_small_text(path))
         return LockHolder(
             host=str(data["host"]),
             pid=int(data["pid"]),

@@ -21,7 +21,8 @@
 * ``config``: the resolved run config (``config.debug.smoke`` is true for a smoke run, whose numbers mean
   nothing).
 
-Every write goes to a temporary file that then replaces the old one, so a crash never leaves a torn file.
+Every write goes to a temporary file that is synced to disk and then replaces the old one, so neither a crash
+nor a power loss leaves a torn file; a full disk is reported naming the file (:mod:`cl_bench.storage`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cl_bench import metrics
+from cl_bench.storage import write_text
 
 RESULT_KEYS = (
     "acc_matrix",
@@ -56,17 +56,10 @@ RESULTS_FILE = "results.json"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    """Write ``text`` to ``path`` (its folder made if needed) by :func:`cl_bench.storage.write_text`: a
+    temporary file, fsync, rename, one retry; :class:`~cl_bench.errors.StorageError` naming the file after."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
 def padded(rows: Sequence[Sequence[float]], n_tasks: int) -> list[list[float | None]]:

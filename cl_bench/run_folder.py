@@ -59,7 +59,7 @@ from cl_bench.checkpointing import (
 from cl_bench.errors import ConfigError, RunLockedError
 from cl_bench.locking import RunLock
 from cl_bench.results import RESULTS_FILE, write_text_atomic
-from cl_bench.storage import check_writable, remove_temporaries, write_text
+from cl_bench.storage import check_writable, read_small_text, remove_temporaries, write_text
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _listed_runs(index: Path) -> list[Path]:
     folders = []
     for entry in sorted(index.glob("*.json")) if index.is_dir() else []:
         try:
-            folder = Path(json.loads(entry.read_text())["run_dir"])
+            folder = Path(json.loads(read_small_text(entry))["run_dir"])
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring the malformed resume index entry %s", entry)
             continue
@@ -198,12 +198,22 @@ def indexed_runs(cfg: DictConfig, config: dict[str, Any]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+def _read_config(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """The folder's stored config (untrusted input, :func:`~cl_bench.storage.read_small_text`), or ``None``
+    and why it cannot be used."""
+    path = run_dir / CONFIG_FILE
     try:
-        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return saved if isinstance(saved, dict) else None
+        saved = yaml.safe_load(read_small_text(path))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        return None, f"{path} cannot be read ({reason.splitlines()[0]})"
+    if not isinstance(saved, dict):
+        return None, f"{path} does not hold a config (a mapping)"
+    return saved, ""
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    return _read_config(run_dir)[0]
 
 
 def _plain(value: Any) -> Any:
@@ -289,10 +299,10 @@ def same_config(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> bool:
 def _results_status(run_dir: Path) -> str | None:
     """``complete``, ``incomplete``, ``unreadable`` or ``None`` (no results.json)."""
     path = run_dir / RESULTS_FILE
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return None
     try:
-        status = json.loads(path.read_text()).get("status")
+        status = json.loads(read_small_text(path)).get("status")
     except (OSError, ValueError, AttributeError):
         return "unreadable"
     return status if status in ("complete", "incomplete") else "unreadable"
@@ -329,9 +339,15 @@ def _refuse_existing(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> 
     status = _results_status(run_dir)
     if status is None:
         return
-    saved = _saved_config(run_dir)
-    now = None if saved is None else comparable(stored_config_now(saved, config, cfg)[0])
-    if now is not None and now != comparable(config):
+    saved, problem = _read_config(run_dir)
+    if saved is None:
+        raise ConfigError(
+            f"{run_dir} holds {RESULTS_FILE}, but {problem}, so which config those results are of is unknown; "
+            "they are left as they are. Choose another folder (hydra.run.dir or paths.run_dir) or move them "
+            "away first."
+        )
+    now = comparable(stored_config_now(saved, config, cfg)[0])
+    if now != comparable(config):
         diff = ", ".join(config_differences(now, comparable(config))) or "?"
         raise ConfigError(
             f"{run_dir} holds the results of another config (differing in: {diff}). Choose another folder "

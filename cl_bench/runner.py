@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from cl_bench.checkpointing import (
 )
 from cl_bench.config import validate_config
 from cl_bench.devices import peak_memory_mb
-from cl_bench.errors import ConfigError
+from cl_bench.errors import ConfigError, StorageError
 from cl_bench.evaluation import EvaluationRows
 from cl_bench.experiment import Experiment, build_experiment, tracker_config
 from cl_bench.learning import learn_task
@@ -78,6 +79,35 @@ class RunState:
             self.til_rows.append(rows.til)
         for name, row in rows.extra.items():
             self.extra_rows.setdefault(name, []).append(row)
+
+
+#: A W&B run id as :class:`~cl_bench.tracking.WandbTracker` makes them (a checkpoint's is untrusted input).
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def restored_state(checkpoint: dict[str, Any], n_tasks: int) -> RunState:
+    """The checkpoint's :class:`RunState`, checked against its ``tasks_done`` and the run's task count (a
+    checkpoint is untrusted input); ``ValueError``/``TypeError`` name what does not fit."""
+    state = RunState(**checkpoint["run_state"])
+    done = checkpoint["tasks_done"]
+    if not (isinstance(done, int) and 1 <= done < n_tasks):
+        raise ValueError(f"tasks_done={done!r} for a run of {n_tasks} tasks")
+    rows = {"acc_rows": state.acc_rows, "task_time_s": state.task_time_s}
+    if state.til_rows:
+        rows["til_rows"] = state.til_rows
+    for name, value in rows.items():
+        if not isinstance(value, list) or len(value) != done:
+            raise ValueError(f"run_state.{name} does not hold {done} rows")
+    for name, value in state.extra_rows.items():  # a metric some evaluations lacked has fewer rows
+        if not isinstance(value, list) or len(value) > done:
+            raise ValueError(f"run_state.extra_rows[{name!r}] holds more than {done} rows")
+    for row in [*state.acc_rows, *state.til_rows, *(r for v in state.extra_rows.values() for r in v)]:
+        if not (isinstance(row, list) and all(isinstance(v, (int, float)) for v in row)):
+            raise TypeError("a results row is not a list of numbers")
+    run_id = checkpoint["wandb_id"]
+    if run_id is not None and not (isinstance(run_id, str) and _WANDB_ID.fullmatch(run_id)):
+        raise ValueError(f"wandb_id {str(run_id)[:80]!r} is not a W&B run id")
+    return state
 
 
 def check_process_layout(cfg: DictConfig) -> None:
@@ -165,14 +195,14 @@ def _run(
     if checkpoint is not None:  # the freshly built method takes the saved state
         try:
             method.load_method_state(checkpoint["method"])
-            state = RunState(**checkpoint["run_state"])
-        except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as exc:
+            state = restored_state(checkpoint, len(exp.scenario.tasks))
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise CorruptCheckpoint(
                 f"the checkpoint in {run_dir} does not fit this method ({type(exc).__name__}: {exc})"
             ) from exc
         method.to(exp.device)
         run_id = checkpoint["wandb_id"]
-        set_rng_state(checkpoint["rng"])
         log.info("resuming after task %d of %d", checkpoint["tasks_done"], len(exp.scenario.tasks))
     log_start(cfg, exp, run_dir)
     tracker = build_tracker(cfg, run_dir, tracker_config(cfg, config), run_id=run_id, enabled=main)
@@ -244,7 +274,7 @@ def _run(
             if main:
                 try:
                     write_results(run_dir, doc)
-                except OSError as exc:  # a full disk: the last results.json written stays as it is
+                except (OSError, StorageError) as exc:  # a full disk: the last results.json stays whole
                     log.error("could not write %s (%s)", run_dir / RESULTS_FILE, exc)
             if main and status != "complete":
                 log.error(

@@ -5,14 +5,20 @@ Every file goes to ``.<name>.<random>.tmp`` in the same folder, is flushed to di
 renamed over the target (``os.replace``), so a reader sees the old or the new file, never a torn one. A failed
 write (``ENOSPC``, ``EDQUOT``, ``EIO``...) deletes its temporary file, waits a moment and tries once more;
 a second failure raises :class:`~cl_bench.errors.StorageError` naming the file and the cause.
+
+The small files a run folder holds (config, results, checkpoint manifest, lock, resume index entries) are
+untrusted input: :func:`read_small_text` reads them only as regular files of bounded size, never through a
+symbolic link, a FIFO or a device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 PROBE_BYTES = 1 << 16
 #: Seconds between a failed write and its retry.
 RETRY_DELAY_S = 1.0
+#: The largest config, results, manifest, lock or index file read from an output folder (bytes).
+MAX_SMALL_FILE = 16 << 20
 #: Name patterns of this package's temporary files in a run folder.
 TEMP_PATTERNS = (".*.tmp", ".writable-probe-*")
 
@@ -101,6 +109,30 @@ class _HashingWriter:
 def write_text(path: Path, text: str) -> None:
     """:func:`write_atomic` for text (UTF-8)."""
     write_atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def read_small_text(path: Path, limit: int = MAX_SMALL_FILE) -> str:
+    """The UTF-8 text of ``path``, a small file of an output folder (untrusted input): a regular file of at
+    most ``limit`` bytes, not a symbolic link (a link is never followed out of the folder, a FIFO never
+    blocks, a device or a huge file is never read). Raises ``OSError`` saying which of these it is, or
+    ``UnicodeDecodeError`` (a ``ValueError``) for bytes that are not UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link (never followed)", str(path)) from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return data.decode()
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

@@ -98,6 +98,8 @@ def job_outcome(folder: Path) -> JobOutcome:
     """What a job folder says about its job (its files are untrusted: unreadable ones count as failed)."""
     import json
 
+    from cl_bench.storage import read_small_text
+
     if (folder / SKIPPED_FILE).is_file():
         return JobOutcome(folder, "skipped", _first_line(folder / SKIPPED_FILE))
     if (folder / ERROR_FILE).is_file():
@@ -106,7 +108,7 @@ def job_outcome(folder: Path) -> JobOutcome:
     if not results.is_file():
         return JobOutcome(folder, "failed", "no results.json: the job was killed or never started")
     try:
-        doc = json.loads(results.read_text())
+        doc = json.loads(read_small_text(results))
     except (OSError, ValueError) as exc:
         return JobOutcome(folder, "failed", f"results.json is unreadable ({exc})")
     if isinstance(doc, dict) and doc.get("status") == "complete":

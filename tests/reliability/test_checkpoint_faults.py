@@ -100,6 +100,35 @@ def foreign_state(run_dir: Path) -> str:
     return "does not fit this method"
 
 
+def _rewritten(run_dir: Path, **fields) -> None:
+    """Replace fields of the checkpoint's payload, keeping it well-formed and matching its manifest."""
+    payload = torch.load(data_file(run_dir), weights_only=True)
+    payload.update(fields)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    plant(run_dir, buffer.getvalue())
+
+
+def malformed_rng(run_dir: Path) -> str:
+    """Plain data that passes every file check but is no generator state: it used to stop every later run
+    of the config with a raw ``TypeError`` instead of being set aside."""
+    _rewritten(run_dir, rng={"python": 1})
+    return "does not fit this method"
+
+
+def rows_beyond_tasks_done(run_dir: Path) -> str:
+    """Results rows that disagree with the checkpoint's ``tasks_done`` (they would be reported as done)."""
+    payload = torch.load(data_file(run_dir), weights_only=True)
+    state = payload["run_state"]
+    _rewritten(run_dir, run_state={**state, "acc_rows": state["acc_rows"] * 3})
+    return "does not fit this method"
+
+
+def hostile_wandb_id(run_dir: Path) -> str:
+    _rewritten(run_dir, wandb_id="../../../outside")
+    return "does not fit this method"
+
+
 def bad_manifest(run_dir: Path) -> str:
     (run_dir / MANIFEST_FILE).write_text('{"format": "cl_bench.checkpoint/2", "file": "../../etc/passwd"}')
     return "names an invalid checkpoint file"
@@ -112,7 +141,18 @@ def reference(run_tiny) -> dict:
 
 
 @pytest.mark.parametrize(
-    "damage", [truncate, flip_a_byte, garbage, foreign_state, bad_manifest], ids=lambda f: f.__name__
+    "damage",
+    [
+        truncate,
+        flip_a_byte,
+        garbage,
+        foreign_state,
+        malformed_rng,
+        rows_beyond_tasks_done,
+        hostile_wandb_id,
+        bad_manifest,
+    ],
+    ids=lambda f: f.__name__,
 )
 def test_a_damaged_checkpoint_is_reported_set_aside_and_the_run_starts_over(
     run_tiny, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, damage

@@ -4,6 +4,7 @@ already written stay whole; temporary files never stay behind; a complete run st
 from __future__ import annotations
 
 import errno
+import os
 import resource
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from reliability.harness import RUN, cl_bench, results, same_results
 
 import cl_bench.storage as storage
 from cl_bench.errors import StorageError
+from cl_bench.results import RESULTS_FILE, build_results, write_results
 
 #: Files above this size cannot be written (``ulimit -f``): results.json passes, a ResNet-20 checkpoint not.
 SMALL_FILES = 256 * 1024
@@ -36,6 +38,36 @@ def test_a_failed_write_is_retried_once_then_reported(
     with pytest.raises(StorageError, match=r"cannot write .*b.pt: No space left on device \(twice\)"):
         storage.write_atomic(tmp_path / "b.pt", save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]  # no temporary file left
+
+
+def test_results_are_synced_to_disk_and_a_full_disk_keeps_the_last_ones_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``results.json`` (and the CSVs, ``config.yaml``) used to be renamed into place unsynced, so a power
+    loss could leave it empty, and a full disk ended the run with a raw ``OSError``."""
+    monkeypatch.setattr(storage, "RETRY_DELAY_S", 0.0)
+    first = build_results([[50.0]], [[50.0]], [2, 2], [0, 1, 2, 3], [1.0], 0.0, "incomplete", {"seed": 0})
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_results(tmp_path, first)
+    assert any(Path(name).name.startswith(f".{RESULTS_FILE}.") for name in synced), synced
+    before = (tmp_path / RESULTS_FILE).read_bytes()
+
+    def full(fd: int) -> None:  # a delayed allocation that fails at fsync (ENOSPC)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    second = {**first, "acc_matrix": [[50.0, None], [25.0, 75.0]]}
+    with pytest.raises(StorageError, match=r"cannot write .*: No space left on device \(twice\)"):
+        write_results(tmp_path, second)
+    assert (tmp_path / RESULTS_FILE).read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_temporaries_of_a_killed_write_are_removed(tmp_path: Path) -> None:
