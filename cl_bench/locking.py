@@ -206,7 +206,13 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise :class:`RunLockedError` naming the live holder."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the run folder {self.run_dir} ({exc.strerror or exc}). Check "
+                "paths.output_dir / paths.run_dir / hydra.run.dir and the permissions."
+            ) from exc
         for _ in range(50):
             if self._create():
                 self._start_heartbeat()

@@ -11,12 +11,13 @@ a process runs it (:mod:`cl_bench.locking`) and ``final_model.pt`` at the end (:
 keys added since; each such key counts as the same when this command gives it the default this version
 declares for it (:func:`stored_config_now`), so a version upgrade between two preemptions keeps the run:
 
-* the run folder itself (``paths.run_dir``, or a fixed ``hydra.run.dir`` as on a SLURM requeue);
-* otherwise (Hydra's timestamped folders) the runs of this config listed in the resume index,
-  ``<paths.output_dir>/.cl_bench/resume/<config hash>/``: every run in a Hydra folder registers it there
-  when it starts and removes it when it completes; when none is listed under this hash, the runs listed
-  under the other hashes whose stored config is this one's (an older cl_bench's run). Nothing else under
-  ``paths.output_dir`` is looked at.
+* the run folder itself: always, and only it when the command names it (``paths.run_dir``, or
+  ``hydra.run.dir`` on the command line, as on a SLURM requeue; :func:`named_folder`);
+* otherwise (Hydra's timestamped folders, a sweep's job folders) the runs of this config listed in the
+  resume index, ``<paths.output_dir>/.cl_bench/resume/<config hash>/``: every run in a Hydra folder
+  registers it there when it starts and removes it when it completes; when none is listed under this hash,
+  the runs listed under the other hashes whose stored config is this one's (an older cl_bench's run).
+  Nothing else under ``paths.output_dir`` is looked at.
 
 The candidate folder is locked (:mod:`cl_bench.locking`) before anything is read or written, and checked
 again under the lock. A checkpoint that fails its checks is set aside (:func:`~cl_bench.checkpointing.
@@ -77,6 +78,20 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     if not HydraConfig.initialized():
         raise ConfigError("paths.run_dir is not set and no Hydra run is active: set paths.run_dir=DIR")
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def named_folder(cfg: DictConfig) -> bool:
+    """Whether the command names its run folder (``paths.run_dir``, or ``hydra.run.dir`` on the command
+    line): then that folder alone is resumed, never another run found in the resume index."""
+    if cfg.paths.run_dir:
+        return True
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return False
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.hydra)
+    return "hydra.run.dir" in keys
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
@@ -342,9 +357,9 @@ def _refuse_existing(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> 
     saved, problem = _read_config(run_dir)
     if saved is None:
         raise ConfigError(
-            f"{run_dir} holds {RESULTS_FILE}, but {problem}, so which config those results are of is unknown; "
-            "they are left as they are. Choose another folder (hydra.run.dir or paths.run_dir) or move them "
-            "away first."
+            f"{run_dir} holds {RESULTS_FILE}, but {problem}, so which config those results are of is "
+            "unknown; they are left as they are. Choose another folder (hydra.run.dir or paths.run_dir) "
+            "or move them away first."
         )
     now = comparable(stored_config_now(saved, config, cfg)[0])
     if now != comparable(config):
@@ -420,7 +435,7 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> 
         return _prepared(cfg, config, claim)
     if resume == "auto":
         candidates = [run_dir] if has_checkpoint(run_dir) else []
-        if not cfg.paths.run_dir:  # Hydra's own folder: also the registered runs of this config
+        if not named_folder(cfg):  # Hydra's own folder: also the registered runs of this config
             candidates += [d for d in indexed_runs(cfg, config) if d.resolve() != run_dir.resolve()]
         for folder in candidates:
             claim = _try_resume(folder, config, cfg, explicit=folder == run_dir)
@@ -467,7 +482,7 @@ def follower_folder(
         candidates = [run_dir] if cfg.resume != "never" and has_checkpoint(run_dir) else []
         if cfg.resume not in ("auto", "never"):
             candidates = [Path(cfg.resume)]
-        elif cfg.resume == "auto" and not cfg.paths.run_dir:
+        elif cfg.resume == "auto" and not named_folder(cfg):
             candidates += indexed_runs(cfg, config)
         for folder in candidates:
             if same_config(folder, config, cfg) and has_checkpoint(folder):

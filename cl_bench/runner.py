@@ -155,12 +155,14 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
                 os.environ[distributed.RESUMED_VARIABLE] = "0"
                 doc = _run(cfg, run_dir, config, None)
             if doc["status"] == "complete":
-                unregister(cfg, config, run_dir)
+                with signals.deferred():
+                    unregister(cfg, config, run_dir)
             return doc
         finally:
             os.environ.pop(distributed.RUN_DIR_VARIABLE, None)
             os.environ.pop(distributed.RESUMED_VARIABLE, None)
-            claim.release()
+            with signals.deferred():
+                claim.release()
 
 
 def _follow(cfg: DictConfig, config: dict[str, Any]) -> dict[str, Any]:
@@ -249,12 +251,15 @@ def _run(
                 checkpoint_run(run_dir, method, state, tracker, config)
         status = "complete"  # every row is in: nothing after this downgrades the results
         if main:
+            # the run is done (no checkpoint left to resume): a stop signal from here on lets it finish
             with signals.deferred():
                 write_results(run_dir, document(status))
                 remove_checkpoints(run_dir)
-            if cfg.save_model:
-                boundaries = [[t.start, t.stop] for t in tasks]
-                save_model(run_dir / MODEL_FILE, method, list(exp.scenario.class_order), boundaries, config)
+                if cfg.save_model:
+                    boundaries = [[t.start, t.stop] for t in tasks]
+                    save_model(
+                        run_dir / MODEL_FILE, method, list(exp.scenario.class_order), boundaries, config
+                    )
     except BaseException as exc:
         stop = signals.stop_from(exc)
         error = f"stopped by {stop.name}" if stop else type(exc).__name__ + (f": {exc}" if str(exc) else "")

@@ -8,7 +8,10 @@ While :func:`handling` is active the first such signal requests a stop:
   exits 0; :func:`stop_from` turns it into ours);
 * elsewhere (task-end work, evaluation) :class:`StopRequested` is raised at once, unless the code is inside
   :func:`deferred` (writing results, checkpoints, closing W&B), in which case it is raised at the next
-  :func:`check`.
+  :func:`check`;
+* once the last task's results are in (complete results, no checkpoint left to resume from), the run
+  finishes its last writes (``final_model.pt``, W&B, the lock) and ends normally: stopping there would only
+  lose the model file, and a requeued job would find a complete run it cannot resume.
 
 :class:`StopRequested` is a ``SystemExit`` with code ``128 + signal number`` (143 for SIGTERM): no
 ``except Exception`` swallows it, the runner's ``finally`` writes the results, the lock is released and W&B
@@ -147,6 +150,8 @@ def handling() -> Iterator[None]:
         if stop is exc:
             raise
         raise stop from exc
+    if _state.received is not None:  # it came while the finished run wrote its last files
+        log.warning("%s came after the run completed: it ends normally", signal.Signals(_state.received).name)
     restore()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, TINY, TINY_VIT_RUN
+from helpers import REPO_ROOT, TINY, TINY_VIT_RUN, compose_config
 
 import cl_bench.runner as runner
 from cl_bench.checkpointing import MANIFEST_FILE, load_checkpoint
@@ -303,3 +303,46 @@ def test_rerunning_the_command_resumes_a_killed_process(tmp_path: Path) -> None:
     assert doc["status"] == "complete" and len(doc["acc_matrix"]) == 5
     assert len({p.parent for p in (tmp_path / "outputs").rglob("results.json")}) == 1
     assert not list((tmp_path / "outputs" / ".cl_bench" / "resume").rglob("*.json"))  # unregistered
+
+
+def test_a_folder_named_by_hydra_run_dir_is_the_only_one_resumed(
+    run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``hydra.run.dir=B`` on the command line names the run folder, as ``paths.run_dir`` does: an
+    interrupted run of the same config listed in the resume index (folder A) is left alone and B starts
+    afresh. It used to resume A, leaving B unused. Hydra's own timestamped folder still finds A."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from cl_bench.cli import CONFIG_DIR
+    from cl_bench.run_folder import claim_run_folder, register
+
+    outputs = f"paths.output_dir={tmp_path / 'out'}"
+    interrupted = tmp_path / "A"
+    with monkeypatch.context() as patch:
+        kill_before_task(patch, 1)
+        with pytest.raises(Killed):
+            run_tiny("method=simplecil", outputs, run_dir=interrupted)
+
+    def claim(*hydra_overrides: str):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            full = compose("config", [*TINY, "method=simplecil", outputs, *hydra_overrides], True)
+        OmegaConf.set_readonly(full.hydra, False)
+        full.hydra.mode = RunMode.RUN
+        HydraConfig.instance().set_config(full)
+        try:
+            cfg = compose_config(*TINY, "method=simplecil", outputs)
+            config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            register(cfg, config, interrupted)
+            return claim_run_folder(cfg, Path(full.hydra.run.dir), config)
+        finally:
+            HydraConfig.instance().cfg = None
+
+    named = claim(f"hydra.run.dir={tmp_path / 'B'}")
+    named.release()
+    assert named.run_dir == tmp_path / "B" and named.checkpoint is None
+    timestamped = claim()
+    timestamped.release()
+    assert timestamped.run_dir == interrupted and timestamped.checkpoint["tasks_done"] == 1

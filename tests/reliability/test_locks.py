@@ -17,7 +17,7 @@ import pytest
 from reliability.harness import RUN, cl_bench, leftovers, results, same_results, start_paused, wait_for
 
 import cl_bench.locking as locking
-from cl_bench.errors import RunLockedError
+from cl_bench.errors import RunLockedError, StorageError
 from cl_bench.locking import LOCK_FILE, LockHolder, RunLock, process_start_time, read_holder
 
 
@@ -84,6 +84,13 @@ def test_release_leaves_a_lock_that_another_process_took_over(tmp_path: Path) ->
     write_lock(tmp_path, holder_of(os.getpid()))  # someone else's token now
     lock.release()
     assert (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_run_folder_that_cannot_be_made_is_reported(tmp_path: Path) -> None:
+    """It used to end the command with a raw ``NotADirectoryError``/``PermissionError`` traceback."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(StorageError, match=r"cannot create the run folder .*a_file/run \(Not a directory\)"):
+        RunLock(tmp_path / "a_file" / "run").acquire()
 
 
 @pytest.mark.slow

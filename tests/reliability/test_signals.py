@@ -102,3 +102,26 @@ def test_sigkill_while_saving_the_final_model_keeps_complete_results(tmp_path: P
     assert doc["status"] == "complete" and same_results(doc, reference)
     again = cl_bench(tmp_path, *RUN, "save_model=true", f"hydra.run.dir={run_dir}")
     assert again.returncode != 0 and "already holds a complete run of this config" in again.stderr
+
+
+def test_a_stop_signal_after_the_last_task_lets_the_complete_run_finish(
+    run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while ``final_model.pt`` is written: the results are complete and the checkpoint is gone, so
+    there is nothing to resume. It used to stop with 143, no model file and ``error: stopped by SIGTERM``
+    in complete results, and a requeued job then failed on "already holds a complete run"."""
+    import os
+
+    import cl_bench.runner as runner
+
+    save_model = runner.save_model
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return save_model(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "save_model", signalled)
+    doc, run_dir = run_tiny("save_model=true")
+    assert doc["status"] == "complete" and doc["error"] is None
+    assert results(run_dir)["error"] is None and (run_dir / "final_model.pt").is_file()
+    assert leftovers(run_dir) == []
