@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from cl_bench.errors import CheckpointError
-from cl_bench.storage import read_small_text, sha256_of, write_atomic, write_text
+from cl_bench.storage import read_small_json, sha256_of, write_atomic, write_text
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     """The manifest, checked field by field (it is untrusted input)."""
     path = Path(run_dir) / MANIFEST_FILE
     try:
-        manifest = json.loads(read_small_text(path))
+        manifest = read_small_json(path)
     except (OSError, ValueError) as exc:
         raise CorruptCheckpoint(f"{path} is unreadable ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

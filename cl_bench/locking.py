@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_bench.errors import RunLockedError, StorageError
-from cl_bench.storage import read_small_text
+from cl_bench.storage import read_small_json
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class LockHolder:
 def read_holder(path: Path) -> LockHolder | None:
     """The holder written in ``path``; ``None`` if the file is gone or unreadable (a torn or foreign file)."""
     try:
-        data = json.loads(read_small_text(path))
+        data = read_small_json(path)
         return LockHolder(
             host=str(data["host"]),
             pid=int(data["pid"]),

@@ -35,6 +35,7 @@ import base64
 import glob
 import html
 import json
+import math
 import os
 import re
 import statistics
@@ -48,6 +49,7 @@ from typing import Any
 from cl_bench.errors import ConfigError
 from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, write_text_atomic
+from cl_bench.storage import read_small_json
 
 #: Output folder when ``--out`` is not given.
 DEFAULT_OUT = Path("report")
@@ -161,7 +163,10 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def _is_number_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    """``None`` or a finite number (JSON allows ``NaN`` and ``Infinity``, which no cl_bench metric is)."""
+    return value is None or (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    )
 
 
 def _is_matrix(value: Any) -> bool:
@@ -177,16 +182,17 @@ def malformed(doc: Any) -> str | None:
     for key in ("acc_matrix", "til_acc_matrix"):
         if not _is_matrix(doc.get(key)):
             return f"{key} is missing or not a list of rows of numbers"
-    rows = doc["acc_matrix"]
-    if rows and (len({len(r) for r in rows}) != 1 or len(rows) > len(rows[0])):
-        return "acc_matrix rows differ in length or outnumber the tasks"
-    if any(r[t] is None for t, r in enumerate(rows)):
-        return "acc_matrix has no value on its diagonal"
+    for key in ("acc_matrix", "til_acc_matrix"):  # til_acc_matrix is [] under DIL
+        rows = doc[key]
+        if rows and (len({len(r) for r in rows}) != 1 or len(rows) > len(rows[0])):
+            return f"{key} rows differ in length or outnumber the tasks"
+        if any(r[t] is None for t, r in enumerate(rows)):
+            return f"{key} has no value on its diagonal"
     for key in ("last_acc", "avg_inc_acc", "avg_forgetting", "bwt", "peak_mem_mb"):
         if not _is_number_or_none(doc.get(key)):
             return f"{key} is missing or not a number"
     times = doc.get("task_time_s")
-    if not isinstance(times, list) or not all(isinstance(t, int | float) for t in times):
+    if not isinstance(times, list) or not all(_is_number_or_none(t) and t is not None for t in times):
         return "task_time_s is missing or not a list of numbers"
     if doc.get("status") not in ("complete", "incomplete"):
         return f"status is {doc.get('status')!r}, not complete or incomplete"
@@ -202,8 +208,8 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = read_small_json(path)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"unreadable {RESULTS_FILE} ({exc})") from exc
     problem = malformed(doc)
     if problem is not None:

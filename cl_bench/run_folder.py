@@ -60,7 +60,13 @@ from cl_bench.checkpointing import (
 from cl_bench.errors import ConfigError, RunLockedError
 from cl_bench.locking import RunLock
 from cl_bench.results import RESULTS_FILE, write_text_atomic
-from cl_bench.storage import check_writable, read_small_text, remove_temporaries, write_text
+from cl_bench.storage import (
+    check_writable,
+    read_small_json,
+    read_small_text,
+    remove_temporaries,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +197,7 @@ def _listed_runs(index: Path) -> list[Path]:
     folders = []
     for entry in sorted(index.glob("*.json")) if index.is_dir() else []:
         try:
-            folder = Path(json.loads(read_small_text(entry))["run_dir"])
+            folder = Path(read_small_json(entry)["run_dir"])
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring the malformed resume index entry %s", entry)
             continue
@@ -219,7 +225,7 @@ def _read_config(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
     path = run_dir / CONFIG_FILE
     try:
         saved = yaml.safe_load(read_small_text(path))
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:  # Recursion: [[[...]]]
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
         return None, f"{path} cannot be read ({reason.splitlines()[0]})"
     if not isinstance(saved, dict):
@@ -317,7 +323,7 @@ def _results_status(run_dir: Path) -> str | None:
     if not (path.exists() or path.is_symlink()):
         return None
     try:
-        status = json.loads(read_small_text(path)).get("status")
+        status = read_small_json(path).get("status")
     except (OSError, ValueError, AttributeError):
         return "unreadable"
     return status if status in ("complete", "incomplete") else "unreadable"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -23,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from cl_bench.errors import StorageError
 
@@ -133,6 +134,16 @@ def read_small_text(path: Path, limit: int = MAX_SMALL_FILE) -> str:
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
     return data.decode()
+
+
+def read_small_json(path: Path, limit: int = MAX_SMALL_FILE) -> Any:
+    """The JSON document in ``path`` (:func:`read_small_text`); ``ValueError`` for text that is not JSON or
+    is nested too deeply for the parser (``[[[...]]]``: a ``RecursionError`` otherwise)."""
+    text = read_small_text(path, limit)
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise ValueError(f"{path} is nested too deeply") from exc
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

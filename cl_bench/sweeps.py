@@ -96,9 +96,7 @@ def _first_line(path: Path) -> str:
 
 def job_outcome(folder: Path) -> JobOutcome:
     """What a job folder says about its job (its files are untrusted: unreadable ones count as failed)."""
-    import json
-
-    from cl_bench.storage import read_small_text
+    from cl_bench.storage import read_small_json
 
     if (folder / SKIPPED_FILE).is_file():
         return JobOutcome(folder, "skipped", _first_line(folder / SKIPPED_FILE))
@@ -108,7 +106,7 @@ def job_outcome(folder: Path) -> JobOutcome:
     if not results.is_file():
         return JobOutcome(folder, "failed", "no results.json: the job was killed or never started")
     try:
-        doc = json.loads(read_small_text(results))
+        doc = read_small_json(results)
     except (OSError, ValueError) as exc:
         return JobOutcome(folder, "failed", f"results.json is unreadable ({exc})")
     if isinstance(doc, dict) and doc.get("status") == "complete":

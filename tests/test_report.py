@@ -195,10 +195,18 @@ def test_malformed_inputs_are_listed_never_a_crash(sweep: Path, tmp_path: Path, 
         "strings": json.dumps(
             {**json.loads((sweep / "lp_0" / "results.json").read_text()), "last_acc": "high"}
         ),
+        # each of these used to end the whole report with a traceback
+        "nan": json.dumps({**json.loads((sweep / "lp_0" / "results.json").read_text()), "bwt": float("nan")}),
+        "til_gap": json.dumps(
+            {**json.loads((sweep / "lp_0" / "results.json").read_text()), "til_acc_matrix": [[None]]}
+        ),
+        "deep": "[" * 100_000 + "]" * 100_000,
     }
     for name, text in bad.items():
         (sweep / name).mkdir()
         (sweep / name / "results.json").write_text(text)
+    (sweep / "latin1").mkdir()
+    (sweep / "latin1" / "results.json").write_bytes(b'{"status": "compl\xe8te"}')
     (sweep / "badyaml" / ".hydra").mkdir(parents=True)
     (sweep / "badyaml" / ".hydra" / "config.yaml").write_text("a: [unclosed")
     (sweep / "multirun.yaml").write_text("hydra: [")
@@ -209,6 +217,10 @@ def test_malformed_inputs_are_listed_never_a_crash(sweep: Path, tmp_path: Path, 
     assert "list: malformed results.json: not a JSON object" in problems
     assert "no_matrix: malformed results.json: acc_matrix is missing" in problems
     assert "strings: malformed results.json: last_acc is missing or not a number" in problems
+    assert "nan: malformed results.json: bwt is missing or not a number" in problems
+    assert "til_gap: malformed results.json: til_acc_matrix has no value on its diagonal" in problems
+    assert "deep: unreadable results.json (" in problems and "is nested too deeply)" in problems
+    assert "latin1: unreadable results.json ('utf-8' codec can't decode" in problems
     assert "badyaml: unreadable config.yaml" in problems
     assert "multirun.yaml: unreadable sweep file" in problems
     assert "nowhere: no such run or sweep folder" in problems

@@ -77,8 +77,9 @@ def _finished_folder(run_dir: Path, status: str = "incomplete") -> bytes:
         (lambda path: path.unlink(), "No such file or directory"),
         (lambda path: (path.unlink(), os.mkfifo(path)), "not a regular file"),
         (lambda path: path.write_text("[1, 2]"), "does not hold a config"),
+        (lambda path: path.write_text("[" * 100_000 + "]" * 100_000), "RecursionError"),
     ],
-    ids=["not-utf8", "missing", "fifo", "a-list"],
+    ids=["not-utf8", "missing", "fifo", "a-list", "nested-too-deeply"],
 )
 def test_results_whose_config_cannot_be_read_are_never_overwritten(
     tmp_path: Path, no_hang, damage, expected: str
@@ -130,3 +131,30 @@ def test_a_manifest_linked_elsewhere_is_set_aside_not_followed(tmp_path: Path, c
 def test_a_lock_file_that_is_a_fifo_is_taken_over_without_blocking(tmp_path: Path, no_hang) -> None:
     os.mkfifo(tmp_path / LOCK_FILE)
     assert read_holder(tmp_path / LOCK_FILE) is None
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_json_nested_too_deeply_is_unreadable_not_a_crash(tmp_path: Path, caplog) -> None:
+    """``[[[...]]]`` made ``json.loads`` raise ``RecursionError``, which no reader caught: a planted
+    results.json, manifest or lock file ended every start in the folder with a traceback."""
+    assert read_holder(_planted(tmp_path / "lock", LOCK_FILE)) is None
+    results_dir = tmp_path / "results"
+    _finished_folder(results_dir)
+    (results_dir / RESULTS_FILE).write_text(DEEP)
+    with pytest.raises(ConfigError, match="is unreadable; it is left as it is"):
+        claim_run_folder(*_with_dir(results_dir))
+    manifest_dir = tmp_path / "manifest"
+    manifest_dir.mkdir()
+    write_config(manifest_dir, command(manifest_dir)[1])
+    _planted(manifest_dir, MANIFEST_FILE)
+    claim = claim_run_folder(*_with_dir(manifest_dir))
+    claim.release()
+    assert claim.checkpoint is None and "is nested too deeply" in caplog.text
+
+
+def _planted(folder: Path, name: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(DEEP)
+    return folder / name
