@@ -215,7 +215,15 @@ def indexed_runs(cfg: DictConfig, config: dict[str, Any]) -> list[Path]:
     if not folders and own.parent.is_dir():
         for index in sorted(d for d in own.parent.iterdir() if d.is_dir() and d != own):
             folders += [f for f in _listed_runs(index) if same_config(f, config, cfg)]
-    return sorted(folders, key=lambda d: (d / MANIFEST_FILE).stat().st_mtime, reverse=True)
+    return sorted(folders, key=_checkpoint_time, reverse=True)
+
+
+def _checkpoint_time(folder: Path) -> float:
+    """When ``folder``'s checkpoint was written; 0 if it is gone (its run completed since it was listed)."""
+    try:
+        return (folder / MANIFEST_FILE).stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 # --------------------------------------------------------------------------------------------- checks

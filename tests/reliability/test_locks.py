@@ -93,6 +93,27 @@ def test_a_run_folder_that_cannot_be_made_is_reported(tmp_path: Path) -> None:
         RunLock(tmp_path / "a_file" / "run").acquire()
 
 
+def test_a_listed_run_that_completes_while_the_index_is_read_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process completes a listed run (deleting its checkpoint) between the index's check and its
+    sort by checkpoint time: that used to end this start with a raw ``FileNotFoundError``."""
+    from helpers import TINY, compose_config
+    from omegaconf import OmegaConf
+
+    import cl_bench.run_folder as run_folder
+
+    cfg = compose_config(*TINY, f"paths.output_dir={tmp_path / 'out'}")
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    listed = [tmp_path / "a", tmp_path / "b"]
+    for folder in listed:
+        folder.mkdir()
+        run_folder.register(cfg, config, folder)
+    (tmp_path / "a" / "checkpoint.json").write_text("{}")  # b's run completed just after the check
+    monkeypatch.setattr(run_folder, "has_checkpoint", lambda folder: True)
+    assert run_folder.indexed_runs(cfg, config) == listed
+
+
 @pytest.mark.slow
 def test_concurrent_starts_in_one_folder_run_once(tmp_path: Path) -> None:
     """Issue 17.2: a second process with the same ``hydra.run.dir`` is refused (before writing anything)
