@@ -15,7 +15,6 @@ done (the current one while it is the first), so an unequal split (B50 then 5 by
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -27,6 +26,8 @@ from typing import Any, TextIO
 import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from cl_bench.storage import read_small_json
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def job_line(folder: Path, doc: dict[str, Any], done: int, total: int | None, el
     head = f"[sweep {duration(elapsed)}] job {count} {folder.name}"
     if doc.get("status") == "complete":
         last = doc.get("last_acc")
-        return f"{head}: done, last acc {'n/a' if last is None else f'{last:.2f}'}"
+        return f"{head}: done, last acc {f'{last:.2f}' if isinstance(last, int | float) else 'n/a'}"
     return f"{head}: FAILED after {len(doc.get('acc_matrix') or [])} task(s): {str(error).splitlines()[0]}"
 
 
@@ -280,8 +281,10 @@ class SweepProgress(Callback):
             if path.parent in self._seen:
                 continue
             try:
-                doc = json.loads(path.read_text())
+                doc = read_small_json(path)  # a job folder's file is untrusted input
             except (OSError, ValueError):
+                continue
+            if not isinstance(doc, dict):
                 continue
             line = job_line(path.parent, doc, len(self._seen) + 1, self.total, time.monotonic() - self.start)
             if line is not None:

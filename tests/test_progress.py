@@ -98,12 +98,20 @@ def test_sweep_progress_prints_each_job_once_as_it_becomes_final(tmp_path: Path)
     (tmp_path / "0_seed=0" / "results.json").write_text(json.dumps({"status": "incomplete", "error": None}))
     (tmp_path / "1_seed=1").mkdir()
     (tmp_path / "1_seed=1" / "results.json").write_text("{torn")
+    # planted or foreign files: these used to end the sweep command with a traceback when it finished
+    for name, text in [("2_deep", "[" * 100_000 + "]" * 100_000), ("3_list", "[]")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(text)
     watcher.poll()
     assert out.getvalue() == ""
     (tmp_path / "0_seed=0" / "results.json").write_text(json.dumps({"status": "complete", "last_acc": 1.0}))
     watcher.poll()
     watcher.poll()
     assert out.getvalue().count("job 1/2 0_seed=0: done") == 1
+    (tmp_path / "4_text").mkdir()
+    (tmp_path / "4_text" / "results.json").write_text(json.dumps({"status": "complete", "last_acc": "x"}))
+    watcher.poll()
+    assert "4_text: done, last acc n/a" in out.getvalue()
 
 
 @pytest.mark.slow
