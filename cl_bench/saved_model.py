@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cl_bench.errors import CheckpointError
-from cl_bench.storage import write_atomic
+from cl_bench.storage import read_small_text, write_atomic
 
 MODEL_FILE = "final_model.pt"
 MODEL_FORMAT = "cl_bench.model/1"
@@ -57,8 +57,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the run did not finish, or ran with save_model=false")
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        config = yaml.safe_load(read_small_text(run_dir / "config.yaml"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:  # ValueError: not UTF-8
         raise CheckpointError(
             f"cannot read {run_dir / 'config.yaml'} ({exc}); load_model needs the run's config"
         ) from exc
@@ -70,6 +70,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Any:
         ) from exc
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path} is not a {MODEL_FORMAT} file (written by another cl_bench version?)")
+    parts = ("method", "backbone")
+    if not (isinstance(config, dict) and all(isinstance(config.get(k), dict) for k in parts)):
+        raise CheckpointError(f"{run_dir / 'config.yaml'} is not a run's config (no method and backbone)")
     backbone_cfg = dict(config["backbone"])
     for key, offline in (("pretrained", False), ("checkpoint", None)):
         if key in backbone_cfg:

@@ -62,3 +62,11 @@ def test_load_model_explains_a_missing_or_foreign_file(tmp_path: Path) -> None:
     torch.save({"weights": torch.ones(1)}, tmp_path / "final_model.pt")
     with pytest.raises(CheckpointError, match="is not a cl_bench.model/1 file"):
         cl_bench.load_model(tmp_path)
+    # a damaged config.yaml used to raise UnicodeDecodeError / TypeError
+    (tmp_path / "config.yaml").write_bytes(b"method: caf\xe9")
+    with pytest.raises(CheckpointError, match="cannot read .*config.yaml .*can't decode"):
+        cl_bench.load_model(tmp_path)
+    (tmp_path / "config.yaml").write_text("[1, 2]")
+    torch.save({"format": "cl_bench.model/1"}, tmp_path / "final_model.pt")
+    with pytest.raises(CheckpointError, match="config.yaml is not a run's config"):
+        cl_bench.load_model(tmp_path)
