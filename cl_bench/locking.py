@@ -195,6 +195,11 @@ class RunLock:
                 if time.time() - marker.stat().st_mtime > TAKEOVER_STALE_S:
                     marker.unlink()
             return False
+        except OSError as exc:
+            raise StorageError(
+                f"cannot take over the stale lock {self.path} ({exc.strerror}): the folder is not writable. "
+                "Check the permissions and the free space."
+            ) from exc
         os.close(fd)
         try:
             if read_holder(self.path) != stale:

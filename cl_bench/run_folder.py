@@ -57,7 +57,7 @@ from cl_bench.checkpointing import (
     load_checkpoint,
     set_aside,
 )
-from cl_bench.errors import ConfigError, RunLockedError
+from cl_bench.errors import ConfigError, RunLockedError, StorageError
 from cl_bench.locking import RunLock
 from cl_bench.results import RESULTS_FILE, write_text_atomic
 from cl_bench.storage import (
@@ -403,11 +403,12 @@ def _refuse_existing(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> 
 def _try_resume(folder: Path, config: dict[str, Any], cfg: DictConfig, explicit: bool) -> RunClaim | None:
     """Lock ``folder`` and take its checkpoint; ``None`` when it holds none of this config (lock dropped).
 
-    A live holder is reported (``explicit``: the folder was named) or the folder skipped."""
+    A live holder or a folder that takes no writes is reported (``explicit``: the folder was named) or the
+    folder skipped."""
     lock = RunLock(folder)
     try:
         lock.acquire()
-    except RunLockedError as exc:
+    except (RunLockedError, StorageError) as exc:
         if explicit:
             raise
         log.warning("not resuming %s: %s", folder, exc)

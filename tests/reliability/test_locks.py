@@ -4,6 +4,7 @@ folder: one runs, the other is refused with a message naming the holder."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -112,6 +113,62 @@ def test_a_listed_run_that_completes_while_the_index_is_read_is_skipped(
     (tmp_path / "a" / "checkpoint.json").write_text("{}")  # b's run completed just after the check
     monkeypatch.setattr(run_folder, "has_checkpoint", lambda folder: True)
     assert run_folder.indexed_runs(cfg, config) == listed
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_stale_lock_in_a_read_only_folder_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILLed run's lock in a folder now read-only (or full): taking it over used to raise a raw
+    ``OSError`` from the takeover marker."""
+    write_lock(tmp_path, holder_of(_dead_pid()))
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # as Linux: an existing file is EEXIST, a new one EROFS
+        if flags & os.O_CREAT and not os.path.lexists(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(locking.os, "open", read_only)
+    with pytest.raises(StorageError, match=r"cannot take over the stale lock .* \(Read-only file system\)"):
+        RunLock(tmp_path).acquire()
+
+
+def test_an_indexed_run_in_a_folder_that_takes_no_writes_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """An interrupted run listed in the resume index whose folder became read-only (archived, a full disk)
+    used to stop every later run of the config; it is skipped with a warning and the run starts afresh in
+    its own folder."""
+    from helpers import TINY, compose_config
+    from omegaconf import OmegaConf
+
+    import cl_bench.run_folder as run_folder
+
+    cfg = compose_config(*TINY, f"paths.output_dir={tmp_path / 'out'}")
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    archived = tmp_path / "archived"
+    archived.mkdir()
+    run_folder.write_config(archived, config)
+    (archived / "checkpoint.json").write_text("{}")
+    run_folder.register(cfg, config, archived)
+    acquire = RunLock.acquire
+
+    def refuse_archived(lock: RunLock) -> RunLock:
+        if lock.run_dir == archived:
+            raise StorageError(f"cannot create {lock.path} (Read-only file system)")
+        return acquire(lock)
+
+    monkeypatch.setattr(RunLock, "acquire", refuse_archived)
+    claim = run_folder.claim_run_folder(cfg, tmp_path / "new", config)
+    claim.release()
+    assert claim.run_dir == tmp_path / "new" and claim.checkpoint is None
+    assert f"not resuming {archived}: cannot create" in caplog.text
 
 
 @pytest.mark.slow
