@@ -49,11 +49,12 @@ def _torchvision_rrc_boxes(n: int, h: int, w: int, scale, ratio) -> torch.Tensor
         (32, 32, (0.08, 1.0), (3 / 4, 4 / 3)),
         (40, 64, (0.05, 1.0), (3 / 4, 4 / 3)),  # non-square: box positions and sizes differ per axis
         (20, 20, (0.6, 1.0), (1.5, 3.0)),  # boxes that often do not fit: exercises the centre-crop fallback
+        (375, 500, (0.08, 1.0), (3 / 4, 4 / 3)),  # an ImageNet-sized photo: fine-grained aspect ratios
     ],
 )
 def test_rrc_box_distribution_matches_torchvision(h: int, w: int, scale, ratio) -> None:
-    """Top, left, height, width and area of 6000 boxes: two-sample Kolmogorov-Smirnov tests against
-    torchvision's RandomResizedCrop.get_params do not reject (p > 0.001), and the means agree."""
+    """Top, left, height, width, aspect ratio and area of 6000 boxes: two-sample Kolmogorov-Smirnov tests
+    against torchvision's RandomResizedCrop.get_params do not reject (p > 0.001), and the mean areas agree."""
     torch.manual_seed(0)
     ours = rrc_boxes(6000, h, w, scale, ratio)
     torch.manual_seed(1)
@@ -65,6 +66,9 @@ def test_rrc_box_distribution_matches_torchvision(h: int, w: int, scale, ratio) 
     for column in range(4):
         result = stats.ks_2samp(ours[:, column].numpy(), reference[:, column].numpy(), method="asymp")
         assert result.pvalue > 1e-3, (column, result)
+    aspect_ours = torch.log(bw.double() / bh.double()).numpy()  # KS on h and w alone misses a linear ratio
+    aspect_ref = torch.log(reference[:, 3].double() / reference[:, 2].double()).numpy()
+    assert stats.ks_2samp(aspect_ours, aspect_ref, method="asymp").pvalue > 1e-3
     area_ours = (bh * bw).double().numpy()
     area_ref = (reference[:, 2] * reference[:, 3]).double().numpy()
     assert stats.ks_2samp(area_ours, area_ref, method="asymp").pvalue > 1e-3
