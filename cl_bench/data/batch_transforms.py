@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from cl_bench.backbones.base import DataConfig
 from cl_bench.config import TrainAugment, TransformConfig
-from cl_bench.data.base import ArrayImages, ClassificationData
+from cl_bench.data.base import ArrayImages, ClassificationData, ImageSource
 from cl_bench.data.transforms import (
     CROP_PADDING,
     PipelineSpec,
@@ -41,6 +41,7 @@ from cl_bench.data.transforms import (
     resolve_spec,
     train_pipeline,
 )
+from cl_bench.debug import SubsetImages
 from cl_bench.errors import ConfigError
 
 #: RandomResizedCrop's attempts at a box inside the image before its centre-crop fallback (torchvision).
@@ -256,11 +257,18 @@ class InputPipeline:
     batch: BatchAugment | None
 
 
+def one_size(images: ImageSource) -> bool:
+    """Whether all of ``images`` have one size: an array, or a smoke run's subset of one."""
+    while isinstance(images, SubsetImages):
+        images = images.base
+    return isinstance(images, ArrayImages)
+
+
 def augments_on_device(
     setting: bool | None, spec: PipelineSpec, data: ClassificationData, device: torch.device
 ) -> bool:
     """Resolve ``transform.on_device``: auto (``None``) = on a GPU whenever the batch collates."""
-    collates = spec.train != TrainAugment.rrc_flip or isinstance(data.train, ArrayImages)
+    collates = spec.train != TrainAugment.rrc_flip or one_size(data.train)
     if setting is None:
         return device.type == "cuda" and collates
     if setting and not collates:

@@ -246,6 +246,21 @@ def test_on_device_resolution() -> None:
         build_input_pipeline(VIT, TransformConfig(train="rrc_flip", on_device=True), _data(files), CPU)
 
 
+def test_debug_subset_of_arrays_augments_on_device() -> None:
+    """A smoke run's images (``debug.samples_per_class``: a subset of the arrays) still have one size, so
+    RandomResizedCrop runs on the batch as in the full run: auto on a GPU, and ``on_device=true`` is no
+    error."""
+    from cl_bench.debug import subset_per_class
+
+    arrays = ArrayImages(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]))
+    subset = subset_per_class(_data(arrays), 1)
+    rrc = TransformConfig(train="rrc_flip")
+    assert build_input_pipeline(VIT, rrc, subset, torch.device("cuda")).batch is not None
+    assert build_input_pipeline(VIT, TransformConfig(train="rrc_flip", on_device=True), subset, CPU).batch
+    files = subset_per_class(_data(FileImages(["a.jpg", "b.jpg"], np.array([0, 1]), "files")), 1)
+    assert build_input_pipeline(VIT, rrc, files, torch.device("cuda")).batch is None
+
+
 @pytest.mark.parametrize(
     ("keys", "match"),
     [
