@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -148,6 +149,16 @@ FAST_PATH_PRECISIONS: dict[str, torch.dtype | None] = {
 }
 
 
+def trainer_torch_flags(deterministic: bool) -> None:
+    """What ``pl.Trainer(deterministic=...)`` sets for the whole process, for a fast-path phase that builds
+    no Trainer: torch's deterministic algorithms and, when on, cuDNN benchmarking off and cuBLAS's
+    reproducible workspace."""
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def head_fast_path(phase: Phase, trainer_cfg: TrainerConfig) -> bool:
     """Whether ``phase`` trains by :func:`fit_on_features` instead of a Lightning fit: a head-only phase,
     ``trainer.head_fast_path``, one process, a precision the plain loop reproduces and none of the Lightning
@@ -180,7 +191,9 @@ def run_phase(
     weights, no Lightning fit) where :func:`head_fast_path` allows, else with Lightning."""
     fast = head_fast_path(phase, trainer_cfg)
     trainer = None
-    if not fast:
+    if fast:
+        trainer_torch_flags(trainer_cfg.deterministic)
+    else:
         name = f"task_{ctx.task.index:02d}_{phase.name}"
         trainer = make_trainer(trainer_cfg, phase.epochs, run_dir, callbacks, name)
     processes = 1 if trainer is None else trainer.world_size
