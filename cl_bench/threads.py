@@ -47,6 +47,11 @@ def concurrent_runs(concurrent_jobs: int, cores: int) -> int:
 
 def resolve_threads(threads: int | None, concurrent_jobs: int) -> int:
     """``trainer.threads`` made concrete (module docstring)."""
+    if concurrent_jobs == 0:
+        raise ConfigError(
+            "trainer.concurrent_jobs=0 means no run at all: give the runs sharing the cores (>= 1; joblib's "
+            "negative counts, -1 = one per core, also work)"
+        )
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"trainer.threads={threads} must be >= 1 (or null: cores / concurrent jobs)")

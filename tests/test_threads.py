@@ -32,6 +32,15 @@ def test_explicit_threads_win_and_must_be_positive(monkeypatch: pytest.MonkeyPat
         threads.resolve_threads(0, concurrent_jobs=1)
 
 
+def test_zero_concurrent_jobs_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """joblib gives n_jobs=0 no meaning: a clear error rather than one thread on a machine's worth of jobs."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(ConfigError, match="trainer.concurrent_jobs=0"):
+        threads.resolve_threads(None, concurrent_jobs=0)
+    with pytest.raises(ConfigError, match="trainer.concurrent_jobs=0"):
+        threads.resolve_threads(4, concurrent_jobs=0)
+
+
 def test_default_is_the_environment_else_cores_per_concurrent_job(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.resolve_threads(None, concurrent_jobs=4) == 3
