@@ -3,8 +3,10 @@
 Several runs on one machine (a local ``-m`` sweep, several sessions) each default to every core, so their
 thread pools oversubscribe the cores and identical epochs take anywhere between 1x and 15x as long (issue
 19). A run therefore takes ``trainer.threads`` threads; ``null`` means the ``OMP_NUM_THREADS`` of the
-environment when set, else the cores this process may use divided by ``trainer.concurrent_jobs`` (which
-``launcher=local`` sets to its ``n_jobs``; joblib's negative ``n_jobs`` count back from the core count).
+environment when set, else the cores this process may use (its affinity, within a SLURM job's
+``SLURM_CPUS_PER_TASK``) divided by ``trainer.concurrent_jobs`` (which ``launcher=local`` sets to its
+``n_jobs``; joblib's negative ``n_jobs`` count back from the core count; ``launcher=submitit_local``, whose
+jobs all start at once, sets ``trainer.threads`` to its ``cpus_per_task`` instead).
 The number is applied to torch (``torch.set_num_threads``), to the OpenMP/BLAS pools already loaded
 (threadpoolctl), to the environment that child processes inherit (DDP processes, data workers), and it caps
 the data workers (``trainer.num_workers``).
@@ -33,11 +35,14 @@ class ThreadPlan:
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    """The cores this process may run on: its affinity mask, and in a SLURM job at most the job's
+    ``SLURM_CPUS_PER_TASK`` (a node that does not pin jobs to cores shows them all of its cores)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(allocated)) if allocated.isdigit() and int(allocated) >= 1 else cores
 
 
 def concurrent_runs(concurrent_jobs: int, cores: int) -> int:

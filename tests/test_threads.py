@@ -53,6 +53,20 @@ def test_default_is_the_environment_else_cores_per_concurrent_job(monkeypatch: p
     assert threads.resolve_threads(None, concurrent_jobs=-13) == 4  # joblib: 16 + 1 - 13 = 4 jobs
 
 
+def test_a_slurm_job_counts_the_cores_it_was_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a node that does not pin jobs to cores the affinity mask is the whole node: SLURM_CPUS_PER_TASK
+    (submitit's cpus_per_task) bounds the cores, so jobs sharing the node do not oversubscribe it."""
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _pid: set(range(64)), raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert threads.available_cores() == 64
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert threads.available_cores() == 8
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.resolve_threads(None, concurrent_jobs=1) == 8
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert threads.available_cores() == 2  # a pinned allocation smaller than asked (never more cores)
+
+
 def test_configure_applies_everywhere_and_caps_workers(restore_threads) -> None:
     plan = threads.configure_threads(2, concurrent_jobs=1, num_workers=8)
     assert plan == threads.ThreadPlan(threads=2, num_workers=2)
