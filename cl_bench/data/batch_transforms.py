@@ -206,7 +206,15 @@ class BatchAugment:
         """``images`` (uint8) augmented with ``params``, converted to the model input (float32).
 
         Each step computes what torchvision's uint8 step computes: values stay integers 0..255 (in float32
-        after RandomResizedCrop) until the final scaling by 1/255 (``to_dtype``) and normalisation."""
+        after RandomResizedCrop) until the final scaling by 1/255 (``to_dtype``) and normalisation; in
+        float32 also under a caller's autocast (replay augments inside ``training_step``)."""
+        device = images.device.type
+        if not torch.amp.is_autocast_available(device):  # e.g. "meta": nothing to switch off
+            return self._apply(images, params)
+        with torch.autocast(device, enabled=False):
+            return self._apply(images, params)
+
+    def _apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         spec = self.spec
         flips = params.flips
         if spec.train == TrainAugment.crop_flip:

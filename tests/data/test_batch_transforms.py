@@ -192,6 +192,31 @@ def test_resample_weights_are_interpolate_on_the_crop(interpolation: str, box: t
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-3)
 
 
+def test_autocast_does_not_touch_the_augmentation() -> None:
+    """Replay (ER, DER++) augments its buffered images inside ``training_step``, under the trainer's
+    autocast: the resampling stays float32 (bf16 matrix products moved a quarter of the values by up to
+    9 grey levels)."""
+    spec = _spec(DataConfig(64, interpolation="bicubic"), train="rrc_flip")
+    augment = BatchAugment(spec)
+    images = _images(4, 32, 32)
+    torch.manual_seed(0)
+    params = augment.draw(4, 32, 32)
+    reference = augment.apply(images, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = augment.apply(images, params)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", ["crop_flip", "rrc_flip", "resize_crop_flip", "none"])
+def test_every_recipe_runs_where_the_batch_lies(train: str) -> None:
+    """No GPU here: on the ``meta`` device (which refuses, among others, elementwise ops and ``where`` that
+    mix in CPU tensors) every recipe gives a float32 batch of the input size on that device."""
+    spec = _spec(DataConfig(64, interpolation="bicubic"), train=train, brightness=0.2, train_resize=72)
+    side = 72 if train == "resize_crop_flip" else 64
+    out = BatchAugment(spec)(torch.empty(4, 3, side, side, dtype=torch.uint8, device="meta"))
+    assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (4, 3, 64, 64)
+
+
 def test_brightness_factors_and_flips_are_distributed_as_torchvision() -> None:
     """Factors uniform on [1 - b, 1 + b], flips with probability 1/2."""
     spec = _spec(CIFAR, train="crop_flip", brightness=0.25)
