@@ -67,6 +67,25 @@ def test_a_slurm_job_counts_the_cores_it_was_allocated(monkeypatch: pytest.Monke
     assert threads.available_cores() == 2  # a pinned allocation smaller than asked (never more cores)
 
 
+def test_a_ddp_run_shares_the_cores_among_its_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer=ddp with 4 devices: Lightning starts 3 more processes of the run on this machine, which
+    inherit rank 0's thread variables, so rank 0 sizes each process's share (cores / 4), not all cores
+    each. Processes started by torchrun or srun come with their own share (1 here)."""
+    from cl_bench.config import TrainerConfig
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name in ("RANK", "LOCAL_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 16)
+    ddp = TrainerConfig(accelerator="gpu", devices=4, strategy="ddp")
+    assert threads.local_processes(ddp) == 4
+    assert threads.local_processes(TrainerConfig(devices=[0, 1], strategy="ddp")) == 2
+    assert threads.local_processes(TrainerConfig()) == 1
+    assert threads.resolve_threads(None, concurrent_jobs=1, processes=4) == 4
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert threads.local_processes(ddp) == 1
+
+
 def test_configure_applies_everywhere_and_caps_workers(restore_threads) -> None:
     plan = threads.configure_threads(2, concurrent_jobs=1, num_workers=8)
     assert plan == threads.ThreadPlan(threads=2, num_workers=2)
