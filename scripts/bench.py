@@ -620,6 +620,18 @@ def train_throughput(
             "achieved_tflops": images_per_s * flops_per_image / 1e12}  # fmt: skip
 
 
+def guarded(
+    out: dict[str, Any], key: str, fn: Callable[[], Any], save: Callable[[], None] = lambda: None
+) -> None:
+    """``out[key] = fn()``, or the error it raised (one failing measurement must not lose the others), then
+    ``save()`` so that a process killed later keeps it."""
+    try:
+        out[key] = fn()
+    except Exception as exc:
+        out[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    save()
+
+
 def augmentation_feed(device: Any, workers: list[int], n: int = 4096, batch: int = 256) -> dict[str, Any]:
     """Images/s the input pipeline delivers to ``device`` for a ViT at 224 px from 32 px CIFAR images:
     per-image RandomResizedCrop (+ flip, jitter, normalise) in DataLoader workers vs uint8 batches augmented
@@ -654,15 +666,16 @@ def augmentation_feed(device: Any, workers: list[int], n: int = 4096, batch: int
         sync()
         return n / (time.perf_counter() - start)
 
+    def feed(transform: Any, workers: int, augment: Any = None) -> float:
+        dataset = TaskDataset(images, np.arange(n), label_map, transform)
+        pin = device.type == "cuda"
+        return drain(DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=pin), augment)
+
+    # each its own entry: per-image float batches (150 MB each at 224 px) can exhaust a small /dev/shm
+    key = "batch_on_device_images_per_s"
+    guarded(out, key, lambda: feed(batch_prepare_transform(spec), min(2, max(workers)), BatchAugment(spec)))
     for w in workers:
-        dataset = TaskDataset(images, np.arange(n), label_map, train_pipeline(spec))
-        loader = DataLoader(dataset, batch_size=batch, num_workers=w, pin_memory=device.type == "cuda")
-        out[f"per_image_{w}_workers_images_per_s"] = drain(loader)
-    dataset = TaskDataset(images, np.arange(n), label_map, batch_prepare_transform(spec))
-    loader = DataLoader(
-        dataset, batch_size=batch, num_workers=min(2, max(workers)), pin_memory=device.type == "cuda"
-    )
-    out["batch_on_device_images_per_s"] = drain(loader, BatchAugment(spec))
+        guarded(out, f"per_image_{w}_workers_images_per_s", lambda w=w: feed(train_pipeline(spec), w))
     return out
 
 
@@ -671,16 +684,6 @@ def gpu_device() -> Any:
     import torch
 
     return torch.device("cuda") if torch.cuda.is_available() else None
-
-
-def guarded(out: dict[str, Any], key: str, fn: Callable[[], Any], save: Callable[[], None]) -> None:
-    """``out[key] = fn()``, or the error it raised (one failing measurement must not lose the others), then
-    ``save()`` so that a process killed later keeps it."""
-    try:
-        out[key] = fn()
-    except Exception as exc:
-        out[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    save()
 
 
 def gpu_section(args: argparse.Namespace, device: Any, out: dict[str, Any], save: Callable[[], None]) -> None:

@@ -167,3 +167,19 @@ def test_a_failing_ratio_is_recorded_and_the_rest_run(tmp_path, monkeypatch: pyt
 )
 def test_gpu_peak_matches_whole_model_names(name: str, model: str | None) -> None:
     assert bench.gpu_peak(name) == (None if model is None else bench.GPU_PEAKS[model])
+
+
+def test_a_failing_feed_keeps_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-image loading that dies (e.g. workers out of shared memory) is recorded; the batch figure stays."""
+    import cl_bench.data.transforms as transforms
+
+    def broken(_spec):
+        def transform(_image):
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Bus error")
+
+        return transform
+
+    monkeypatch.setattr(transforms, "train_pipeline", broken)
+    feed = bench.augmentation_feed(torch.device("cpu"), workers=[0], n=16, batch=8)
+    assert feed["batch_on_device_images_per_s"] > 0
+    assert "Bus error" in feed["per_image_0_workers_images_per_s"]["error"]
