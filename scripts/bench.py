@@ -696,7 +696,9 @@ def gpu_section(args: argparse.Namespace, device: Any, out: dict[str, Any], save
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     peak = gpu_peak(name)
-    out.update({"device": name, "peak_flops_fp32_bf16": peak})
+    # fp32 MFU is against the peak without tensor cores: true while fp32 matmuls do not use TF32
+    tf32 = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_conv": torch.backends.cudnn.allow_tf32}
+    out.update({"device": name, "peak_flops_fp32_bf16": peak, "fp32_uses_tf32": tf32})
     save()
 
     def measure(key: str, fn: Callable[[], dict[str, Any]]) -> None:
