@@ -127,13 +127,13 @@ def test_gpu_section_saves_each_measurement_as_it_goes(tmp_path, monkeypatch: py
     assert gpu["vit_b16_fp32"] == {"images_per_s": 1.0, "achieved_tflops": 1e-3}
     assert "out of memory" in gpu["vit_b16_bf16"]["error"]
     assert len(calls) == 4 and len(gpu) >= 4  # device, peak, the two ViT entries and what followed
-    calls.clear()
-    _tiny_gpu_section(monkeypatch, stop_after=0)
+    calls = _tiny_gpu_section(monkeypatch, stop_after=0)
     bench.main(["--out", str(out), "--sections", "gpu"])
     keys = list(json.loads(out.read_text())["gpu"])
     compiled = [k for k in keys if k.endswith("compile")]
-    assert compiled and keys.index(compiled[0]) > keys.index("augmentation_feed_vit224")
-    assert all("compile_model" in c for c in calls[-len(compiled) :])
+    assert len(compiled) == 2 and keys.index(compiled[0]) > keys.index("augmentation_feed_vit224")
+    assert len(calls) == 10 and all("compile_model" in c for c in calls[-2:])
+    assert not any("compile_model" in c for c in calls[:-2])
 
 
 def test_a_failing_ratio_is_recorded_and_the_rest_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
