@@ -15,7 +15,8 @@ per-image float path this differs only by float summation order (at most one gre
 its CPU uint8 kernels by at most one grey level (bilinear) or one on average (bicubic, whose uint8 kernel
 clamps between its two passes). The random draws come from
 the process's global torch generator (seeded by the run, saved in checkpoints), drawn on the CPU, so a run
-is reproducible whatever the device.
+is reproducible whatever the device; under DDP each process draws the global batch's parameters and
+applies its share.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from cl_bench import distributed
 from cl_bench.backbones.base import DataConfig
 from cl_bench.config import TrainAugment, TransformConfig
 from cl_bench.data.base import ArrayImages, ClassificationData, ImageSource
@@ -56,6 +58,15 @@ class AugmentParams:
     boxes: torch.Tensor
     flips: torch.Tensor | None
     brightness: torch.Tensor | None
+
+    def share(self, start: int, n: int) -> AugmentParams:
+        """The parameters of images ``start .. start + n - 1``."""
+        part = slice(start, start + n)
+        return AugmentParams(
+            self.boxes[part],
+            None if self.flips is None else self.flips[part],
+            None if self.brightness is None else self.brightness[part],
+        )
 
 
 def random_crop_boxes(n: int, height: int, width: int, size: int) -> torch.Tensor:
@@ -241,7 +252,11 @@ class BatchAugment:
             raise ValueError(
                 f"BatchAugment takes uint8 [B, 3, H, W] batches, got {images.dtype} {tuple(images.shape)}"
             )
-        return self.apply(images, self.draw(len(images), images.shape[2], images.shape[3]))
+        # DDP processes are seeded alike: each draws the global batch's parameters (the streams stay in
+        # step) and takes its own share, so ranks do not crop their i-th images alike
+        n, rank = len(images), distributed.rank()
+        params = self.draw(n * distributed.world_size(), images.shape[2], images.shape[3])
+        return self.apply(images, params.share(rank * n, n))
 
 
 def augment_batch(transform: BatchAugment | None, batch: Any) -> Any:

@@ -217,6 +217,26 @@ def test_every_recipe_runs_where_the_batch_lies(train: str) -> None:
     assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (4, 3, 64, 64)
 
 
+def test_ddp_ranks_draw_their_own_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every DDP process is seeded alike: each draws the parameters of the global batch and applies its own
+    share, so the i-th images of two ranks are not cropped alike, and the random streams stay in step."""
+    from cl_bench.data import batch_transforms
+
+    augment = BatchAugment(_spec(CIFAR, train="crop_flip", brightness=0.25))
+    images = _images(8, 32, 32)
+    torch.manual_seed(0)
+    whole = augment.apply(torch.cat([images, images]), augment.draw(16, 32, 32))
+    outputs, states = [], []
+    for rank in (0, 1):
+        monkeypatch.setattr(batch_transforms.distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(batch_transforms.distributed, "rank", lambda rank=rank: rank)
+        torch.manual_seed(0)
+        outputs.append(augment(images))
+        states.append(torch.get_rng_state())
+    torch.testing.assert_close(torch.cat(outputs), whole, rtol=0, atol=0)
+    assert torch.equal(states[0], states[1])
+
+
 def test_brightness_factors_and_flips_are_distributed_as_torchvision() -> None:
     """Factors uniform on [1 - b, 1 + b], flips with probability 1/2."""
     spec = _spec(CIFAR, train="crop_flip", brightness=0.25)
