@@ -66,13 +66,18 @@ class HeadFit(pl.LightningModule):
         self.training_spec = training
         self.phase_name = phase.name
         self.loss_name = "train/loss" if phase.name == "train" else f"train/{phase.name}_loss"
+        #: The epoch being trained, counted here: the fast path has no trainer for ``current_epoch``.
+        self.epoch = -1
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch += 1
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features, labels = batch
         loss = self.training_spec.loss(self.head(features), labels)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"the {self.phase_name} loss became {loss.item()} in epoch {self.current_epoch}, batch "
+                f"the {self.phase_name} loss became {loss.item()} in epoch {self.epoch}, batch "
                 f"{batch_idx}; lower that phase's learning rate or check its inputs"
             )
         self.log(self.loss_name, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))

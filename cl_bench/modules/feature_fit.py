@@ -10,8 +10,8 @@ each epoch. Like Lightning's fit, it leaves every submodule's train/eval mode as
 the one the runner would give Lightning (same sampler and generator), so the batch order, and with it the
 result, is the same as a ``Trainer.fit`` on one process (a test pins equal weights).
 
-Scope: modules whose training uses ``training_step`` and ``configure_optimizers`` only (no other Lightning
-hooks, no manual optimisation, one optimiser), on one process.
+Scope: modules whose training uses ``training_step``, ``configure_optimizers`` and at most
+``on_train_epoch_start`` (no other Lightning hooks, no manual optimisation, one optimiser), on one process.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def fit_on_features(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LOG_WITHOUT_TRAINER)
         for epoch in range(epochs):
+            module.on_train_epoch_start()  # the one hook besides the two below, as Lightning calls it
             total, count = torch.zeros((), device=device), 0
             for batch_idx, batch in enumerate(loader):
                 batch = [t.to(device, non_blocking=True) for t in batch]

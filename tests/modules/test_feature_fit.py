@@ -207,3 +207,29 @@ def test_fast_path_sets_trainer_deterministic_as_the_trainer_would(monkeypatch: 
             assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_diverging_head_phase_names_its_epoch(fast: bool) -> None:
+    """A loss that becomes inf in the third epoch is reported as epoch 2 by both paths (the fast path has
+    no trainer to count epochs)."""
+    from cl_bench.config import TrainerConfig
+    from cl_bench.errors import TrainingDivergedError
+    from cl_bench.learning import run_phase
+    from cl_bench.methods.base import HeadTraining, Phase
+
+    calls = []
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        value = F.cross_entropy(logits, labels)
+        return value * float("inf") if len(calls) > 4 else value  # 2 batches per epoch
+
+    data = TensorDataset(torch.randn(8, 3), torch.arange(8) % 2)
+    training = HeadTraining(torch.nn.Linear(3, 2), loss, lambda p: torch.optim.SGD(p, lr=0.1))
+    phase = Phase("align", 5, data, 4, head_training=training)
+    method = LinearProbe(LinearBackbone())
+    ctx = TaskContext(TASKS[0], SCENARIO, data, data)
+    cfg = TrainerConfig(accelerator="cpu", head_fast_path=fast, enable_progress_bar=False)
+    with pytest.raises(TrainingDivergedError, match="align loss became inf in epoch 2, batch 0"):
+        run_phase(method, phase, ctx, cfg, Path("."), [])
