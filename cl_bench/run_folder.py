@@ -175,7 +175,7 @@ def register(cfg: DictConfig, config: dict[str, Any], run_dir: Path) -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         write_text(entry, json.dumps({"run_dir": str(Path(run_dir).resolve())}) + "\n")
-    except OSError as exc:
+    except (OSError, StorageError) as exc:  # write_text's failures are StorageErrors
         log.warning("could not register %s in the resume index %s (%s)", run_dir, entry.parent, exc)
 
 

@@ -70,6 +70,28 @@ def test_results_are_synced_to_disk_and_a_full_disk_keeps_the_last_ones_whole(
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_resume_index_that_takes_no_writes_costs_only_automatic_resumption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """``register`` caught ``OSError`` but ``write_text`` raises ``StorageError``: an index folder another
+    user owns (or a full disk there) stopped the run instead of logging a warning."""
+    from helpers import TINY, compose_config
+    from omegaconf import OmegaConf
+
+    from cl_bench.run_folder import register
+
+    monkeypatch.setattr(storage, "RETRY_DELAY_S", 0.0)
+    cfg = compose_config(*TINY, f"paths.output_dir={tmp_path / 'out'}")
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+    def refused(fd: int) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "fsync", refused)
+    register(cfg, config, tmp_path / "run")
+    assert "could not register" in caplog.text and "Permission denied" in caplog.text
+
+
 def test_temporaries_of_a_killed_write_are_removed(tmp_path: Path) -> None:
     (tmp_path / ".results.json.abc.tmp").write_text("torn")
     (tmp_path / "results.json").write_text("{}")
