@@ -16,13 +16,15 @@ import difflib
 import logging
 import os
 import sys
+import time
 import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, read_write
 
 import cl_bench.config  # noqa: F401  (registers the schemas and the budget resolver)
 from cl_bench import sweeps
@@ -62,6 +64,22 @@ def format_report(doc: dict[str, Any], run_dir: str) -> str:
         f"run folder             {run_dir}",
     ]
     return "\n".join(lines)
+
+
+class KeepHydraRecord(Callback):
+    """Hydra callback (``hydra.callbacks.keep_record``): when ``hydra.run.dir`` already holds a run's
+    ``.hydra/`` record, this command's record goes to ``.hydra/rerun-<time>/`` instead of replacing it.
+
+    Hydra writes that record before any cl-bench code runs, so the folder's lock and its refusal of another
+    config's results come too late to protect it. Sweep jobs (fresh folders) are left as Hydra makes them.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        subdir = config.hydra.output_subdir
+        if subdir is None or not (Path(str(config.hydra.run.dir)) / str(subdir) / "config.yaml").is_file():
+            return
+        with read_write(config.hydra):
+            config.hydra.output_subdir = f"{subdir}/rerun-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _record(name: str, text: str) -> None:

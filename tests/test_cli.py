@@ -160,3 +160,18 @@ def test_a_method_that_cannot_run_on_the_backbone_stops_before_training(tmp_path
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "method=lnt cannot run on the backbone resnet20_cifar: it needs LayerNorm layers" in out.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_refused_command_keeps_the_folders_hydra_record(tmp_path: Path) -> None:
+    """Hydra writes ``.hydra/{config,hydra,overrides}.yaml`` before cl-bench can refuse a folder: a command
+    refused there (another config's results, a live lock) used to replace the record of the run that made
+    those results. The later command's record goes to ``.hydra/rerun-<time>/``."""
+    run_dir = tmp_path / "run"
+    first = cl_bench("method.lr=nan", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert first.returncode == 2 and "method.lr=nan" in first.stderr
+    record = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    again = cl_bench("method.lr=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 2 and "method.lr=-1" in again.stderr
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == record
+    (rerun,) = (run_dir / ".hydra").glob("rerun-*/overrides.yaml")
+    assert "method.lr=-1" in rerun.read_text()
