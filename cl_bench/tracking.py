@@ -257,7 +257,7 @@ class Tracker:
 
     #: The tracker's run id, stored in checkpoints so that a resumed experiment continues the same run.
     run_id: str | None = None
-    #: Epochs logged so far in this process: the ``train/epoch`` step.
+    #: Epochs logged so far in this run (a resumed run restores it): the ``train/epoch`` step.
     epochs_logged: int = 0
     _failed: bool = False
 
