@@ -13,7 +13,8 @@ plain inline JavaScript and no network), ``DIR/report.md`` and the PNG figures i
 * per benchmark, a bar chart of the last accuracy (mean, error bar = std), the accuracy-vs-task curve of
   every method (mean over runs, +- one std band) and, per cell, the heatmap of the mean accuracy matrix;
 * every run with its seed, class order, status, metrics and a link to its ``config.yaml``;
-* runs that failed (with the first line of their error), stopped early or never started (a sweep's
+* runs that failed (with the first line of their error), were skipped (the method cannot run on the
+  backbone or scenario: the sweep job's ``skipped.txt``), stopped early or never started (a sweep's
   ``multirun.yaml`` names its jobs), and inputs that could not be read, listed and left out of the means;
 * smoke runs (``debug=smoke``) listed with the runs but never in the tables or figures.
 
@@ -48,6 +49,7 @@ from typing import Any
 from cl_bench.errors import ConfigError
 from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, write_text_atomic
+from cl_bench.sweeps import SKIPPED_FILE
 
 #: Output folder when ``--out`` is not given.
 DEFAULT_OUT = Path("report")
@@ -251,6 +253,21 @@ def _load_yaml(path: Path) -> Any:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
+def _load_config(path: Path) -> Any:
+    """A run's config file with its interpolations resolved where they can be (Hydra's ``.hydra/config.yaml``
+    of a job that stopped before ``results.json`` holds ``${paths.data_dir}/...``), so that it labels like
+    the resolved configs of the runs that finished."""
+    from omegaconf import OmegaConf
+
+    import cl_bench.config  # noqa: F401  (registers the ``budget`` resolver)
+
+    config = OmegaConf.load(path)
+    try:
+        return OmegaConf.to_container(config, resolve=True)
+    except Exception:  # an interpolation that cannot be resolved here: keep the file's text
+        return OmegaConf.to_container(config, resolve=False)
+
+
 def first_error_line(folder: Path) -> str | None:
     """The first ``[ERROR]`` line of the run's Hydra log (for runs that stopped before ``results.json``)."""
     for log_file in sorted(folder.glob("*.log")):
@@ -291,10 +308,13 @@ def load_run(folder: Path) -> Run:
     )
     if config_file is not None:
         try:
-            loaded = _load_yaml(config_file)
+            loaded = _load_config(config_file)
             config = loaded if isinstance(loaded, dict) else {}
         except Exception as exc:
             problem = problem or f"unreadable {config_file.name} ({type(exc).__name__})"
+    if problem is None and (folder / SKIPPED_FILE).is_file():
+        reason = (folder / SKIPPED_FILE).read_text(errors="replace").strip().splitlines()
+        problem = f"skipped: {reason[0] if reason else 'the method cannot run on the backbone or scenario'}"
     if problem is None:
         error = first_error_line(folder)
         problem = f"failed before its first task ended (no {RESULTS_FILE})" + (f": {error}" if error else "")
@@ -349,22 +369,28 @@ def _with_keys(base: str, flat: dict[str, str], keys: Sequence[str]) -> str:
 
 
 def label_runs(runs: Sequence[Run]) -> None:
-    """Set each run's benchmark (column) and method (row) label; keys that vary within one are appended."""
+    """Set each run's benchmark (column) and method (row) label; keys that vary within one are appended.
+
+    The keys are those that vary among the runs that reach the tables (complete, not smoke), where a label
+    has any: a smoke run's caps or a failed job's config never rename the cells of the others."""
     flats = {id(run): flatten(run.config) for run in runs}
+
+    def varying(members: Sequence[Run]) -> list[str]:
+        counted = [r for r in members if r.counted] or members
+        return _varying_keys([flats[id(r)] for r in counted])
+
     by_benchmark: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_benchmark[_base_benchmark(run.config)].append(run)
     for base, members in by_benchmark.items():
-        keys = [k for k in _varying_keys([flats[id(r)] for r in members]) if k.startswith(BENCHMARK_PREFIXES)]
+        keys = [k for k in varying(members) if k.startswith(BENCHMARK_PREFIXES)]
         for run in members:
             run.benchmark = _with_keys(base, flats[id(run)], keys)
     by_method: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         by_method[(run.benchmark, str(_section(run.config, "method").get("name", "?")))].append(run)
     for (_, name), members in by_method.items():
-        keys = [
-            k for k in _varying_keys([flats[id(r)] for r in members]) if not k.startswith(BENCHMARK_PREFIXES)
-        ]
+        keys = [k for k in varying(members) if not k.startswith(BENCHMARK_PREFIXES)]
         for run in members:
             run.method = _with_keys(name, flats[id(run)], keys)
 
@@ -589,6 +615,9 @@ CELL_COLUMNS = ["benchmark", "method", "runs", *(m.title for m in METRICS)]
 def render_markdown(report: Report, out_dir: Path, command: str) -> str:
     lines = ["# cl-bench report", "", f"`{command}`", ""]
     for metric in TABLE_METRICS:
+        if not report.benchmarks:
+            lines += [f"## {metric.title}", "", "no complete runs (smoke runs are never in the tables)", ""]
+            continue
         lines += [f"## {metric.title}", "", "| method | " + " | ".join(report.benchmarks) + " |"]
         lines.append("|---" * (len(report.benchmarks) + 1) + "|")
         for method in report.methods:
@@ -600,7 +629,7 @@ def render_markdown(report: Report, out_dir: Path, command: str) -> str:
     for (benchmark, method), runs in sorted(report.cells.items()):
         values = [mean_std(_values(runs, m)) for m in METRICS]
         lines.append(f"| {benchmark} | {method} | {len(runs)} | " + " | ".join(values) + " |")
-    lines += ["", "## Runs failed, incomplete, missing or unreadable (not in the tables)", ""]
+    lines += ["", "## Runs failed, skipped, incomplete, missing or unreadable (not in the tables)", ""]
     lines += [f"- {p}" for p in report.problems] or ["none"]
     lines += ["", "## Figures", ""]
     for benchmark, figures in report.figures.items():
@@ -736,7 +765,8 @@ def render_html(report: Report, out_dir: Path, command: str) -> str:
         parts.append(f'<tr class="cell-row">{row}</tr>')
     parts.append("</tbody></table>")
     parts.append(
-        '<h2>Runs failed, incomplete, missing or unreadable (not in the tables)</h2><ul id="problems">'
+        "<h2>Runs failed, skipped, incomplete, missing or unreadable (not in the tables)</h2>"
+        '<ul id="problems">'
     )
     parts += [f'<li class="problem">{esc(p)}</li>' for p in report.problems] or ["<li>none</li>"]
     parts.append("</ul><h2>Figures</h2>")
@@ -799,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     smoke = sum(r.smoke for r in report.runs)
     print(
         f"{counted} complete run(s) in {len(report.cells)} cell(s), {len(report.problems)} failed, "
-        f"incomplete, missing or unreadable"
+        f"skipped, incomplete, missing or unreadable"
         + (f", {smoke} smoke run(s) left out" if smoke else "")
         + f"; wrote {args.out / 'index.html'} and {args.out / 'report.md'}"
     )

@@ -223,6 +223,41 @@ def test_smoke_runs_are_listed_but_never_in_the_tables(sweep: Path, tmp_path: Pa
     assert "complete (smoke run, not in the tables)" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_skipped_jobs_and_smoke_runs_leave_the_labels_of_complete_runs_alone(
+    sweep: Path, tmp_path: Path
+) -> None:
+    """A sweep job skipped before results.json (its .hydra/config.yaml still holds ``${paths.data_dir}``) is
+    listed as skipped, not failed; neither it nor a smoke run (its caps and limits) renames the cells."""
+    skipped = sweep / "9_method=l2p"
+    (skipped / ".hydra").mkdir(parents=True)
+    cfg = config("l2p", seed=0, path="${paths.data_dir}/digits.npz")
+    cfg["paths"]["data_dir"] = "/data"
+    (skipped / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (skipped / "skipped.txt").write_text(
+        "method=l2p cannot run on the backbone resnet20_cifar: it needs ViT\n"
+    )
+    smoke = {**config(seed=4), "debug": {"smoke": True, "max_tasks": 2}, "trainer": {"max_epochs": 1}}
+    write_run(sweep / "smoke", [[99.0], [99.0, 99.0]], smoke)
+    for name in list(sweep.iterdir()):
+        if name.name.startswith(("seq_", "lp_")):  # the finished runs' resolved data path
+            doc = json.loads((name / "results.json").read_text())
+            doc["config"]["dataset"]["path"] = "/data/digits.npz"
+            (name / "results.json").write_text(json.dumps(doc))
+    report = write_report([str(sweep)], tmp_path / "out", "cmd")
+    assert report.benchmarks == ["digits · resnet20_cifar · cil 2 tasks"]
+    assert report.methods == ["linear_probe", "seq_ft"]
+    problems = "\n".join(report.problems)
+    assert "9_method=l2p: skipped: method=l2p cannot run on the backbone resnet20_cifar" in problems
+    assert "failed" not in problems and len(report.problems) == 1
+
+
+def test_a_report_of_smoke_runs_only_says_so(tmp_path: Path) -> None:
+    write_run(tmp_path / "smoke", [[99.0], [99.0, 99.0]], {**config(), "debug": {"smoke": True}})
+    write_report([str(tmp_path / "smoke")], tmp_path / "out", "cmd")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| method |  |" not in md and "no complete runs (smoke runs are never in the tables)" in md
+
+
 def chromium_executable() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
