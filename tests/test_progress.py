@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,33 @@ def test_sweep_progress_prints_each_job_once_as_it_becomes_final(tmp_path: Path)
     watcher.poll()
     watcher.poll()
     assert out.getvalue().count("job 1/2 0_seed=0: done") == 1
+
+
+def test_sweep_progress_prints_jobs_that_stop_before_results_json(tmp_path: Path) -> None:
+    """A job refused at validation (error.txt) or skipped (skipped.txt) writes no results.json: the terminal
+    still gets its line, once."""
+    out = io.StringIO()
+    watcher = SweepProgress(stream=out)
+    watcher.sweep_dir, watcher.total, watcher.start = tmp_path, 3, time.monotonic()
+    for name in ("0_method=l2p", "1_method=lwf", "2_method=seq_ft"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "0_method=l2p" / "skipped.txt").write_text("method=l2p cannot run on the backbone x\n")
+    (tmp_path / "1_method=lwf" / "error.txt").write_text("dataset.path=/x: no such file\n\nTraceback ...")
+    watcher.poll()
+    watcher.poll()
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[sweep 0:00] job 1/3 0_method=l2p: skipped: method=l2p cannot run on the backbone x",
+        "[sweep 0:00] job 2/3 1_method=lwf: FAILED: dataset.path=/x: no such file",
+    ]
+    failed = {"status": "incomplete", "error": "RuntimeError: boom", "acc_matrix": [[1.0]]}
+    (tmp_path / "2_method=seq_ft" / "results.json").write_text(json.dumps(failed))
+    (tmp_path / "2_method=seq_ft" / "error.txt").write_text("RuntimeError: boom\n")
+    watcher.poll()
+    assert (
+        out.getvalue().splitlines()[2].endswith("2_method=seq_ft: FAILED after 1 task(s): RuntimeError: boom")
+    )
+    assert len(out.getvalue().splitlines()) == 3
 
 
 @pytest.mark.slow
