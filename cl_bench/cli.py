@@ -28,7 +28,7 @@ import cl_bench.config  # noqa: F401  (registers the schemas and the budget reso
 from cl_bench import sweeps
 from cl_bench.compatibility import UnsupportedBackboneError, UnsupportedScenarioError
 from cl_bench.config import options_with_key
-from cl_bench.errors import ClBenchError
+from cl_bench.errors import ClBenchError, CompleteRunError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 #: Groups whose keys differ between options (a struct error there names the options that have the key).
@@ -65,7 +65,7 @@ def format_report(doc: dict[str, Any], run_dir: str) -> str:
 
 
 def _record(name: str, text: str) -> None:
-    """Write ``name`` (``error.txt`` or ``skipped.txt``) in this sweep job's folder."""
+    """Write ``name`` (``error.txt``, ``skipped.txt``, ``results_in.txt``) in this job's Hydra folder."""
     from hydra.core.hydra_config import HydraConfig
 
     from cl_bench import distributed
@@ -83,8 +83,18 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     from cl_bench.runner import resolve_run_dir, run_experiment
 
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    if in_sweep and distributed.is_main_process():  # a rerun sweep: what an earlier attempt left is stale
+        for name in (sweeps.ERROR_FILE, sweeps.SKIPPED_FILE, sweeps.RESULTS_POINTER):
+            (hydra_dir / name).unlink(missing_ok=True)
     try:
         doc = run_experiment(cfg)
+    except CompleteRunError as exc:
+        if not in_sweep:
+            print(f"cl-bench: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        log.info("kept: %s", exc)  # a sweep run again in its folder: this job had finished
+        return None
     except (UnsupportedBackboneError, UnsupportedScenarioError) as exc:
         if not in_sweep:
             print(f"cl-bench: error: {exc}", file=sys.stderr)
@@ -105,8 +115,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         log.exception("the job failed")  # into the job's log; the sweep goes on with its other jobs
         _record(sweeps.ERROR_FILE, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
         return None
+    run_dir = Path(doc["config"]["paths"]["run_dir"] or resolve_run_dir(cfg))
     if distributed.is_main_process():
-        print(format_report(doc, str(doc["config"]["paths"]["run_dir"] or resolve_run_dir(cfg))))
+        if run_dir.resolve() != hydra_dir.resolve():  # a resumed run's folder, or paths.run_dir: say where
+            _record(sweeps.RESULTS_POINTER, f"{run_dir.resolve()}\n")
+        print(format_report(doc, str(run_dir)))
     return doc
 
 

@@ -28,6 +28,8 @@ import pytorch_lightning as pl
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from cl_bench.sweeps import ERROR_FILE, SKIPPED_FILE, results_folder
+
 log = logging.getLogger(__name__)
 
 #: Seconds between two redraws of the terminal status line.
@@ -238,8 +240,6 @@ def job_line(folder: Path, doc: dict[str, Any], done: int, total: int | None, el
 def stopped_job_line(folder: Path, done: int, total: int | None, elapsed: float) -> str | None:
     """The line for a sweep job that ended without a final ``results.json``: skipped (``skipped.txt``, the
     method cannot run on the backbone or scenario) or failed before its first task (``error.txt``)."""
-    from cl_bench.sweeps import ERROR_FILE, SKIPPED_FILE
-
     count = f"{done}/{total}" if total else str(done)
     head = f"[sweep {duration(elapsed)}] job {count} {folder.name}"
     for name, verb in ((SKIPPED_FILE, "skipped"), (ERROR_FILE, "FAILED")):
@@ -298,7 +298,7 @@ class SweepProgress(Callback):
                 continue
             done, elapsed = len(self._seen) + 1, time.monotonic() - self.start
             try:
-                doc = json.loads((folder / "results.json").read_text())
+                doc = json.loads((results_folder(folder) / "results.json").read_text())
             except (OSError, ValueError):
                 doc = None
             line = job_line(folder, doc, done, self.total, elapsed) if isinstance(doc, dict) else None

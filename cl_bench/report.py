@@ -49,7 +49,7 @@ from typing import Any
 from cl_bench.errors import ConfigError
 from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, write_text_atomic
-from cl_bench.sweeps import SKIPPED_FILE
+from cl_bench.sweeps import SKIPPED_FILE, results_folder
 
 #: Output folder when ``--out`` is not given.
 DEFAULT_OUT = Path("report")
@@ -126,6 +126,9 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     benchmark: str = ""
     method: str = ""
+    #: The Hydra folder this run was reached from when its results are in ``folder`` (``results_in.txt``:
+    #: a rerun that resumed the interrupted run of the same config in its own folder).
+    alias: Path | None = None
 
     @property
     def smoke(self) -> bool:
@@ -280,16 +283,25 @@ def first_error_line(folder: Path) -> str | None:
     return None
 
 
-def load_run(folder: Path) -> Run:
-    """Read ``folder``'s results, config and Hydra overrides; say what is wrong if it did not finish."""
+def _read_overrides(folder: Path) -> tuple[list[str], str | None]:
+    """The run's Hydra overrides (``folder/.hydra/overrides.yaml``) and what is wrong with them."""
     overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides: list[str] = []
-    problem: str | None = None
     try:
         loaded = _load_yaml(overrides_file) if overrides_file.is_file() else []
-        overrides = [str(o) for o in loaded] if isinstance(loaded, list) else []
     except Exception as exc:
-        problem = f"unreadable .hydra/overrides.yaml ({type(exc).__name__})"
+        return [], f"unreadable .hydra/overrides.yaml ({type(exc).__name__})"
+    return ([str(o) for o in loaded] if isinstance(loaded, list) else []), None
+
+
+def load_run(folder: Path, follow: bool = True) -> Run:
+    """Read ``folder``'s results, config and Hydra overrides; say what is wrong if it did not finish. A folder
+    whose ``results_in.txt`` names the folder holding its results (``follow``) reads that one."""
+    target = results_folder(folder) if follow else folder
+    if target != folder:  # the job's overrides are its own (its sweep's multirun.yaml lists them)
+        run = load_run(target, follow=False)
+        run.alias, run.overrides = folder, _read_overrides(folder)[0]
+        return run
+    overrides, problem = _read_overrides(folder)
     try:
         doc = read_results(folder)
     except ValueError as exc:
@@ -417,7 +429,11 @@ def missing_jobs(multirun_file: Path, runs: Sequence[Run]) -> list[str]:
     hydra_cfg = loaded["hydra"]
     expected = expand_sweep(hydra_cfg["sweeper"].get("params") or {}, hydra_cfg["overrides"]["task"])
     sweep_dir = multirun_file.parent.resolve()
-    found = {frozenset(r.overrides) for r in runs if sweep_dir in r.folder.resolve().parents}
+    found = {
+        frozenset(r.overrides)
+        for r in runs
+        if any(sweep_dir in p.resolve().parents for p in (r.folder, r.alias) if p is not None)
+    }
     return [" ".join(job) for job in expected if frozenset(job) not in found]
 
 
@@ -537,13 +553,17 @@ def build_report(paths: Sequence[str], out_dir: Path) -> Report:
     if not folders and not sweeps:
         where = f"; no such run or sweep folder: {', '.join(missing)}" if missing else ""
         raise ConfigError(f"no run folders (with results.json or .hydra/) under {' '.join(paths)}{where}")
-    runs = [load_run(f) for f in folders]
+    loaded = [load_run(f) for f in folders]
+    unique: dict[Path, Run] = {}  # a resumed run is reached from its own folder and from the rerun's
+    for run in loaded:
+        unique.setdefault(run.folder.resolve(), run)
+    runs = list(unique.values())
     label_runs(runs)
     problems = [f"{m}: no such run or sweep folder" for m in missing]
     problems += [f"{r.folder}: {r.problem}" for r in runs if not r.complete]
     for sweep in sweeps:
         try:
-            problems += [f"{sweep.parent}: never ran: {job}" for job in missing_jobs(sweep, runs)]
+            problems += [f"{sweep.parent}: never ran: {job}" for job in missing_jobs(sweep, loaded)]
         except Exception as exc:  # a malformed multirun.yaml: list it, report the rest
             problems.append(
                 f"{sweep}: unreadable sweep file, its missing jobs are unknown ({type(exc).__name__})"

@@ -258,6 +258,24 @@ def test_a_report_of_smoke_runs_only_says_so(tmp_path: Path) -> None:
     assert "| method |  |" not in md and "no complete runs (smoke runs are never in the tables)" in md
 
 
+def test_a_rerun_that_resumed_elsewhere_counts_once_and_is_not_a_failure(sweep: Path, tmp_path: Path) -> None:
+    """A rerun sweep's job that resumed the interrupted run in its old folder leaves only .hydra/ and
+    results_in.txt in its new folder: the report reads the old folder's results, counts them once when both
+    sweeps are given, and the new sweep's multirun.yaml does not list the job as never run."""
+    rerun = tmp_path / "rerun"
+    (rerun / "0_seed=0" / ".hydra").mkdir(parents=True)
+    (rerun / "0_seed=0" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config(seed=0)))
+    (rerun / "0_seed=0" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=0"]))
+    (rerun / "0_seed=0" / "results_in.txt").write_text(f"{sweep / 'seq_0_1993'}\n")
+    (rerun / "multirun.yaml").write_text(
+        yaml.safe_dump({"hydra": {"sweeper": {"params": None}, "overrides": {"task": ["seed=0"]}}})
+    )
+    alone = build_report([str(rerun)], tmp_path / "o1")
+    assert not alone.problems and [r.folder for r in alone.runs] == [sweep / "seq_0_1993"]
+    both = build_report([str(sweep), str(rerun)], tmp_path / "o2")
+    assert len(both.runs) == 8 and not both.problems
+
+
 def chromium_executable() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
