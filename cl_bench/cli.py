@@ -182,6 +182,24 @@ def struct_key_message(full_key: str) -> str | None:
     return text + "."
 
 
+def unknown_key_message(full_key: str, parent: Any) -> str | None:
+    """``trainer.max_epoch=1``: a key that no option of its group has, with the close matches among the keys
+    of the config it was set in (Hydra's own message suggests ``+trainer.max_epoch``, which fails later)."""
+    from omegaconf import DictConfig
+
+    if not isinstance(parent, DictConfig):
+        return None
+    section, _, key = full_key.rpartition(".")
+    valid = sorted(str(k) for k in parent.keys() if k not in ("_target_", "name", "hydra"))
+    name = parent.get("name") if section in TARGET_GROUPS else None
+    where = f"{section}={name}" if name else (section or "the config")
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = (
+        f" Did you mean {' or '.join('.'.join(filter(None, (section, c))) for c in close)}?" if close else ""
+    )
+    return f"{full_key}: {where} has no key {key!r}.{hint} Its keys: {', '.join(valid)}."
+
+
 def explain(exc: Exception) -> str | None:
     """A one-paragraph message for a Hydra composition error a user can fix, else ``None``."""
     from hydra.errors import MissingConfigException
@@ -190,8 +208,13 @@ def explain(exc: Exception) -> str | None:
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         return missing_option_message(exc.missing_cfg_file, str(exc))
     cause = exc.__cause__
-    if isinstance(cause, OmegaConfBaseException) and "not in struct" in str(cause) and cause.full_key:
-        return struct_key_message(str(cause.full_key))
+    if (
+        isinstance(cause, OmegaConfBaseException)
+        and cause.full_key
+        and ("not in struct" in str(cause) or " not in '" in str(cause))  # a dict, or a schema dataclass
+    ):
+        full_key = str(cause.full_key)
+        return struct_key_message(full_key) or unknown_key_message(full_key, cause.parent_node)
     return None
 
 
@@ -257,3 +280,7 @@ def main() -> None:
         sys.exit(2)
     if any(o.status == "failed" for o in sweeps.last_outcomes):
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m cl_bench.cli
+    main()

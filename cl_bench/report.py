@@ -853,3 +853,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         + (f", {smoke} smoke run(s) left out" if smoke else "")
         + f"; wrote {args.out / 'index.html'} and {args.out / 'report.md'}"
     )
+
+
+if __name__ == "__main__":  # python -m cl_bench.report
+    main()
