@@ -233,6 +233,9 @@ class ContinualModule(pl.LightningModule):
     #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
     #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
     backbone_needs: ClassVar[frozenset[str]] = frozenset()
+    #: The method setting (``key=value``) with which :meth:`needs` asks nothing of the backbone, if one
+    #: exists: the refusal on another backbone names it (``peft=none``).
+    any_backbone_setting: ClassVar[str | None] = None
     #: Shared training keywords the method does not take because nothing it trains would use them
     #: (``backbone_lr`` when no backbone parameter trains at it): config validation reports them as unknown
     #: keys (:func:`cl_bench.config.target_parameters`) and the constructor refuses a value other than the
