@@ -479,8 +479,9 @@ def lightning_logger(
         )
     from pytorch_lightning.loggers import MLFlowLogger
 
-    if cfg.tracking_uri is None:  # MLflow keeps its local file store only behind this switch (3.x)
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = cfg.tracking_uri
+    if uri is None or uri.startswith("file:") or "://" not in uri:  # a local file store (save_dir, or a
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # path): MLflow 3.x needs this switch
     return MLFlowLogger(
         experiment_name=cfg.project,
         run_name=identity.name,
