@@ -117,8 +117,9 @@ class TrainerConfig:
     precision: str = "32-true"
     deterministic: bool = True
     num_workers: int = 0
-    #: CPU threads of the run (torch, OpenMP/BLAS; caps the data workers); ``null``: ``OMP_NUM_THREADS`` if
-    #: set, else the available cores / ``concurrent_jobs`` (:mod:`cl_bench.threads`).
+    #: CPU threads of each process of the run (torch, OpenMP/BLAS; caps its data workers); ``null``:
+    #: ``OMP_NUM_THREADS`` if set, else the available cores / ``concurrent_jobs`` / the run's DDP processes
+    #: on this machine (:mod:`cl_bench.threads`).
     threads: int | None = None
     #: Runs sharing the machine's cores at once (``launcher=local`` sets its ``n_jobs``).
     concurrent_jobs: int = 1

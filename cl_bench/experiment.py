@@ -17,7 +17,7 @@ from cl_bench.devices import autocast_dtype, reset_peak_memory, select_device
 from cl_bench.evaluation import Evaluator
 from cl_bench.methods.base import ContinualModule, TaskContext
 from cl_bench.scenario import Scenario, Task, build_scenario
-from cl_bench.threads import configure_threads
+from cl_bench.threads import configure_threads, local_processes
 from cl_bench.validation import validate_data
 
 
@@ -82,7 +82,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     order draws the same random numbers in every run of the config)."""
     trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
     trainer.num_workers = configure_threads(
-        trainer.threads, trainer.concurrent_jobs, trainer.num_workers
+        trainer.threads, trainer.concurrent_jobs, trainer.num_workers, local_processes(trainer)
     ).num_workers
     data: ClassificationData = build_from_config("dataset", cfg.dataset)
     data.name = cfg.dataset.get("name", data.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -65,13 +66,18 @@ class HeadFit(pl.LightningModule):
         self.training_spec = training
         self.phase_name = phase.name
         self.loss_name = "train/loss" if phase.name == "train" else f"train/{phase.name}_loss"
+        #: The epoch being trained, counted here: the fast path has no trainer for ``current_epoch``.
+        self.epoch = -1
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch += 1
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features, labels = batch
         loss = self.training_spec.loss(self.head(features), labels)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"the {self.phase_name} loss became {loss.item()} in epoch {self.current_epoch}, batch "
+                f"the {self.phase_name} loss became {loss.item()} in epoch {self.epoch}, batch "
                 f"{batch_idx}; lower that phase's learning rate or check its inputs"
             )
         self.log(self.loss_name, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
@@ -148,6 +154,16 @@ FAST_PATH_PRECISIONS: dict[str, torch.dtype | None] = {
 }
 
 
+def trainer_torch_flags(deterministic: bool) -> None:
+    """What ``pl.Trainer(deterministic=...)`` sets for the whole process, for a fast-path phase that builds
+    no Trainer: torch's deterministic algorithms and, when on, cuDNN benchmarking off and cuBLAS's
+    reproducible workspace."""
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def head_fast_path(phase: Phase, trainer_cfg: TrainerConfig) -> bool:
     """Whether ``phase`` trains by :func:`fit_on_features` instead of a Lightning fit: a head-only phase,
     ``trainer.head_fast_path``, one process, a precision the plain loop reproduces and none of the Lightning
@@ -180,7 +196,9 @@ def run_phase(
     weights, no Lightning fit) where :func:`head_fast_path` allows, else with Lightning."""
     fast = head_fast_path(phase, trainer_cfg)
     trainer = None
-    if not fast:
+    if fast:
+        trainer_torch_flags(trainer_cfg.deterministic)
+    else:
         name = f"task_{ctx.task.index:02d}_{phase.name}"
         trainer = make_trainer(trainer_cfg, phase.epochs, run_dir, callbacks, name)
     processes = 1 if trainer is None else trainer.world_size

@@ -35,7 +35,9 @@ CPU; the reduction is recorded.
 ``gpu`` (only when CUDA is visible): ViT-B/16 (random init) training images/s in fp32 and bf16 with model
 FLOPs utilisation against the device's peak; CIFAR ResNet-32 and ResNet-50 training in fp32, bf16,
 channels_last and ``torch.compile``; the input pipeline feeding a ViT: per-image RandomResizedCrop in
-DataLoader workers vs the batch augmentation on the GPU.
+DataLoader workers vs the batch augmentation on the GPU. Each measurement is saved as it completes
+(a failing one records its error), the slow-to-start ``torch.compile`` variants last, so a GPU lent for a few
+minutes leaves every figure it reached (``--sections gpu``).
 
 Run (the machine and the thread count are recorded; say whether the machine was shared)::
 
@@ -50,6 +52,7 @@ import copy
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -67,9 +70,12 @@ REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "cl_bench" / "conf"
 RESNET32_WEIGHTS = "cifar10_akamaster_resnet32-d509ac18.th"
 VIT_TINY_WEIGHTS = "vit_tiny6_c100first50.pth"
-#: Dense peak FLOP/s by GPU name fragment: (fp32 without tensor cores, bf16 tensor cores). Vendor sheets.
+#: Dense peak FLOP/s by GPU model in the CUDA device name, more specific first: (fp32 without tensor cores,
+#: bf16 tensor cores). Vendor sheets (NVL: their sparse bf16 figure halved).
 GPU_PEAKS: dict[str, tuple[float, float]] = {
+    "H200 NVL": (60e12, 835e12),
     "H200": (67e12, 989e12),
+    "H100 NVL": (60e12, 835e12),
     "H100 SXM": (67e12, 989e12),
     "H100 PCIe": (51e12, 756e12),
     "H100": (67e12, 989e12),
@@ -557,7 +563,10 @@ def augmentation(args: argparse.Namespace, device: str = "cpu", n: int = 512) ->
 
 # ----------------------------------------------------------------------------------------------- GPU
 def gpu_peak(name: str) -> tuple[float, float] | None:
-    return next((peak for key, peak in GPU_PEAKS.items() if key in name), None)
+    """The peaks of the first :data:`GPU_PEAKS` model named in ``name`` as a whole word ("A10" is not an
+    "A10G"); ``None``: unknown, no MFU."""
+    words = lambda key: rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])"  # noqa: E731
+    return next((peak for key, peak in GPU_PEAKS.items() if re.search(words(key), name)), None)
 
 
 def train_throughput(
@@ -611,6 +620,18 @@ def train_throughput(
             "achieved_tflops": images_per_s * flops_per_image / 1e12}  # fmt: skip
 
 
+def guarded(
+    out: dict[str, Any], key: str, fn: Callable[[], Any], save: Callable[[], None] = lambda: None
+) -> None:
+    """``out[key] = fn()``, or the error it raised (one failing measurement must not lose the others), then
+    ``save()`` so that a process killed later keeps it."""
+    try:
+        out[key] = fn()
+    except Exception as exc:
+        out[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    save()
+
+
 def augmentation_feed(device: Any, workers: list[int], n: int = 4096, batch: int = 256) -> dict[str, Any]:
     """Images/s the input pipeline delivers to ``device`` for a ViT at 224 px from 32 px CIFAR images:
     per-image RandomResizedCrop (+ flip, jitter, normalise) in DataLoader workers vs uint8 batches augmented
@@ -645,36 +666,45 @@ def augmentation_feed(device: Any, workers: list[int], n: int = 4096, batch: int
         sync()
         return n / (time.perf_counter() - start)
 
+    def feed(transform: Any, workers: int, augment: Any = None) -> float:
+        dataset = TaskDataset(images, np.arange(n), label_map, transform)
+        pin = device.type == "cuda"
+        return drain(DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=pin), augment)
+
+    # each its own entry: per-image float batches (150 MB each at 224 px) can exhaust a small /dev/shm
+    key = "batch_on_device_images_per_s"
+    guarded(out, key, lambda: feed(batch_prepare_transform(spec), min(2, max(workers)), BatchAugment(spec)))
     for w in workers:
-        dataset = TaskDataset(images, np.arange(n), label_map, train_pipeline(spec))
-        loader = DataLoader(dataset, batch_size=batch, num_workers=w, pin_memory=device.type == "cuda")
-        out[f"per_image_{w}_workers_images_per_s"] = drain(loader)
-    dataset = TaskDataset(images, np.arange(n), label_map, batch_prepare_transform(spec))
-    loader = DataLoader(
-        dataset, batch_size=batch, num_workers=min(2, max(workers)), pin_memory=device.type == "cuda"
-    )
-    out["batch_on_device_images_per_s"] = drain(loader, BatchAugment(spec))
+        guarded(out, f"per_image_{w}_workers_images_per_s", lambda w=w: feed(train_pipeline(spec), w))
     return out
 
 
-def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
-    """ViT-B/16 fp32 vs bf16 with MFU, CNN variants, augmentation feed (CUDA only)."""
+def gpu_device() -> Any:
+    """The GPU the section measures; ``None`` without CUDA."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def gpu_section(args: argparse.Namespace, device: Any, out: dict[str, Any], save: Callable[[], None]) -> None:
+    """ViT-B/16 fp32 vs bf16 with MFU, CNN variants, augmentation feed, then the ``torch.compile`` variants
+    (slowest to start), into ``out``, saved after each (the GPU may be lent for one short shot)."""
     import timm
     import torch
 
     from cl_bench.backbones.cifar_resnet import CifarResNet
 
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     peak = gpu_peak(name)
-    out: dict[str, Any] = {"device": name, "peak_flops_fp32_bf16": peak}
+    # fp32 MFU is against the peak without tensor cores: true while fp32 matmuls do not use TF32
+    tf32 = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_conv": torch.backends.cudnn.allow_tf32}
+    out.update({"device": name, "peak_flops_fp32_bf16": peak, "fp32_uses_tf32": tf32})
+    save()
 
-    def guarded(key: str, fn: Callable[[], dict[str, Any]]) -> None:
-        try:
-            out[key] = fn()
-        except Exception as exc:  # one failing variant (e.g. compile) must not lose the others
-            out[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        torch.cuda.empty_cache()
+    def measure(key: str, fn: Callable[[], dict[str, Any]]) -> None:
+        guarded(out, key, fn, save)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     for label, dtype, index in (("vit_b16_fp32", None, 0), ("vit_b16_bf16", torch.bfloat16, 1)):
 
@@ -685,7 +715,7 @@ def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
                 result["mfu"] = result["achieved_tflops"] * 1e12 / peak[index]
             return result
 
-        guarded(label, vit)
+        measure(label, vit)
 
     class ResNet32(torch.nn.Module):
         def __init__(self) -> None:
@@ -700,23 +730,33 @@ def gpu_section(args: argparse.Namespace) -> dict[str, Any]:
         "resnet32_cifar": (ResNet32, 32, 512),
         "resnet50": (lambda: timm.create_model("resnet50", pretrained=False, num_classes=100), 224, 128),
     }
-    for cnn, (make, size, batch) in cnns.items():
-        for variant, kwargs in (
-            ("fp32", {}),
-            ("bf16", {"dtype": torch.bfloat16}),
-            ("bf16_channels_last", {"dtype": torch.bfloat16, "channels_last": True}),
-            (
-                "bf16_channels_last_compile",
-                {"dtype": torch.bfloat16, "channels_last": True, "compile_model": True},
-            ),
-        ):
-            guarded(f"{cnn}_{variant}", lambda make=make, size=size, batch=batch, kw=kwargs: train_throughput(
-                make(), batch, size, device, classes=100, **kw))  # fmt: skip
+    eager = (
+        ("fp32", {}),
+        ("bf16", {"dtype": torch.bfloat16}),
+        ("bf16_channels_last", {"dtype": torch.bfloat16, "channels_last": True}),
+    )
+    compiled = (
+        (
+            "bf16_channels_last_compile",
+            {"dtype": torch.bfloat16, "channels_last": True, "compile_model": True},
+        ),
+    )
+
+    def cnn_variants(variants: tuple[tuple[str, dict[str, Any]], ...]) -> None:
+        for cnn, (make, size, batch) in cnns.items():
+            for variant, kwargs in variants:
+
+                def run(make: Any = make, size: int = size, batch: int = batch, kw: Any = kwargs) -> Any:
+                    return train_throughput(make(), batch, size, device, classes=100, **kw)
+
+                measure(f"{cnn}_{variant}", run)
+
+    cnn_variants(eager)
     cores = len(os.sched_getaffinity(0))
-    guarded(
+    measure(
         "augmentation_feed_vit224", lambda: augmentation_feed(device, sorted({max(1, cores // 2), cores}))
     )
-    return out
+    cnn_variants(compiled)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -772,15 +812,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    import torch
-
     doc: dict[str, Any] = {"command": " ".join(["scripts/bench.py", *argv]), "machine": machine(args.shared)}
     doc["reduction"] = {"classes": args.classes, "tasks": args.tasks, "epochs": args.epochs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+    def save() -> None:  # whole documents only: a process killed while saving keeps the previous one
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(doc, indent=2) + "\n")
+        partial.replace(out)
 
     with tempfile.TemporaryDirectory(prefix="cl_bench_bench_") as tmp:
         workdir = Path(tmp)
@@ -802,12 +842,14 @@ def main(argv: list[str]) -> None:
                 ("simplecil_run", lambda: simplecil_run(args, workdir)),
             ):
                 print(f"ratio {label} ...", flush=True)
-                doc["ratios"][label] = fn()
-                save()
+                guarded(doc["ratios"], label, fn, save)  # e.g. no data here: the GPU section still runs
         if "gpu" in args.sections:
-            doc["gpu"] = (
-                gpu_section(args) if torch.cuda.is_available() else "no CUDA device visible: not measured"
-            )
+            device = gpu_device()
+            if device is not None:
+                doc["gpu"] = {}
+                gpu_section(args, device, doc["gpu"], save)
+            else:
+                doc["gpu"] = "no CUDA device visible: not measured"
             save()
     print(f"wrote {out}")
 

@@ -35,6 +35,34 @@ def test_local_launchers_select_the_plugins() -> None:
     assert hydra_launcher()["_target_"].endswith("BasicLauncher")  # no launcher: Hydra's sequential one
 
 
+def job_trainer(*overrides: str) -> dict:
+    """A sweep job's ``trainer`` section resolved as the job sees it (``${hydra:...}`` included)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from cl_bench.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert isinstance(trainer, dict)
+    return trainer
+
+
+def test_every_parallel_launcher_sizes_the_jobs_threads() -> None:
+    """joblib: cores / n_jobs per run; submitit's local jobs (all started at once, pinned to no cores): the
+    cpus_per_task each asked for. (SLURM jobs: their allocation, cl_bench.threads.available_cores.)"""
+    assert job_trainer("launcher=local", "hydra.launcher.n_jobs=3")["concurrent_jobs"] == 3
+    assert job_trainer("launcher=submitit_local")["threads"] == 1
+    assert job_trainer("launcher=submitit_local", "hydra.launcher.cpus_per_task=4")["threads"] == 4
+    assert job_trainer("launcher=submitit_local", "trainer.threads=2")["threads"] == 2
+    assert job_trainer()["threads"] is None
+
+
 def test_slurm_options_reach_the_sbatch_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The options of conf/launcher/slurm.yaml, mapped as hydra-submitit-launcher maps them, give the
     expected sbatch lines (submitit only checks that ``srun`` exists, so a stand-in is put on PATH)."""

@@ -32,6 +32,15 @@ def test_explicit_threads_win_and_must_be_positive(monkeypatch: pytest.MonkeyPat
         threads.resolve_threads(0, concurrent_jobs=1)
 
 
+def test_zero_concurrent_jobs_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """joblib gives n_jobs=0 no meaning: a clear error rather than one thread on a machine's worth of jobs."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(ConfigError, match="trainer.concurrent_jobs=0"):
+        threads.resolve_threads(None, concurrent_jobs=0)
+    with pytest.raises(ConfigError, match="trainer.concurrent_jobs=0"):
+        threads.resolve_threads(4, concurrent_jobs=0)
+
+
 def test_default_is_the_environment_else_cores_per_concurrent_job(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.resolve_threads(None, concurrent_jobs=4) == 3
@@ -42,6 +51,39 @@ def test_default_is_the_environment_else_cores_per_concurrent_job(monkeypatch: p
     assert threads.resolve_threads(None, concurrent_jobs=32) == 1
     assert threads.resolve_threads(None, concurrent_jobs=-1) == 1  # joblib: one job per core
     assert threads.resolve_threads(None, concurrent_jobs=-13) == 4  # joblib: 16 + 1 - 13 = 4 jobs
+
+
+def test_a_slurm_job_counts_the_cores_it_was_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a node that does not pin jobs to cores the affinity mask is the whole node: SLURM_CPUS_PER_TASK
+    (submitit's cpus_per_task) bounds the cores, so jobs sharing the node do not oversubscribe it."""
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _pid: set(range(64)), raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert threads.available_cores() == 64
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert threads.available_cores() == 8
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.resolve_threads(None, concurrent_jobs=1) == 8
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert threads.available_cores() == 2  # a pinned allocation smaller than asked (never more cores)
+
+
+def test_a_ddp_run_shares_the_cores_among_its_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer=ddp with 4 devices: Lightning starts 3 more processes of the run on this machine, which
+    inherit rank 0's thread variables, so rank 0 sizes each process's share (cores / 4), not all cores
+    each. Processes started by torchrun or srun come with their own share (1 here)."""
+    from cl_bench.config import TrainerConfig
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name in ("RANK", "LOCAL_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 16)
+    ddp = TrainerConfig(accelerator="gpu", devices=4, strategy="ddp")
+    assert threads.local_processes(ddp) == 4
+    assert threads.local_processes(TrainerConfig(devices=[0, 1], strategy="ddp")) == 2
+    assert threads.local_processes(TrainerConfig()) == 1
+    assert threads.resolve_threads(None, concurrent_jobs=1, processes=4) == 4
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert threads.local_processes(ddp) == 1
 
 
 def test_configure_applies_everywhere_and_caps_workers(restore_threads) -> None:

@@ -15,7 +15,8 @@ per-image float path this differs only by float summation order (at most one gre
 its CPU uint8 kernels by at most one grey level (bilinear) or one on average (bicubic, whose uint8 kernel
 clamps between its two passes). The random draws come from
 the process's global torch generator (seeded by the run, saved in checkpoints), drawn on the CPU, so a run
-is reproducible whatever the device.
+is reproducible whatever the device; under DDP each process draws the global batch's parameters and
+applies its share.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from cl_bench import distributed
 from cl_bench.backbones.base import DataConfig
 from cl_bench.config import TrainAugment, TransformConfig
-from cl_bench.data.base import ArrayImages, ClassificationData
+from cl_bench.data.base import ArrayImages, ClassificationData, ImageSource
 from cl_bench.data.transforms import (
     CROP_PADDING,
     PipelineSpec,
@@ -41,6 +43,7 @@ from cl_bench.data.transforms import (
     resolve_spec,
     train_pipeline,
 )
+from cl_bench.debug import SubsetImages
 from cl_bench.errors import ConfigError
 
 #: RandomResizedCrop's attempts at a box inside the image before its centre-crop fallback (torchvision).
@@ -55,6 +58,15 @@ class AugmentParams:
     boxes: torch.Tensor
     flips: torch.Tensor | None
     brightness: torch.Tensor | None
+
+    def share(self, start: int, n: int) -> AugmentParams:
+        """The parameters of images ``start .. start + n - 1``."""
+        part = slice(start, start + n)
+        return AugmentParams(
+            self.boxes[part],
+            None if self.flips is None else self.flips[part],
+            None if self.brightness is None else self.brightness[part],
+        )
 
 
 def random_crop_boxes(n: int, height: int, width: int, size: int) -> torch.Tensor:
@@ -205,7 +217,15 @@ class BatchAugment:
         """``images`` (uint8) augmented with ``params``, converted to the model input (float32).
 
         Each step computes what torchvision's uint8 step computes: values stay integers 0..255 (in float32
-        after RandomResizedCrop) until the final scaling by 1/255 (``to_dtype``) and normalisation."""
+        after RandomResizedCrop) until the final scaling by 1/255 (``to_dtype``) and normalisation; in
+        float32 also under a caller's autocast (replay augments inside ``training_step``)."""
+        device = images.device.type
+        if not torch.amp.is_autocast_available(device):  # e.g. "meta": nothing to switch off
+            return self._apply(images, params)
+        with torch.autocast(device, enabled=False):
+            return self._apply(images, params)
+
+    def _apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         spec = self.spec
         flips = params.flips
         if spec.train == TrainAugment.crop_flip:
@@ -232,7 +252,11 @@ class BatchAugment:
             raise ValueError(
                 f"BatchAugment takes uint8 [B, 3, H, W] batches, got {images.dtype} {tuple(images.shape)}"
             )
-        return self.apply(images, self.draw(len(images), images.shape[2], images.shape[3]))
+        # DDP processes are seeded alike: each draws the global batch's parameters (the streams stay in
+        # step) and takes its own share, so ranks do not crop their i-th images alike
+        n, rank = len(images), distributed.rank()
+        params = self.draw(n * distributed.world_size(), images.shape[2], images.shape[3])
+        return self.apply(images, params.share(rank * n, n))
 
 
 def augment_batch(transform: BatchAugment | None, batch: Any) -> Any:
@@ -256,11 +280,18 @@ class InputPipeline:
     batch: BatchAugment | None
 
 
+def one_size(images: ImageSource) -> bool:
+    """Whether all of ``images`` have one size: an array, or a smoke run's subset of one."""
+    while isinstance(images, SubsetImages):
+        images = images.base
+    return isinstance(images, ArrayImages)
+
+
 def augments_on_device(
     setting: bool | None, spec: PipelineSpec, data: ClassificationData, device: torch.device
 ) -> bool:
     """Resolve ``transform.on_device``: auto (``None``) = on a GPU whenever the batch collates."""
-    collates = spec.train != TrainAugment.rrc_flip or isinstance(data.train, ArrayImages)
+    collates = spec.train != TrainAugment.rrc_flip or one_size(data.train)
     if setting is None:
         return device.type == "cuda" and collates
     if setting and not collates:

@@ -6,12 +6,12 @@ set-up per task (issue 19: linear_probe spent 5-8 s per task in framework overhe
 runs the loop that Lightning's automatic optimisation runs for such a module, with the module's own
 ``configure_optimizers`` and ``training_step``: per batch zero the gradients, the step under the trainer's
 autocast, backward, optimiser step (a per-step scheduler steps here); a per-epoch scheduler steps after
-each epoch. The loader is the one the runner would give Lightning (same sampler and generator), so the
-batch order, and with it the result, is the same as a ``Trainer.fit`` on one process (a test pins equal
-weights).
+each epoch. Like Lightning's fit, it leaves every submodule's train/eval mode as it finds it. The loader is
+the one the runner would give Lightning (same sampler and generator), so the batch order, and with it the
+result, is the same as a ``Trainer.fit`` on one process (a test pins equal weights).
 
-Scope: modules whose training uses ``training_step`` and ``configure_optimizers`` only (no other Lightning
-hooks, no manual optimisation, one optimiser), on one process.
+Scope: modules whose training uses ``training_step``, ``configure_optimizers`` and at most
+``on_train_epoch_start`` (no other Lightning hooks, no manual optimisation, one optimiser), on one process.
 """
 
 from __future__ import annotations
@@ -77,11 +77,11 @@ def fit_on_features(
         if autocast_dtype is None
         else torch.autocast(device.type, dtype=autocast_dtype)
     )
-    module.train()
     epoch_losses: list[float] = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LOG_WITHOUT_TRAINER)
         for epoch in range(epochs):
+            module.on_train_epoch_start()  # the one hook besides the two below, as Lightning calls it
             total, count = torch.zeros((), device=device), 0
             for batch_idx, batch in enumerate(loader):
                 batch = [t.to(device, non_blocking=True) for t in batch]

@@ -49,11 +49,12 @@ def _torchvision_rrc_boxes(n: int, h: int, w: int, scale, ratio) -> torch.Tensor
         (32, 32, (0.08, 1.0), (3 / 4, 4 / 3)),
         (40, 64, (0.05, 1.0), (3 / 4, 4 / 3)),  # non-square: box positions and sizes differ per axis
         (20, 20, (0.6, 1.0), (1.5, 3.0)),  # boxes that often do not fit: exercises the centre-crop fallback
+        (375, 500, (0.08, 1.0), (3 / 4, 4 / 3)),  # an ImageNet-sized photo: fine-grained aspect ratios
     ],
 )
 def test_rrc_box_distribution_matches_torchvision(h: int, w: int, scale, ratio) -> None:
-    """Top, left, height, width and area of 6000 boxes: two-sample Kolmogorov-Smirnov tests against
-    torchvision's RandomResizedCrop.get_params do not reject (p > 0.001), and the means agree."""
+    """Top, left, height, width, aspect ratio and area of 6000 boxes: two-sample Kolmogorov-Smirnov tests
+    against torchvision's RandomResizedCrop.get_params do not reject (p > 0.001), and the mean areas agree."""
     torch.manual_seed(0)
     ours = rrc_boxes(6000, h, w, scale, ratio)
     torch.manual_seed(1)
@@ -65,6 +66,9 @@ def test_rrc_box_distribution_matches_torchvision(h: int, w: int, scale, ratio) 
     for column in range(4):
         result = stats.ks_2samp(ours[:, column].numpy(), reference[:, column].numpy(), method="asymp")
         assert result.pvalue > 1e-3, (column, result)
+    aspect_ours = torch.log(bw.double() / bh.double()).numpy()  # KS on h and w alone misses a linear ratio
+    aspect_ref = torch.log(reference[:, 3].double() / reference[:, 2].double()).numpy()
+    assert stats.ks_2samp(aspect_ours, aspect_ref, method="asymp").pvalue > 1e-3
     area_ours = (bh * bw).double().numpy()
     area_ref = (reference[:, 2] * reference[:, 3]).double().numpy()
     assert stats.ks_2samp(area_ours, area_ref, method="asymp").pvalue > 1e-3
@@ -188,6 +192,51 @@ def test_resample_weights_are_interpolate_on_the_crop(interpolation: str, box: t
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-3)
 
 
+def test_autocast_does_not_touch_the_augmentation() -> None:
+    """Replay (ER, DER++) augments its buffered images inside ``training_step``, under the trainer's
+    autocast: the resampling stays float32 (bf16 matrix products moved a quarter of the values by up to
+    9 grey levels)."""
+    spec = _spec(DataConfig(64, interpolation="bicubic"), train="rrc_flip")
+    augment = BatchAugment(spec)
+    images = _images(4, 32, 32)
+    torch.manual_seed(0)
+    params = augment.draw(4, 32, 32)
+    reference = augment.apply(images, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = augment.apply(images, params)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", ["crop_flip", "rrc_flip", "resize_crop_flip", "none"])
+def test_every_recipe_runs_where_the_batch_lies(train: str) -> None:
+    """No GPU here: on the ``meta`` device (which refuses, among others, elementwise ops and ``where`` that
+    mix in CPU tensors) every recipe gives a float32 batch of the input size on that device."""
+    spec = _spec(DataConfig(64, interpolation="bicubic"), train=train, brightness=0.2, train_resize=72)
+    side = 72 if train == "resize_crop_flip" else 64
+    out = BatchAugment(spec)(torch.empty(4, 3, side, side, dtype=torch.uint8, device="meta"))
+    assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (4, 3, 64, 64)
+
+
+def test_ddp_ranks_draw_their_own_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every DDP process is seeded alike: each draws the parameters of the global batch and applies its own
+    share, so the i-th images of two ranks are not cropped alike, and the random streams stay in step."""
+    from cl_bench.data import batch_transforms
+
+    augment = BatchAugment(_spec(CIFAR, train="crop_flip", brightness=0.25))
+    images = _images(8, 32, 32)
+    torch.manual_seed(0)
+    whole = augment.apply(torch.cat([images, images]), augment.draw(16, 32, 32))
+    outputs, states = [], []
+    for rank in (0, 1):
+        monkeypatch.setattr(batch_transforms.distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(batch_transforms.distributed, "rank", lambda rank=rank: rank)
+        torch.manual_seed(0)
+        outputs.append(augment(images))
+        states.append(torch.get_rng_state())
+    torch.testing.assert_close(torch.cat(outputs), whole, rtol=0, atol=0)
+    assert torch.equal(states[0], states[1])
+
+
 def test_brightness_factors_and_flips_are_distributed_as_torchvision() -> None:
     """Factors uniform on [1 - b, 1 + b], flips with probability 1/2."""
     spec = _spec(CIFAR, train="crop_flip", brightness=0.25)
@@ -240,6 +289,21 @@ def test_on_device_resolution() -> None:
     assert pipeline.batch is not None
     with pytest.raises(ConfigError, match="dataset.cache_size"):
         build_input_pipeline(VIT, TransformConfig(train="rrc_flip", on_device=True), _data(files), CPU)
+
+
+def test_debug_subset_of_arrays_augments_on_device() -> None:
+    """A smoke run's images (``debug.samples_per_class``: a subset of the arrays) still have one size, so
+    RandomResizedCrop runs on the batch as in the full run: auto on a GPU, and ``on_device=true`` is no
+    error."""
+    from cl_bench.debug import subset_per_class
+
+    arrays = ArrayImages(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1]))
+    subset = subset_per_class(_data(arrays), 1)
+    rrc = TransformConfig(train="rrc_flip")
+    assert build_input_pipeline(VIT, rrc, subset, torch.device("cuda")).batch is not None
+    assert build_input_pipeline(VIT, TransformConfig(train="rrc_flip", on_device=True), subset, CPU).batch
+    files = subset_per_class(_data(FileImages(["a.jpg", "b.jpg"], np.array([0, 1]), "files")), 1)
+    assert build_input_pipeline(VIT, rrc, files, torch.device("cuda")).batch is None
 
 
 @pytest.mark.parametrize(

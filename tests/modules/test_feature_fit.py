@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from helpers import LinearBackbone
 from torch.utils.data import TensorDataset
 
@@ -156,3 +158,78 @@ def test_fast_path_only_where_it_reproduces_the_fit() -> None:
     for knob in ({"limit_train_batches": 2}, {"gradient_clip_val": 1.0}, {"accumulate_grad_batches": 2}):
         assert not head_fast_path(phase, TrainerConfig(**knob)), knob
     assert not head_fast_path(phase, TrainerConfig(profiler="simple"))
+
+
+def test_fast_path_keeps_the_head_modules_modes_as_lightning_fit_does(tmp_path: Path) -> None:
+    """Lightning's fit leaves every submodule's train/eval mode as it is; so does the fast path: a head whose
+    dropout is in eval mode trains to the same weights and stays in eval mode."""
+    from cl_bench.methods.base import HeadTraining, Phase
+
+    torch.manual_seed(0)
+    template = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(3, 2))
+    template[0].eval()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3, generator=g), torch.arange(40) % 2)
+    heads = {}
+    for name in ("lightning", "fast"):
+        head = copy.deepcopy(template)
+        optimizer = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+        phase = Phase("train", 2, data, 8, head_training=HeadTraining(head, F.cross_entropy, optimizer))
+        module = HeadFit(phase, phase.head_training)
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        torch.manual_seed(1)
+        if name == "lightning":
+            _trainer(2, "32-true", tmp_path).fit(module, train_dataloaders=loader)
+        else:
+            fit_on_features(module, loader, 2)
+        heads[name] = head
+    assert not heads["fast"][0].training and heads["fast"][1].training == heads["lightning"][1].training
+    torch.testing.assert_close(heads["fast"][1].weight, heads["lightning"][1].weight, rtol=1e-6, atol=1e-7)
+
+
+def test_fast_path_sets_trainer_deterministic_as_the_trainer_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pl.Trainer(deterministic=True) turns on torch's deterministic algorithms (and cuBLAS's workspace
+    setting) for the process; a run whose only phases take the fast path builds no Trainer, so the fast path
+    does it, and its evaluation and feature passes on a GPU stay as reproducible as before."""
+    from cl_bench.config import TrainerConfig
+    from cl_bench.learning import learn_task
+
+    before = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        for deterministic in (True, False):
+            torch.use_deterministic_algorithms(not deterministic)
+            method = LinearProbe(LinearBackbone(), epochs=1, batch_size=16)
+            ctx = TaskContext(TASKS[0], SCENARIO, _images(0), _images(0))
+            cfg = TrainerConfig(accelerator="cpu", deterministic=deterministic)
+            learn_task(method, ctx, cfg, torch.device("cpu"), Path("."), lambda _: None)
+            assert torch.are_deterministic_algorithms_enabled() == deterministic
+            assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_diverging_head_phase_names_its_epoch(fast: bool) -> None:
+    """A loss that becomes inf in the third epoch is reported as epoch 2 by both paths (the fast path has
+    no trainer to count epochs)."""
+    from cl_bench.config import TrainerConfig
+    from cl_bench.errors import TrainingDivergedError
+    from cl_bench.learning import run_phase
+    from cl_bench.methods.base import HeadTraining, Phase
+
+    calls = []
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        value = F.cross_entropy(logits, labels)
+        return value * float("inf") if len(calls) > 4 else value  # 2 batches per epoch
+
+    data = TensorDataset(torch.randn(8, 3), torch.arange(8) % 2)
+    training = HeadTraining(torch.nn.Linear(3, 2), loss, lambda p: torch.optim.SGD(p, lr=0.1))
+    phase = Phase("align", 5, data, 4, head_training=training)
+    method = LinearProbe(LinearBackbone())
+    ctx = TaskContext(TASKS[0], SCENARIO, data, data)
+    cfg = TrainerConfig(accelerator="cpu", head_fast_path=fast, enable_progress_bar=False)
+    with pytest.raises(TrainingDivergedError, match="align loss became inf in epoch 2, batch 0"):
+        run_phase(method, phase, ctx, cfg, Path("."), [])

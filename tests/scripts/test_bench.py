@@ -92,3 +92,94 @@ def test_every_section_can_be_chosen() -> None:
     args = bench.parse_args(["--out", "x.json", "--sections", "startup", "runs", "ratios", "gpu"])
     assert args.sections == ["startup", "runs", "ratios", "gpu"]
     assert bench.parse_args(["--out", "x.json"]).sections == args.sections
+
+
+def _tiny_gpu_section(monkeypatch: pytest.MonkeyPatch, stop_after: int) -> list[str]:
+    """The GPU section's measurements replaced by instant ones; the call ``stop_after`` is killed (as a time
+    limit would kill the one GPU shot) and the second one raises."""
+    import timm
+
+    calls: list[str] = []
+
+    def fake_throughput(model, batch, size, device, dtype=None, **kw):
+        calls.append(f"{size}px {dtype} {sorted(kw)}")
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if len(calls) == stop_after:
+            raise SystemExit("killed")
+        return {"images_per_s": 1.0, "achieved_tflops": 1e-3}
+
+    monkeypatch.setattr(bench, "train_throughput", fake_throughput)
+    monkeypatch.setattr(bench, "augmentation_feed", lambda device, workers: {"images_per_s": 1.0})
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: torch.nn.Linear(1, 1))
+    return calls
+
+
+def test_gpu_section_saves_each_measurement_as_it_goes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one GPU shot: a variant that fails is recorded and the others run; one killed midway leaves the
+    JSON of every measurement before it on disk; the slow torch.compile variants come last."""
+    out = tmp_path / "gpu.json"
+    calls = _tiny_gpu_section(monkeypatch, stop_after=4)
+    monkeypatch.setattr(bench, "gpu_device", lambda: torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(out), "--sections", "gpu"])
+    gpu = json.loads(out.read_text())["gpu"]
+    assert gpu["vit_b16_fp32"] == {"images_per_s": 1.0, "achieved_tflops": 1e-3}
+    assert "out of memory" in gpu["vit_b16_bf16"]["error"]
+    assert len(calls) == 4 and len(gpu) >= 4  # device, peak, the two ViT entries and what followed
+    calls = _tiny_gpu_section(monkeypatch, stop_after=0)
+    bench.main(["--out", str(out), "--sections", "gpu"])
+    keys = list(json.loads(out.read_text())["gpu"])
+    compiled = [k for k in keys if k.endswith("compile")]
+    assert len(compiled) == 2 and keys.index(compiled[0]) > keys.index("augmentation_feed_vit224")
+    assert len(calls) == 10 and all("compile_model" in c for c in calls[-2:])
+    assert not any("compile_model" in c for c in calls[:-2])
+
+
+def test_a_failing_ratio_is_recorded_and_the_rest_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Missing data on the GPU machine must not stop the bench before its GPU section."""
+
+    def missing(*_a):
+        raise FileNotFoundError("cifar100.npz")
+
+    for name in ("augmentation", "head_fit", "seq_ft_epoch", "simplecil_run"):
+        monkeypatch.setattr(bench, name, missing if name == "seq_ft_epoch" else lambda *_a: {"ok": 1})
+    out = tmp_path / "r.json"
+    bench.main(["--out", str(out), "--sections", "ratios", "gpu"])
+    doc = json.loads(out.read_text())
+    assert "cifar100.npz" in doc["ratios"]["seq_ft_epoch"]["error"]
+    assert doc["ratios"]["simplecil_run"] == {"ok": 1} and "gpu" in doc
+
+
+@pytest.mark.parametrize(
+    ("name", "model"),
+    [
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA A10", "A10"),
+        ("NVIDIA A10G", None),  # not an A10: its peaks are unknown here
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_gpu_peak_matches_whole_model_names(name: str, model: str | None) -> None:
+    assert bench.gpu_peak(name) == (None if model is None else bench.GPU_PEAKS[model])
+
+
+def test_a_failing_feed_keeps_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-image loading that dies (e.g. workers out of shared memory) is recorded; the batch figure stays."""
+    import cl_bench.data.transforms as transforms
+
+    def broken(_spec):
+        def transform(_image):
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Bus error")
+
+        return transform
+
+    monkeypatch.setattr(transforms, "train_pipeline", broken)
+    feed = bench.augmentation_feed(torch.device("cpu"), workers=[0], n=16, batch=8)
+    assert feed["batch_on_device_images_per_s"] > 0
+    assert "Bus error" in feed["per_image_0_workers_images_per_s"]["error"]
