@@ -91,6 +91,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         doc = run_experiment(cfg)
     except CompleteRunError as exc:
         if not in_sweep:
+            log.error("%s", exc)
             print(f"cl-bench: error: {exc}", file=sys.stderr)
             sys.exit(2)
         log.info("kept: %s", exc)  # a sweep run again in its folder: this job had finished
