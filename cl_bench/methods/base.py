@@ -268,8 +268,9 @@ class ContinualModule(pl.LightningModule):
             raise ConfigError(f"method.scheduler={scheduler!r}: choose one of {list(SCHEDULERS)}")
         if loss_scope not in LOSS_SCOPES:
             raise ConfigError(f"method.loss_scope={loss_scope!r}: choose one of {list(LOSS_SCOPES)}")
-        if epochs < 0 or batch_size < 1 or lr < 0:
-            raise ConfigError("method.epochs must be >= 0, method.batch_size >= 1 and method.lr >= 0")
+        for key, value, least in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("lr", lr, 0)):
+            if value < least:
+                raise ConfigError(f"method.{key}={value}: must be >= {least}")
         self.backbone = backbone
         self.head = self.build_head()
         self.epochs = epochs
