@@ -197,7 +197,8 @@ class TaskProgress(pl.Callback):
             self.loss_count += 1
         if self.run.mode == "bar":
             mean = self.loss_sum / self.loss_count if self.loss_count else None
-            self.run.show(self._status(trainer, batch_idx + 1, mean)[0])
+            last = batch_idx + 1 == trainer.num_training_batches  # an epoch's end is always drawn
+            self.run.show(self._status(trainer, batch_idx + 1, mean)[0], force=last)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run.mode != "lines":

@@ -77,6 +77,17 @@ def test_status_line_in_a_terminal(run_tiny, caplog, monkeypatch) -> None:
     assert not [r for r in caplog.records if r.name == "cl_bench.progress"]  # no epoch lines as well
 
 
+def test_the_status_line_shows_each_epochs_last_step_between_redraws(run_tiny, monkeypatch) -> None:
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress, "REDRAW_S", 3600.0)  # only the first step and forced redraws
+    run_tiny(*SEQ_FT)
+    frames = [frame for frame in terminal.getvalue().split("\r\x1b[K") if frame]
+    steps = [frame.split(" · ")[2] for frame in frames]
+    last = [s for s in steps if s.split("/")[0] == "step " + s.split("/")[1]]
+    assert len(last) == 4  # 2 tasks x 2 epochs, each ending on step n/n
+
+
 def test_job_lines() -> None:
     folder = Path("sweep/3_method.lr=0.1,seed=1")
     done = {"status": "complete", "last_acc": 45.678, "error": None, "acc_matrix": [[1], [1, 2]]}
