@@ -30,7 +30,7 @@ import cl_bench.config  # noqa: F401  (registers the schemas and the budget reso
 from cl_bench import sweeps
 from cl_bench.compatibility import UnsupportedBackboneError, UnsupportedScenarioError
 from cl_bench.config import options_with_key
-from cl_bench.errors import ClBenchError
+from cl_bench.errors import ClBenchError, CompleteRunError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 #: Groups whose keys differ between options (a struct error there names the options that have the key).
@@ -83,7 +83,7 @@ class KeepHydraRecord(Callback):
 
 
 def _record(name: str, text: str) -> None:
-    """Write ``name`` (``error.txt`` or ``skipped.txt``) in this sweep job's folder."""
+    """Write ``name`` (``error.txt``, ``skipped.txt``, ``results_in.txt``) in this job's Hydra folder."""
     from hydra.core.hydra_config import HydraConfig
 
     from cl_bench import distributed
@@ -101,8 +101,19 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     from cl_bench.runner import resolve_run_dir, run_experiment
 
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    if in_sweep and distributed.is_main_process():  # a rerun sweep: what an earlier attempt left is stale
+        for name in (sweeps.ERROR_FILE, sweeps.SKIPPED_FILE, sweeps.RESULTS_POINTER):
+            (hydra_dir / name).unlink(missing_ok=True)
     try:
         doc = run_experiment(cfg)
+    except CompleteRunError as exc:
+        if not in_sweep:
+            log.error("%s", exc)
+            print(f"cl-bench: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        log.info("kept: %s", exc)  # a sweep run again in its folder: this job had finished
+        return None
     except (UnsupportedBackboneError, UnsupportedScenarioError) as exc:
         if not in_sweep:
             print(f"cl-bench: error: {exc}", file=sys.stderr)
@@ -123,8 +134,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         log.exception("the job failed")  # into the job's log; the sweep goes on with its other jobs
         _record(sweeps.ERROR_FILE, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
         return None
+    run_dir = Path(doc["config"]["paths"]["run_dir"] or resolve_run_dir(cfg))
     if distributed.is_main_process():
-        print(format_report(doc, str(doc["config"]["paths"]["run_dir"] or resolve_run_dir(cfg))))
+        if run_dir.resolve() != hydra_dir.resolve():  # a resumed run's folder, or paths.run_dir: say where
+            _record(sweeps.RESULTS_POINTER, f"{run_dir.resolve()}\n")
+        print(format_report(doc, str(run_dir)))
     return doc
 
 
@@ -187,6 +201,24 @@ def struct_key_message(full_key: str) -> str | None:
     return text + "."
 
 
+def unknown_key_message(full_key: str, parent: Any) -> str | None:
+    """``trainer.max_epoch=1``: a key that no option of its group has, with the close matches among the keys
+    of the config it was set in (Hydra's own message suggests ``+trainer.max_epoch``, which fails later)."""
+    from omegaconf import DictConfig
+
+    if not isinstance(parent, DictConfig):
+        return None
+    section, _, key = full_key.rpartition(".")
+    valid = sorted(str(k) for k in parent.keys() if k not in ("_target_", "name", "hydra"))
+    name = parent.get("name") if section in TARGET_GROUPS else None
+    where = f"{section}={name}" if name else (section or "the config")
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = (
+        f" Did you mean {' or '.join('.'.join(filter(None, (section, c))) for c in close)}?" if close else ""
+    )
+    return f"{full_key}: {where} has no key {key!r}.{hint} Its keys: {', '.join(valid)}."
+
+
 def explain(exc: Exception) -> str | None:
     """A one-paragraph message for a Hydra composition error a user can fix, else ``None``."""
     from hydra.errors import MissingConfigException
@@ -195,8 +227,13 @@ def explain(exc: Exception) -> str | None:
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         return missing_option_message(exc.missing_cfg_file, str(exc))
     cause = exc.__cause__
-    if isinstance(cause, OmegaConfBaseException) and "not in struct" in str(cause) and cause.full_key:
-        return struct_key_message(str(cause.full_key))
+    if (
+        isinstance(cause, OmegaConfBaseException)
+        and cause.full_key
+        and ("not in struct" in str(cause) or " not in '" in str(cause))  # a dict, or a schema dataclass
+    ):
+        full_key = str(cause.full_key)
+        return struct_key_message(full_key) or unknown_key_message(full_key, cause.parent_node)
     return None
 
 
@@ -262,3 +299,7 @@ def main() -> None:
         sys.exit(2)
     if any(o.status == "failed" for o in sweeps.last_outcomes):
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m cl_bench.cli
+    main()

@@ -97,10 +97,12 @@ def check_method_fits_backbone(cfg: DictConfig, method_cls: type, settings: dict
     missing = sorted(required - traits)
     method = cfg.method.get("name", method_cls.__name__)
     backbone = cfg.backbone.get("name", cfg.backbone._target_)
+    setting = getattr(method_cls, "any_backbone_setting", None)
+    alternative = f", set method.{setting} (runs on any backbone)" if setting else ""
     raise UnsupportedBackboneError(
         f"method={method} cannot run on the backbone {backbone}: it needs "
         + "; ".join(BACKBONE_TRAITS[t] for t in missing)
-        + ". Choose another backbone (or protocol), or leave this method out of the sweep."
+        + f". Choose another backbone (or protocol){alternative}, or leave this method out of the sweep."
     )
 
 

@@ -502,6 +502,46 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"scenario.order_seed={sc.order_seed} must lie in [0, 2**32) (or be null)")
     if cfg.trainer.num_workers < 0:
         raise ConfigError("trainer.num_workers must be >= 0")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must lie in [0, 2**32) (numpy's and Lightning's seed range)")
+    _check_devices(cfg.trainer)
+
+
+def _check_devices(trainer: DictConfig) -> None:
+    """``trainer.devices``, ``num_nodes`` and ``precision`` as Lightning accepts them, named before the first
+    fit (Lightning would only refuse them once the run has started)."""
+    from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    devices = trainer.devices
+    if isinstance(devices, ListConfig):
+        devices = list(devices)
+    elif isinstance(devices, str) and devices != "auto":  # Lightning also takes "2" and "0,1"
+        try:
+            devices = [int(p) for p in devices.split(",") if p.strip()] if "," in devices else int(devices)
+        except ValueError:
+            devices = None
+    valid = (
+        devices == "auto"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+        or (
+            isinstance(devices, list)
+            and bool(devices)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+        )
+    )
+    if not valid:
+        raise ConfigError(
+            f"trainer.devices={trainer.devices!r}: give a number of devices >= 1, -1 (all), a list of device "
+            "indices (e.g. [0,1]) or auto"
+        )
+    if trainer.num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={trainer.num_nodes} must be at least 1")
+    precisions = [str(p) for arg in typing.get_args(_PRECISION_INPUT) for p in typing.get_args(arg)]
+    if str(trainer.precision) not in precisions:
+        raise ConfigError(
+            f"trainer.precision={trainer.precision!r}: use one of {', '.join(precisions)} "
+            "(32-true: full precision; bf16-mixed on a GPU)"
+        )
 
 
 def build_from_config(group: str, section: DictConfig, **injected: Any) -> Any:

@@ -9,6 +9,10 @@ class ConfigError(ClBenchError):
     """A config key is unknown, missing or of the wrong type, or options do not fit together."""
 
 
+class CompleteRunError(ConfigError):
+    """The run folder already holds a complete run of this config (a rerun sweep job keeps it)."""
+
+
 class DataError(ClBenchError):
     """A dataset folder or file is missing or malformed."""
 

@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cl_bench.storage import read_small_json
+from cl_bench.sweeps import ERROR_FILE, SKIPPED_FILE, results_folder
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,8 @@ class TaskProgress(pl.Callback):
             self.loss_count += 1
         if self.run.mode == "bar":
             mean = self.loss_sum / self.loss_count if self.loss_count else None
-            self.run.show(self._status(trainer, batch_idx + 1, mean)[0])
+            last = batch_idx + 1 == trainer.num_training_batches  # an epoch's end is always drawn
+            self.run.show(self._status(trainer, batch_idx + 1, mean)[0], force=last)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run.mode != "lines":
@@ -236,9 +238,24 @@ def job_line(folder: Path, doc: dict[str, Any], done: int, total: int | None, el
     return f"{head}: FAILED after {len(doc.get('acc_matrix') or [])} task(s): {str(error).splitlines()[0]}"
 
 
+def stopped_job_line(folder: Path, done: int, total: int | None, elapsed: float) -> str | None:
+    """The line for a sweep job that ended without a final ``results.json``: skipped (``skipped.txt``, the
+    method cannot run on the backbone or scenario) or failed before its first task (``error.txt``)."""
+    count = f"{done}/{total}" if total else str(done)
+    head = f"[sweep {duration(elapsed)}] job {count} {folder.name}"
+    for name, verb in ((SKIPPED_FILE, "skipped"), (ERROR_FILE, "FAILED")):
+        try:
+            lines = (folder / name).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            continue
+        return f"{head}: {verb}: {lines[0] if lines else '(no reason given)'}"
+    return None
+
+
 class SweepProgress(Callback):
-    """Prints a line as each job of a ``-m`` sweep finishes or fails (its ``results.json``), for every
-    launcher, from the process that launched the sweep; ``quiet=true`` prints nothing."""
+    """Prints a line as each job of a ``-m`` sweep finishes, fails or is skipped (its ``results.json``, else
+    its ``error.txt`` or ``skipped.txt``), for every launcher, from the process that launched the sweep;
+    ``quiet=true`` prints nothing."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
@@ -277,18 +294,19 @@ class SweepProgress(Callback):
 
     def poll(self) -> None:
         """Print the jobs that became final since the last look."""
-        for path in sorted(self.sweep_dir.glob("*/results.json")):
-            if path.parent in self._seen:
+        for folder in sorted(p for p in self.sweep_dir.glob("*") if p.is_dir()):
+            if folder in self._seen:
                 continue
+            done, elapsed = len(self._seen) + 1, time.monotonic() - self.start
             try:
-                doc = read_small_json(path)  # a job folder's file is untrusted input
+                doc = read_small_json(results_folder(folder) / "results.json")  # untrusted input
             except (OSError, ValueError):
-                continue
-            if not isinstance(doc, dict):
-                continue
-            line = job_line(path.parent, doc, len(self._seen) + 1, self.total, time.monotonic() - self.start)
+                doc = None
+            line = job_line(folder, doc, done, self.total, elapsed) if isinstance(doc, dict) else None
+            if line is None:  # error.txt follows a failed run's results.json: that line came first
+                line = stopped_job_line(folder, done, self.total, elapsed)
             if line is not None:
-                self._seen.add(path.parent)
+                self._seen.add(folder)
                 print(line, file=self.stream or sys.stdout, flush=True)
 
 

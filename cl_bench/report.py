@@ -13,7 +13,8 @@ plain inline JavaScript and no network), ``DIR/report.md`` and the PNG figures i
 * per benchmark, a bar chart of the last accuracy (mean, error bar = std), the accuracy-vs-task curve of
   every method (mean over runs, +- one std band) and, per cell, the heatmap of the mean accuracy matrix;
 * every run with its seed, class order, status, metrics and a link to its ``config.yaml``;
-* runs that failed (with the first line of their error), stopped early or never started (a sweep's
+* runs that failed (with the first line of their error), were skipped (the method cannot run on the
+  backbone or scenario: the sweep job's ``skipped.txt``), stopped early or never started (a sweep's
   ``multirun.yaml`` names its jobs), and inputs that could not be read, listed and left out of the means;
 * smoke runs (``debug=smoke``) listed with the runs but never in the tables or figures.
 
@@ -50,6 +51,7 @@ from cl_bench.errors import ConfigError
 from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, write_text_atomic
 from cl_bench.storage import read_small_json
+from cl_bench.sweeps import SKIPPED_FILE, results_folder
 
 #: Output folder when ``--out`` is not given.
 DEFAULT_OUT = Path("report")
@@ -126,6 +128,9 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     benchmark: str = ""
     method: str = ""
+    #: The Hydra folder this run was reached from when its results are in ``folder`` (``results_in.txt``:
+    #: a rerun that resumed the interrupted run of the same config in its own folder).
+    alias: Path | None = None
 
     @property
     def smoke(self) -> bool:
@@ -257,6 +262,21 @@ def _load_yaml(path: Path) -> Any:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
+def _load_config(path: Path) -> Any:
+    """A run's config file with its interpolations resolved where they can be (Hydra's ``.hydra/config.yaml``
+    of a job that stopped before ``results.json`` holds ``${paths.data_dir}/...``), so that it labels like
+    the resolved configs of the runs that finished."""
+    from omegaconf import OmegaConf
+
+    import cl_bench.config  # noqa: F401  (registers the ``budget`` resolver)
+
+    config = OmegaConf.load(path)
+    try:
+        return OmegaConf.to_container(config, resolve=True)
+    except Exception:  # an interpolation that cannot be resolved here: keep the file's text
+        return OmegaConf.to_container(config, resolve=False)
+
+
 def first_error_line(folder: Path) -> str | None:
     """The first ``[ERROR]`` line of the run's Hydra log (for runs that stopped before ``results.json``)."""
     for log_file in sorted(folder.glob("*.log")):
@@ -269,16 +289,25 @@ def first_error_line(folder: Path) -> str | None:
     return None
 
 
-def load_run(folder: Path) -> Run:
-    """Read ``folder``'s results, config and Hydra overrides; say what is wrong if it did not finish."""
+def _read_overrides(folder: Path) -> tuple[list[str], str | None]:
+    """The run's Hydra overrides (``folder/.hydra/overrides.yaml``) and what is wrong with them."""
     overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides: list[str] = []
-    problem: str | None = None
     try:
         loaded = _load_yaml(overrides_file) if overrides_file.is_file() else []
-        overrides = [str(o) for o in loaded] if isinstance(loaded, list) else []
     except Exception as exc:
-        problem = f"unreadable .hydra/overrides.yaml ({type(exc).__name__})"
+        return [], f"unreadable .hydra/overrides.yaml ({type(exc).__name__})"
+    return ([str(o) for o in loaded] if isinstance(loaded, list) else []), None
+
+
+def load_run(folder: Path, follow: bool = True) -> Run:
+    """Read ``folder``'s results, config and Hydra overrides; say what is wrong if it did not finish. A folder
+    whose ``results_in.txt`` names the folder holding its results (``follow``) reads that one."""
+    target = results_folder(folder) if follow else folder
+    if target != folder:  # the job's overrides are its own (its sweep's multirun.yaml lists them)
+        run = load_run(target, follow=False)
+        run.alias, run.overrides = folder, _read_overrides(folder)[0]
+        return run
+    overrides, problem = _read_overrides(folder)
     try:
         doc = read_results(folder)
     except ValueError as exc:
@@ -297,10 +326,13 @@ def load_run(folder: Path) -> Run:
     )
     if config_file is not None:
         try:
-            loaded = _load_yaml(config_file)
+            loaded = _load_config(config_file)
             config = loaded if isinstance(loaded, dict) else {}
         except Exception as exc:
             problem = problem or f"unreadable {config_file.name} ({type(exc).__name__})"
+    if problem is None and (folder / SKIPPED_FILE).is_file():
+        reason = (folder / SKIPPED_FILE).read_text(errors="replace").strip().splitlines()
+        problem = f"skipped: {reason[0] if reason else 'the method cannot run on the backbone or scenario'}"
     if problem is None:
         error = first_error_line(folder)
         problem = f"failed before its first task ended (no {RESULTS_FILE})" + (f": {error}" if error else "")
@@ -355,22 +387,28 @@ def _with_keys(base: str, flat: dict[str, str], keys: Sequence[str]) -> str:
 
 
 def label_runs(runs: Sequence[Run]) -> None:
-    """Set each run's benchmark (column) and method (row) label; keys that vary within one are appended."""
+    """Set each run's benchmark (column) and method (row) label; keys that vary within one are appended.
+
+    The keys are those that vary among the runs that reach the tables (complete, not smoke), where a label
+    has any: a smoke run's caps or a failed job's config never rename the cells of the others."""
     flats = {id(run): flatten(run.config) for run in runs}
+
+    def varying(members: Sequence[Run]) -> list[str]:
+        counted = [r for r in members if r.counted] or members
+        return _varying_keys([flats[id(r)] for r in counted])
+
     by_benchmark: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_benchmark[_base_benchmark(run.config)].append(run)
     for base, members in by_benchmark.items():
-        keys = [k for k in _varying_keys([flats[id(r)] for r in members]) if k.startswith(BENCHMARK_PREFIXES)]
+        keys = [k for k in varying(members) if k.startswith(BENCHMARK_PREFIXES)]
         for run in members:
             run.benchmark = _with_keys(base, flats[id(run)], keys)
     by_method: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         by_method[(run.benchmark, str(_section(run.config, "method").get("name", "?")))].append(run)
     for (_, name), members in by_method.items():
-        keys = [
-            k for k in _varying_keys([flats[id(r)] for r in members]) if not k.startswith(BENCHMARK_PREFIXES)
-        ]
+        keys = [k for k in varying(members) if not k.startswith(BENCHMARK_PREFIXES)]
         for run in members:
             run.method = _with_keys(name, flats[id(run)], keys)
 
@@ -397,7 +435,11 @@ def missing_jobs(multirun_file: Path, runs: Sequence[Run]) -> list[str]:
     hydra_cfg = loaded["hydra"]
     expected = expand_sweep(hydra_cfg["sweeper"].get("params") or {}, hydra_cfg["overrides"]["task"])
     sweep_dir = multirun_file.parent.resolve()
-    found = {frozenset(r.overrides) for r in runs if sweep_dir in r.folder.resolve().parents}
+    found = {
+        frozenset(r.overrides)
+        for r in runs
+        if any(sweep_dir in p.resolve().parents for p in (r.folder, r.alias) if p is not None)
+    }
     return [" ".join(job) for job in expected if frozenset(job) not in found]
 
 
@@ -517,13 +559,17 @@ def build_report(paths: Sequence[str], out_dir: Path) -> Report:
     if not folders and not sweeps:
         where = f"; no such run or sweep folder: {', '.join(missing)}" if missing else ""
         raise ConfigError(f"no run folders (with results.json or .hydra/) under {' '.join(paths)}{where}")
-    runs = [load_run(f) for f in folders]
+    loaded = [load_run(f) for f in folders]
+    unique: dict[Path, Run] = {}  # a resumed run is reached from its own folder and from the rerun's
+    for run in loaded:
+        unique.setdefault(run.folder.resolve(), run)
+    runs = list(unique.values())
     label_runs(runs)
     problems = [f"{m}: no such run or sweep folder" for m in missing]
     problems += [f"{r.folder}: {r.problem}" for r in runs if not r.complete]
     for sweep in sweeps:
         try:
-            problems += [f"{sweep.parent}: never ran: {job}" for job in missing_jobs(sweep, runs)]
+            problems += [f"{sweep.parent}: never ran: {job}" for job in missing_jobs(sweep, loaded)]
         except Exception as exc:  # a malformed multirun.yaml: list it, report the rest
             problems.append(
                 f"{sweep}: unreadable sweep file, its missing jobs are unknown ({type(exc).__name__})"
@@ -595,6 +641,9 @@ CELL_COLUMNS = ["benchmark", "method", "runs", *(m.title for m in METRICS)]
 def render_markdown(report: Report, out_dir: Path, command: str) -> str:
     lines = ["# cl-bench report", "", f"`{command}`", ""]
     for metric in TABLE_METRICS:
+        if not report.benchmarks:
+            lines += [f"## {metric.title}", "", "no complete runs (smoke runs are never in the tables)", ""]
+            continue
         lines += [f"## {metric.title}", "", "| method | " + " | ".join(report.benchmarks) + " |"]
         lines.append("|---" * (len(report.benchmarks) + 1) + "|")
         for method in report.methods:
@@ -606,7 +655,7 @@ def render_markdown(report: Report, out_dir: Path, command: str) -> str:
     for (benchmark, method), runs in sorted(report.cells.items()):
         values = [mean_std(_values(runs, m)) for m in METRICS]
         lines.append(f"| {benchmark} | {method} | {len(runs)} | " + " | ".join(values) + " |")
-    lines += ["", "## Runs failed, incomplete, missing or unreadable (not in the tables)", ""]
+    lines += ["", "## Runs failed, skipped, incomplete, missing or unreadable (not in the tables)", ""]
     lines += [f"- {p}" for p in report.problems] or ["none"]
     lines += ["", "## Figures", ""]
     for benchmark, figures in report.figures.items():
@@ -742,7 +791,8 @@ def render_html(report: Report, out_dir: Path, command: str) -> str:
         parts.append(f'<tr class="cell-row">{row}</tr>')
     parts.append("</tbody></table>")
     parts.append(
-        '<h2>Runs failed, incomplete, missing or unreadable (not in the tables)</h2><ul id="problems">'
+        "<h2>Runs failed, skipped, incomplete, missing or unreadable (not in the tables)</h2>"
+        '<ul id="problems">'
     )
     parts += [f'<li class="problem">{esc(p)}</li>' for p in report.problems] or ["<li>none</li>"]
     parts.append("</ul><h2>Figures</h2>")
@@ -805,7 +855,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     smoke = sum(r.smoke for r in report.runs)
     print(
         f"{counted} complete run(s) in {len(report.cells)} cell(s), {len(report.problems)} failed, "
-        f"incomplete, missing or unreadable"
+        f"skipped, incomplete, missing or unreadable"
         + (f", {smoke} smoke run(s) left out" if smoke else "")
         + f"; wrote {args.out / 'index.html'} and {args.out / 'report.md'}"
     )
+
+
+if __name__ == "__main__":  # python -m cl_bench.report
+    main()

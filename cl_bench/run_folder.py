@@ -57,7 +57,7 @@ from cl_bench.checkpointing import (
     load_checkpoint,
     set_aside,
 )
-from cl_bench.errors import ConfigError, RunLockedError, StorageError
+from cl_bench.errors import CompleteRunError, ConfigError, RunLockedError, StorageError
 from cl_bench.locking import RunLock
 from cl_bench.results import RESULTS_FILE, write_text_atomic
 from cl_bench.storage import (
@@ -383,7 +383,7 @@ def _refuse_existing(run_dir: Path, config: dict[str, Any], cfg: DictConfig) -> 
             "(hydra.run.dir or paths.run_dir) or move that run away first."
         )
     if status == "complete":
-        raise ConfigError(
+        raise CompleteRunError(
             f"{run_dir} already holds a complete run of this config ({run_dir / RESULTS_FILE}). "
             "Choose another folder (hydra.run.dir or paths.run_dir) to run it again."
         )

@@ -71,6 +71,9 @@ class RunState:
     #: Per-task metrics beyond accuracy that the method reports (``task_selection_acc``), rows by name.
     extra_rows: dict[str, list[list[float]]] = field(default_factory=dict)
     task_time_s: list[float] = field(default_factory=list)
+    #: Training epochs logged to the tracker (its run-wide ``train/epoch`` step), so that a resumed run's
+    #: epochs continue the interrupted run's axis instead of restarting at 0.
+    epochs_logged: int = 0
 
     def record(self, rows: EvaluationRows, task_incremental: bool) -> None:
         """Append one evaluation's rows (no task-incremental row where there is none: DIL)."""
@@ -208,6 +211,7 @@ def _run(
         log.info("resuming after task %d of %d", checkpoint["tasks_done"], len(exp.scenario.tasks))
     log_start(cfg, exp, run_dir)
     tracker = build_tracker(cfg, run_dir, tracker_config(cfg, config), run_id=run_id, enabled=main)
+    tracker.epochs_logged = state.epochs_logged
     progress = RunProgress.for_run(cfg, [len(s) for s in exp.train_sets], enabled=main)
     tasks = exp.scenario.tasks
 
@@ -330,6 +334,7 @@ def checkpoint_run(
     """Write the checkpoint of the tasks finished so far (:mod:`cl_bench.checkpointing`). A disk that
     refuses it twice stops the run with :class:`~cl_bench.errors.StorageError` (the results so far stay)
     rather than training on without a way to resume."""
+    state.epochs_logged = tracker.epochs_logged
     payload = {
         "format": FORMAT,
         "tasks_done": len(state.acc_rows),

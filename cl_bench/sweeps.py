@@ -28,6 +28,9 @@ from omegaconf import DictConfig, OmegaConf, read_write
 MAX_SLUG = 60
 ERROR_FILE = "error.txt"
 SKIPPED_FILE = "skipped.txt"
+#: Written in a job's (or run's) Hydra folder when the results went to another folder: the path of that folder
+#: (an interrupted run of the same config that this one resumed, README: "in its own folder", or paths.run_dir).
+RESULTS_POINTER = "results_in.txt"
 #: Failed and skipped jobs listed by name in the summary (the rest are counted).
 MAX_LISTED = 12
 
@@ -94,6 +97,25 @@ def _first_line(path: Path) -> str:
     return lines[0] if lines else "(empty)"
 
 
+def pointed_folder(folder: Path) -> Path | None:
+    """The run folder that ``folder``'s ``results_in.txt`` names (an untrusted file: ``None`` unless it names
+    a folder)."""
+    try:
+        lines = (folder / RESULTS_POINTER).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    target = Path(lines[0]) if lines else None
+    return target if target is not None and target.is_dir() else None
+
+
+def results_folder(folder: Path) -> Path:
+    """The folder holding the results of the run started in ``folder``: itself, or the folder its
+    ``results_in.txt`` names (the interrupted run it resumed)."""
+    if not (folder / "results.json").is_file():
+        return pointed_folder(folder) or folder
+    return folder
+
+
 def job_outcome(folder: Path) -> JobOutcome:
     """What a job folder says about its job (its files are untrusted: unreadable ones count as failed)."""
     from cl_bench.storage import read_small_json
@@ -102,7 +124,7 @@ def job_outcome(folder: Path) -> JobOutcome:
         return JobOutcome(folder, "skipped", _first_line(folder / SKIPPED_FILE))
     if (folder / ERROR_FILE).is_file():
         return JobOutcome(folder, "failed", _first_line(folder / ERROR_FILE))
-    results = folder / "results.json"
+    results = results_folder(folder) / "results.json"
     if not results.is_file():
         return JobOutcome(folder, "failed", "no results.json: the job was killed or never started")
     try:

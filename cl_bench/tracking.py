@@ -257,7 +257,7 @@ class Tracker:
 
     #: The tracker's run id, stored in checkpoints so that a resumed experiment continues the same run.
     run_id: str | None = None
-    #: Epochs logged so far in this process: the ``train/epoch`` step.
+    #: Epochs logged so far in this run (a resumed run restores it): the ``train/epoch`` step.
     epochs_logged: int = 0
     _failed: bool = False
 
@@ -479,8 +479,9 @@ def lightning_logger(
         )
     from pytorch_lightning.loggers import MLFlowLogger
 
-    if cfg.tracking_uri is None:  # MLflow keeps its local file store only behind this switch (3.x)
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = cfg.tracking_uri
+    if uri is None or uri.startswith("file:") or "://" not in uri:  # a local file store (save_dir, or a
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # path): MLflow 3.x needs this switch
     return MLFlowLogger(
         experiment_name=cfg.project,
         run_name=identity.name,

@@ -155,6 +155,43 @@ def test_a_method_key_swept_for_a_method_without_it_names_the_methods_that_have_
     assert "budget.epochs=VALUE" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "trainer.max_epoch=1",
+            "trainer.max_epoch: trainer has no key 'max_epoch'. Did you mean trainer.max_epochs?",
+        ),
+        ("method.lrr=0.1", "method.lrr: method=seq_ft has no key 'lrr'. Did you mean method.lr?"),
+        ("sed=1", "sed: the config has no key 'sed'. Did you mean seed?"),
+    ],
+)
+def test_a_misspelt_key_gets_its_close_matches_not_hydras_append_hint(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    """Hydra's own message says "To append to your config use +trainer.max_epoch=1", which then fails."""
+    out = cl_bench(override, "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert message in out.stderr and "To append" not in out.stderr
+
+
+@pytest.mark.parametrize("module", ["cl_bench", "cl_bench.cli"])
+def test_python_dash_m_runs_the_command(tmp_path: Path, module: str) -> None:
+    """``python -m cl_bench.cli --help`` printed nothing and exited 0 (the module had no main guard)."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "== Configuration groups ==" in out.stdout
+
+
+def test_python_dash_m_runs_the_report(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cl_bench.report", "--help"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0 and "usage: cl-bench-report" in out.stdout
+
+
 def test_a_method_that_cannot_run_on_the_backbone_stops_before_training(tmp_path: Path) -> None:
     out = cl_bench("method=lnt", "logger.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -137,11 +137,36 @@ def test_scenario_cross_field_rules() -> None:
         ("+seedd=1", r"unknown top-level key 'seedd'"),
         ("+transform.foo=1", r"unknown key transform\.foo"),
         ("scenario.order_seed=-1", r"order_seed=-1 must lie in"),
+        ("seed=-1", r"seed=-1 must lie in \[0, 2\*\*32\)"),
+        ("seed=4294967296", r"seed=4294967296 must lie in"),
+        ("trainer.devices=0", r"trainer\.devices=0: give a number of devices >= 1"),
+        ("trainer.devices=-2", r"trainer\.devices=-2: give"),
+        ("trainer.devices=[]", r"trainer\.devices=\[\]: give"),
+        ("trainer.devices=two", r"trainer\.devices='two': give"),
+        ("trainer.num_nodes=0", r"trainer\.num_nodes=0 must be at least 1"),
+        ("trainer.precision=17", r"trainer\.precision='17': use one of .*32-true"),
     ],
 )
 def test_added_or_out_of_range_keys_fail_at_validation(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate_config(compose_config(override))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.devices=auto",
+        "trainer.devices=-1",
+        "trainer.devices=2",
+        "trainer.devices='0,1'",
+        "trainer.devices=[0,1]",
+        "trainer.precision=bf16-mixed",
+        "trainer.precision=16",
+        "seed=4294967295",
+    ],
+)
+def test_values_lightning_accepts_pass_validation(override: str) -> None:
+    validate_config(compose_config(override))
 
 
 def test_experiment_preset_keeps_the_users_scenario_choice() -> None:

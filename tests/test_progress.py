@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,17 @@ def test_status_line_in_a_terminal(run_tiny, caplog, monkeypatch) -> None:
     assert not [r for r in caplog.records if r.name == "cl_bench.progress"]  # no epoch lines as well
 
 
+def test_the_status_line_shows_each_epochs_last_step_between_redraws(run_tiny, monkeypatch) -> None:
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress, "REDRAW_S", 3600.0)  # only the first step and forced redraws
+    run_tiny(*SEQ_FT)
+    frames = [frame for frame in terminal.getvalue().split("\r\x1b[K") if frame]
+    steps = [frame.split(" · ")[2] for frame in frames]
+    last = [s for s in steps if s.split("/")[0] == "step " + s.split("/")[1]]
+    assert len(last) == 4  # 2 tasks x 2 epochs, each ending on step n/n
+
+
 def test_job_lines() -> None:
     folder = Path("sweep/3_method.lr=0.1,seed=1")
     done = {"status": "complete", "last_acc": 45.678, "error": None, "acc_matrix": [[1], [1, 2]]}
@@ -112,6 +124,33 @@ def test_sweep_progress_prints_each_job_once_as_it_becomes_final(tmp_path: Path)
     (tmp_path / "4_text" / "results.json").write_text(json.dumps({"status": "complete", "last_acc": "x"}))
     watcher.poll()
     assert "4_text: done, last acc n/a" in out.getvalue()
+
+
+def test_sweep_progress_prints_jobs_that_stop_before_results_json(tmp_path: Path) -> None:
+    """A job refused at validation (error.txt) or skipped (skipped.txt) writes no results.json: the terminal
+    still gets its line, once."""
+    out = io.StringIO()
+    watcher = SweepProgress(stream=out)
+    watcher.sweep_dir, watcher.total, watcher.start = tmp_path, 3, time.monotonic()
+    for name in ("0_method=l2p", "1_method=lwf", "2_method=seq_ft"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "0_method=l2p" / "skipped.txt").write_text("method=l2p cannot run on the backbone x\n")
+    (tmp_path / "1_method=lwf" / "error.txt").write_text("dataset.path=/x: no such file\n\nTraceback ...")
+    watcher.poll()
+    watcher.poll()
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[sweep 0:00] job 1/3 0_method=l2p: skipped: method=l2p cannot run on the backbone x",
+        "[sweep 0:00] job 2/3 1_method=lwf: FAILED: dataset.path=/x: no such file",
+    ]
+    failed = {"status": "incomplete", "error": "RuntimeError: boom", "acc_matrix": [[1.0]]}
+    (tmp_path / "2_method=seq_ft" / "results.json").write_text(json.dumps(failed))
+    (tmp_path / "2_method=seq_ft" / "error.txt").write_text("RuntimeError: boom\n")
+    watcher.poll()
+    assert (
+        out.getvalue().splitlines()[2].endswith("2_method=seq_ft: FAILED after 1 task(s): RuntimeError: boom")
+    )
+    assert len(out.getvalue().splitlines()) == 3
 
 
 @pytest.mark.slow

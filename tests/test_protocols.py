@@ -5,6 +5,7 @@ the methods they are meant for."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,22 @@ def test_peft_none_and_no_lora_run_on_a_cnn() -> None:
     ):
         (cfg,) = compose_many(["protocol=cifar100_resnet32", *overrides])
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("method", ["ranpac", "aper", "slca_pp", "l2p"])
+def test_a_refusal_names_the_setting_that_runs_on_any_backbone(method: str) -> None:
+    """RanPAC on the ResNet-32 protocol was refused without a word about ``method.peft=none``, with which it
+    runs there; the named setting must indeed pass (and a method without one names none)."""
+    (cfg,) = compose_many(["protocol=cifar100_resnet32", f"method={method}"])
+    with pytest.raises(UnsupportedBackboneError) as err:
+        validate_config(cfg)
+    named = re.search(r"set method\.(\S+) \(runs on any backbone\)", str(err.value))
+    if method == "l2p":
+        assert named is None and "set method." not in str(err.value)
+        return
+    assert named is not None, str(err.value)
+    (cfg,) = compose_many(["protocol=cifar100_resnet32", f"method={method}", f"method.{named.group(1)}"])
+    validate_config(cfg)
 
 
 @pytest.mark.parametrize("experiment", lane(options("experiment"), FAST_PROTOCOLS))

@@ -235,6 +235,59 @@ def test_smoke_runs_are_listed_but_never_in_the_tables(sweep: Path, tmp_path: Pa
     assert "complete (smoke run, not in the tables)" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_skipped_jobs_and_smoke_runs_leave_the_labels_of_complete_runs_alone(
+    sweep: Path, tmp_path: Path
+) -> None:
+    """A sweep job skipped before results.json (its .hydra/config.yaml still holds ``${paths.data_dir}``) is
+    listed as skipped, not failed; neither it nor a smoke run (its caps and limits) renames the cells."""
+    skipped = sweep / "9_method=l2p"
+    (skipped / ".hydra").mkdir(parents=True)
+    cfg = config("l2p", seed=0, path="${paths.data_dir}/digits.npz")
+    cfg["paths"]["data_dir"] = "/data"
+    (skipped / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (skipped / "skipped.txt").write_text(
+        "method=l2p cannot run on the backbone resnet20_cifar: it needs ViT\n"
+    )
+    smoke = {**config(seed=4), "debug": {"smoke": True, "max_tasks": 2}, "trainer": {"max_epochs": 1}}
+    write_run(sweep / "smoke", [[99.0], [99.0, 99.0]], smoke)
+    for name in list(sweep.iterdir()):
+        if name.name.startswith(("seq_", "lp_")):  # the finished runs' resolved data path
+            doc = json.loads((name / "results.json").read_text())
+            doc["config"]["dataset"]["path"] = "/data/digits.npz"
+            (name / "results.json").write_text(json.dumps(doc))
+    report = write_report([str(sweep)], tmp_path / "out", "cmd")
+    assert report.benchmarks == ["digits · resnet20_cifar · cil 2 tasks"]
+    assert report.methods == ["linear_probe", "seq_ft"]
+    problems = "\n".join(report.problems)
+    assert "9_method=l2p: skipped: method=l2p cannot run on the backbone resnet20_cifar" in problems
+    assert "failed" not in problems and len(report.problems) == 1
+
+
+def test_a_report_of_smoke_runs_only_says_so(tmp_path: Path) -> None:
+    write_run(tmp_path / "smoke", [[99.0], [99.0, 99.0]], {**config(), "debug": {"smoke": True}})
+    write_report([str(tmp_path / "smoke")], tmp_path / "out", "cmd")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| method |  |" not in md and "no complete runs (smoke runs are never in the tables)" in md
+
+
+def test_a_rerun_that_resumed_elsewhere_counts_once_and_is_not_a_failure(sweep: Path, tmp_path: Path) -> None:
+    """A rerun sweep's job that resumed the interrupted run in its old folder leaves only .hydra/ and
+    results_in.txt in its new folder: the report reads the old folder's results, counts them once when both
+    sweeps are given, and the new sweep's multirun.yaml does not list the job as never run."""
+    rerun = tmp_path / "rerun"
+    (rerun / "0_seed=0" / ".hydra").mkdir(parents=True)
+    (rerun / "0_seed=0" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config(seed=0)))
+    (rerun / "0_seed=0" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=0"]))
+    (rerun / "0_seed=0" / "results_in.txt").write_text(f"{sweep / 'seq_0_1993'}\n")
+    (rerun / "multirun.yaml").write_text(
+        yaml.safe_dump({"hydra": {"sweeper": {"params": None}, "overrides": {"task": ["seed=0"]}}})
+    )
+    alone = build_report([str(rerun)], tmp_path / "o1")
+    assert not alone.problems and [r.folder for r in alone.runs] == [sweep / "seq_0_1993"]
+    both = build_report([str(sweep), str(rerun)], tmp_path / "o2")
+    assert len(both.runs) == 8 and not both.problems
+
+
 def chromium_executable() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -185,6 +185,38 @@ def test_checkpoint_refers_to_the_images_instead_of_copying_them(
     assert data_file.stat().st_size < images_bytes
 
 
+def test_a_resumed_run_continues_the_trackers_epoch_axis(
+    run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train/epoch`` is the run-wide step of the epoch metrics: a resumed run numbers its epochs after the
+    interrupted run's, as the uninterrupted run does, instead of starting again at 0."""
+    import csv
+
+    overrides = ("method=seq_ft", "method.epochs=2", "method.batch_size=32", "logger=csv", *THREE_TASKS)
+
+    def epochs(run_dir: Path) -> list[tuple[int, int]]:
+        """(train/epoch, train/task) of every epoch row, over the CSV logger's versions in order."""
+        rows = []
+        for version in sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+            with (version / "metrics.csv").open() as f:
+                rows += [
+                    (int(float(r["train/epoch"])), int(float(r["train/task"])))
+                    for r in csv.DictReader(f)
+                    if r.get("train/epoch")
+                ]
+        return rows
+
+    _, full_dir = run_tiny(*overrides)
+    run_dir = tmp_path / "preempted"
+    with monkeypatch.context() as patch:
+        kill_before_task(patch, 2)
+        with pytest.raises(Killed):
+            run_tiny(*overrides, run_dir=run_dir)
+    run_tiny(*overrides, run_dir=run_dir)
+    assert epochs(full_dir) == [(e, e // 2) for e in range(6)]
+    assert epochs(run_dir) == epochs(full_dir)
+
+
 def test_resume_never_and_a_changed_config_start_no_resume(
     run_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

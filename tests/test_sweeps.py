@@ -117,6 +117,59 @@ def test_summary_counts_complete_failed_and_skipped_jobs(tmp_path: Path) -> None
     assert text.splitlines()[-1] == f"compare them: cl-bench-report {tmp_path} --out {tmp_path / 'report'}"
 
 
+def test_a_job_whose_results_went_to_another_folder_counts_by_them(tmp_path: Path) -> None:
+    """A rerun sweep's job that resumed the interrupted run of its config in that run's own folder leaves
+    ``results_in.txt`` in its Hydra folder: the summary reads the results there (not "no results.json")."""
+    import json
+
+    from cl_bench.sweeps import job_outcome
+
+    old = tmp_path / "old" / "1_seed=1"
+    old.mkdir(parents=True)
+    (old / "results.json").write_text(json.dumps({"status": "complete", "acc_matrix": [[1.0]]}))
+    new = tmp_path / "new" / "1_seed=1"
+    new.mkdir(parents=True)
+    (new / "results_in.txt").write_text(f"{old}\n")
+    assert job_outcome(new).status == "complete"
+    (new / "results_in.txt").write_text(f"{tmp_path / 'nowhere'}\n")  # an untrusted file: nothing there
+    assert job_outcome(new).status == "failed"
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_keeps_its_finished_jobs_and_follows_moved_results(tmp_path: Path) -> None:
+    """The same sweep command run again into its folder (hydra.sweep.dir) reports its finished jobs as
+    complete (before: "already holds a complete run" in error.txt, counted failed, exit 1); a job whose
+    results went to another folder (paths.run_dir, or a resumed run's own folder) counts by them."""
+    import os
+    import subprocess
+    import sys
+
+    from cl_bench.report import build_report
+
+    def sweep(*overrides: str) -> subprocess.CompletedProcess:
+        command = [
+            sys.executable, "-m", "cl_bench", "-m", "dataset=fake", "dataset.num_classes=4",
+            "method=simplecil", "scenario.n_tasks=2", "logger=none", "trainer=cpu", "save_model=false",
+            *overrides,
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    first = sweep("seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = sweep("seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 jobs, 2 complete, 0 failed" in again.stdout
+    assert not list((tmp_path / "s").glob("*/error.txt"))
+
+    moved = sweep("seed=0", f"paths.run_dir={tmp_path / 'elsewhere'}", f"hydra.sweep.dir={tmp_path / 'm'}")
+    assert moved.returncode == 0, moved.stdout[-3000:] + moved.stderr[-3000:]
+    assert "1 jobs, 1 complete, 0 failed" in moved.stdout
+    assert "job 1/1 0: done" in moved.stdout or "job 1/1 0_" in moved.stdout
+    report = build_report([str(tmp_path / "m")], tmp_path / "report")
+    assert not report.problems and [r.folder for r in report.runs] == [tmp_path / "elsewhere"]
+
+
 #: A user's protocol outside the package (hydra.searchpath) for the tiny sweep: digits at 16 px, 2 tasks, one
 #: epoch, a 1-block ViT small enough for a CPU, and tuned values that keep the analytic heads tiny.
 TINY_PROTOCOL = """# @package _global_

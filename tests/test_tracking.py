@@ -293,6 +293,22 @@ def test_mlflow_logger_holds_the_run_with_its_name_tags_and_metrics(run_tiny, tm
     assert "heatmap/acc_task_01.png" in artifacts
 
 
+@pytest.mark.slow
+def test_mlflow_file_store_given_as_tracking_uri(run_tiny, tmp_path: Path, monkeypatch) -> None:
+    """``logger.tracking_uri=file:///shared/mlruns`` (a file store shared by several run folders) stopped the
+    run with MLflow's "filesystem tracking backend is in maintenance mode" traceback."""
+    pytest.importorskip("mlflow", reason="mlflow-skinny is in the dev extra")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    store = tmp_path / "shared_mlruns"
+    doc, _ = run_tiny(*SEQ_FT, "logger=mlflow", f"logger.tracking_uri=file://{store}")
+    assert doc["status"] == "complete"
+    client = MlflowClient(tracking_uri=f"file:{store}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "cl_bench"]
+    assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["FINISHED"]
+
+
 def test_logger_none_writes_no_tracker_files(run_tiny) -> None:
     doc, run_dir = run_tiny(*SEQ_FT, "logger=none")
     assert doc["status"] == "complete"

@@ -79,8 +79,8 @@ def resolve_data_config(backbone_cfg: DataConfig, cfg: TransformConfig) -> DataC
     """The backbone's data config with any explicit ``transform.*`` overrides applied."""
     return DataConfig(
         input_size=cfg.input_size or backbone_cfg.input_size,
-        mean=tuple(cfg.mean) if cfg.mean else backbone_cfg.mean,
-        std=tuple(cfg.std) if cfg.std else backbone_cfg.std,
+        mean=tuple(cfg.mean) if cfg.mean is not None else backbone_cfg.mean,
+        std=tuple(cfg.std) if cfg.std is not None else backbone_cfg.std,
         interpolation=backbone_cfg.interpolation,
         crop_pct=backbone_cfg.crop_pct,
     )
@@ -106,6 +106,23 @@ def resolve_spec(
     backbone_cfg: DataConfig, cfg: TransformConfig, dataset_hflip_invariant: bool
 ) -> PipelineSpec:
     """The pipeline a run uses, with a clear error for any inconsistent ``transform.*`` value."""
+    if cfg.input_size is not None and cfg.input_size < 1:
+        raise ConfigError(
+            f"transform.input_size={cfg.input_size} must be at least 1 (or null: the backbone's "
+            f"{backbone_cfg.input_size})"
+        )
+    channels = len(backbone_cfg.mean)
+    for key in ("mean", "std"):
+        values = getattr(cfg, key)
+        if values is not None and len(values) != channels:
+            raise ConfigError(
+                f"transform.{key}={list(values)} must give one value per input channel ({channels}, e.g. "
+                f"{list(getattr(backbone_cfg, key))}), or be null for the backbone's"
+            )
+    if cfg.std is not None and not all(s > 0 for s in cfg.std):
+        raise ConfigError(
+            f"transform.std={list(cfg.std)}: every value must be > 0 (inputs are divided by it)"
+        )
     dc = resolve_data_config(backbone_cfg, cfg)
     augment = resolve_augment(TrainAugment(cfg.train), dc.input_size)
     for key in ("train_interpolation", "eval_interpolation"):

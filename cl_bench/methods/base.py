@@ -233,6 +233,9 @@ class ContinualModule(pl.LightningModule):
     #: Backbone traits the method cannot run without (:data:`cl_bench.compatibility.BACKBONE_TRAITS`): a run
     #: on a backbone without them stops before training, a sweep skips it; :meth:`needs` may narrow them.
     backbone_needs: ClassVar[frozenset[str]] = frozenset()
+    #: The method setting (``key=value``) with which :meth:`needs` asks nothing of the backbone, if one
+    #: exists: the refusal on another backbone names it (``peft=none``).
+    any_backbone_setting: ClassVar[str | None] = None
     #: Shared training keywords the method does not take because nothing it trains would use them
     #: (``backbone_lr`` when no backbone parameter trains at it): config validation reports them as unknown
     #: keys (:func:`cl_bench.config.target_parameters`) and the constructor refuses a value other than the
@@ -265,8 +268,9 @@ class ContinualModule(pl.LightningModule):
             raise ConfigError(f"method.scheduler={scheduler!r}: choose one of {list(SCHEDULERS)}")
         if loss_scope not in LOSS_SCOPES:
             raise ConfigError(f"method.loss_scope={loss_scope!r}: choose one of {list(LOSS_SCOPES)}")
-        if epochs < 0 or batch_size < 1 or lr < 0:
-            raise ConfigError("method.epochs must be >= 0, method.batch_size >= 1 and method.lr >= 0")
+        for key, value, least in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("lr", lr, 0)):
+            if value < least:
+                raise ConfigError(f"method.{key}={value}: must be >= {least}")
         self.backbone = backbone
         self.head = self.build_head()
         self.epochs = epochs

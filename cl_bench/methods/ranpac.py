@@ -41,6 +41,7 @@ class RanPAC(FirstSessionPetl):
     """
 
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # the PET module
+    any_backbone_setting: ClassVar[str | None] = "peft=none"
 
     @classmethod
     def needs(cls, settings: dict[str, Any]) -> frozenset[str]:

@@ -98,6 +98,7 @@ class SLCAPlusPlus(SLCA):
     """
 
     backbone_needs: ClassVar[frozenset[str]] = frozenset({"vit_blocks"})  # LoRA on attn.qkv, mlp.fc1/fc2
+    any_backbone_setting: ClassVar[str | None] = "hybrid=false"
 
     @classmethod
     def needs(cls, settings: dict[str, Any]) -> frozenset[str]:

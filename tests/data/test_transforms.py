@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from cl_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from cl_bench.config import TrainAugment, TransformConfig
 from cl_bench.data.transforms import build_transforms, eval_transform, resolve_data_config, train_transform
+from cl_bench.errors import ConfigError
 
 CIFAR = DataConfig(input_size=32)
 VIT = DataConfig(224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
@@ -156,6 +157,24 @@ def test_resolve_data_config_overrides() -> None:
     dc = resolve_data_config(VIT, TransformConfig(input_size=96, mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6]))
     assert dc == DataConfig(96, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bicubic", 0.875)
     assert resolve_data_config(VIT, TransformConfig()) == VIT
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"input_size": 0}, r"transform\.input_size=0 must be at least 1"),
+        ({"input_size": -32}, r"transform\.input_size=-32 must be at least 1"),
+        ({"mean": [0.5, 0.5]}, r"transform\.mean=\[0\.5, 0\.5\] must give one value per input channel \(3"),
+        ({"mean": []}, r"transform\.mean=\[\] must give one value per input channel"),
+        ({"std": [0.5, 0.5, 0.5, 0.5]}, r"transform\.std=.* must give one value per input channel"),
+        ({"std": [0.5, 0.0, 0.5]}, r"transform\.std=\[0\.5, 0\.0, 0\.5\]: every value must be > 0"),
+    ],
+)
+def test_bad_input_size_mean_or_std_is_refused_naming_the_key(override: dict, message: str) -> None:
+    """Before, input_size=0 silently meant the backbone's size, and a mean or std of the wrong length
+    crashed in the first batch's normalisation with a tensor-shape error."""
+    with pytest.raises(ConfigError, match=message):
+        build_transforms(CIFAR, TransformConfig(**override), dataset_hflip_invariant=True)
 
 
 def test_build_transforms_applies_overrides() -> None:

@@ -57,3 +57,18 @@ def test_slow_learner_parameter_groups() -> None:
     n_backbone = sum(p.numel() for p in groups["backbone"]["params"])
     assert n_backbone == sum(p.numel() for p in module.backbone.parameters())
     assert sum(p.numel() for p in groups["head"]["params"]) == 64 * 4 + 4
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("epochs", -1, r"method.epochs=-1: must be >= 0"),
+        ("batch_size", 0, r"method.batch_size=0: must be >= 1"),
+        ("lr", -0.1, r"method.lr=-0.1: must be >= 0"),
+    ],
+)
+def test_a_budget_value_out_of_range_is_refused_naming_it(key: str, value: float, message: str) -> None:
+    from cl_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        SequentialFineTuning(CifarResNet(20), **{key: value})
