@@ -24,12 +24,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from cl_bench.storage import read_small_json, read_small_text
+
 #: The longest slug of a job folder name; longer ones are cut and end with ``~`` and a hash of the whole.
 MAX_SLUG = 60
 ERROR_FILE = "error.txt"
 SKIPPED_FILE = "skipped.txt"
-#: Written in a job's (or run's) Hydra folder when the results went to another folder: the path of that folder
-#: (an interrupted run of the same config that this one resumed, README: "in its own folder", or paths.run_dir).
+#: Written in a job's (or run's) Hydra folder when the results went to another folder: the path of that
+#: folder (an interrupted run of the same config that this one resumed, README: "in its own folder", or
+#: paths.run_dir).
 RESULTS_POINTER = "results_in.txt"
 #: Failed and skipped jobs listed by name in the summary (the rest are counted).
 MAX_LISTED = 12
@@ -101,8 +104,8 @@ def pointed_folder(folder: Path) -> Path | None:
     """The run folder that ``folder``'s ``results_in.txt`` names (an untrusted file: ``None`` unless it names
     a folder)."""
     try:
-        lines = (folder / RESULTS_POINTER).read_text(errors="replace").strip().splitlines()
-    except OSError:
+        lines = read_small_text(folder / RESULTS_POINTER).strip().splitlines()
+    except (OSError, ValueError):
         return None
     target = Path(lines[0]) if lines else None
     return target if target is not None and target.is_dir() else None
@@ -118,8 +121,6 @@ def results_folder(folder: Path) -> Path:
 
 def job_outcome(folder: Path) -> JobOutcome:
     """What a job folder says about its job (its files are untrusted: unreadable ones count as failed)."""
-    from cl_bench.storage import read_small_json
-
     if (folder / SKIPPED_FILE).is_file():
         return JobOutcome(folder, "skipped", _first_line(folder / SKIPPED_FILE))
     if (folder / ERROR_FILE).is_file():

@@ -133,6 +133,10 @@ def test_a_job_whose_results_went_to_another_folder_counts_by_them(tmp_path: Pat
     assert job_outcome(new).status == "complete"
     (new / "results_in.txt").write_text(f"{tmp_path / 'nowhere'}\n")  # an untrusted file: nothing there
     assert job_outcome(new).status == "failed"
+    (new / "results_in.txt").unlink()
+    (tmp_path / "planted.txt").write_text(f"{old}\n")
+    (new / "results_in.txt").symlink_to(tmp_path / "planted.txt")  # a link is never followed
+    assert job_outcome(new).status == "failed"
 
 
 @pytest.mark.slow
