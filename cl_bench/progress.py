@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cl_bench.storage import read_small_json
-from cl_bench.sweeps import ERROR_FILE, SKIPPED_FILE, results_folder
+from cl_bench.sweeps import ERROR_FILE, SKIPPED_FILE, first_line, results_folder
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +244,9 @@ def stopped_job_line(folder: Path, done: int, total: int | None, elapsed: float)
     count = f"{done}/{total}" if total else str(done)
     head = f"[sweep {duration(elapsed)}] job {count} {folder.name}"
     for name, verb in ((SKIPPED_FILE, "skipped"), (ERROR_FILE, "FAILED")):
-        try:
-            lines = (folder / name).read_text(errors="replace").strip().splitlines()
-        except OSError:
-            continue
-        return f"{head}: {verb}: {lines[0] if lines else '(no reason given)'}"
+        line = first_line(folder / name)
+        if line is not None:
+            return f"{head}: {verb}: {line or '(no reason given)'}"
     return None
 
 

@@ -51,7 +51,7 @@ from cl_bench.errors import ConfigError
 from cl_bench.metrics import mean_task_accuracy
 from cl_bench.results import RESULTS_FILE, write_text_atomic
 from cl_bench.storage import read_small_json
-from cl_bench.sweeps import SKIPPED_FILE, results_folder
+from cl_bench.sweeps import SKIPPED_FILE, first_line, results_folder
 
 #: Output folder when ``--out`` is not given.
 DEFAULT_OUT = Path("report")
@@ -330,9 +330,9 @@ def load_run(folder: Path, follow: bool = True) -> Run:
             config = loaded if isinstance(loaded, dict) else {}
         except Exception as exc:
             problem = problem or f"unreadable {config_file.name} ({type(exc).__name__})"
-    if problem is None and (folder / SKIPPED_FILE).is_file():
-        reason = (folder / SKIPPED_FILE).read_text(errors="replace").strip().splitlines()
-        problem = f"skipped: {reason[0] if reason else 'the method cannot run on the backbone or scenario'}"
+    reason = first_line(folder / SKIPPED_FILE) if problem is None else None
+    if reason is not None:
+        problem = f"skipped: {reason or 'the method cannot run on the backbone or scenario'}"
     if problem is None:
         error = first_error_line(folder)
         problem = f"failed before its first task ended (no {RESULTS_FILE})" + (f": {error}" if error else "")

@@ -112,11 +112,11 @@ def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda fh: fh.write(text.encode()))
 
 
-def read_small_text(path: Path, limit: int = MAX_SMALL_FILE) -> str:
+def read_small_text(path: Path, limit: int = MAX_SMALL_FILE, errors: str = "strict") -> str:
     """The UTF-8 text of ``path``, a small file of an output folder (untrusted input): a regular file of at
     most ``limit`` bytes, not a symbolic link (a link is never followed out of the folder, a FIFO never
     blocks, a device or a huge file is never read). Raises ``OSError`` saying which of these it is, or
-    ``UnicodeDecodeError`` (a ``ValueError``) for bytes that are not UTF-8."""
+    ``UnicodeDecodeError`` (a ``ValueError``) for bytes that are not UTF-8 (``errors="replace"``: never)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -133,7 +133,7 @@ def read_small_text(path: Path, limit: int = MAX_SMALL_FILE) -> str:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-    return data.decode()
+    return data.decode(errors=errors)
 
 
 def read_small_json(path: Path, limit: int = MAX_SMALL_FILE) -> Any:

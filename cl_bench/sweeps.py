@@ -95,9 +95,14 @@ class JobOutcome:
     detail: str = ""
 
 
-def _first_line(path: Path) -> str:
-    lines = path.read_text(errors="replace").strip().splitlines()
-    return lines[0] if lines else "(empty)"
+def first_line(path: Path) -> str | None:
+    """The first line of a job's ``error.txt`` or ``skipped.txt`` (untrusted: read by
+    :func:`~cl_bench.storage.read_small_text`), ``""`` if it is empty, ``None`` if there is no such file."""
+    try:
+        lines = read_small_text(path, errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return lines[0] if lines else ""
 
 
 def pointed_folder(folder: Path) -> Path | None:
@@ -122,9 +127,9 @@ def results_folder(folder: Path) -> Path:
 def job_outcome(folder: Path) -> JobOutcome:
     """What a job folder says about its job (its files are untrusted: unreadable ones count as failed)."""
     if (folder / SKIPPED_FILE).is_file():
-        return JobOutcome(folder, "skipped", _first_line(folder / SKIPPED_FILE))
+        return JobOutcome(folder, "skipped", first_line(folder / SKIPPED_FILE) or "(empty)")
     if (folder / ERROR_FILE).is_file():
-        return JobOutcome(folder, "failed", _first_line(folder / ERROR_FILE))
+        return JobOutcome(folder, "failed", first_line(folder / ERROR_FILE) or "(empty)")
     results = results_folder(folder) / "results.json"
     if not results.is_file():
         return JobOutcome(folder, "failed", "no results.json: the job was killed or never started")

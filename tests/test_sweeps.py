@@ -258,3 +258,31 @@ def test_all_methods_sweep_finishes_every_job_the_backbone_allows(tmp_path: Path
     assert [m for m, ok in done.items() if not ok] == ["confit"]
     assert f"{len(methods)} jobs, {len(methods) - 1} complete, 0 failed, 1 skipped" in out.stdout
     assert f"cl-bench-report {sweep_dir}" in out.stdout
+
+
+def test_a_jobs_error_and_skipped_files_are_read_as_untrusted(tmp_path: Path) -> None:
+    """A FIFO planted as ``error.txt`` never blocks the summary, the progress lines or the report (it used to
+    hang them), and a link is never followed; an empty file still counts."""
+    import os
+    import signal
+
+    from cl_bench.progress import stopped_job_line
+    from cl_bench.report import load_run
+    from cl_bench.sweeps import first_line, job_outcome
+
+    job = tmp_path / "0_seed=0"
+    job.mkdir()
+    os.mkfifo(job / "error.txt")
+    (tmp_path / "secret.txt").write_text("outside the folder\n")
+    (job / "skipped.txt").symlink_to(tmp_path / "secret.txt")
+    signal.alarm(10)  # a blocking read fails the test instead of hanging it
+    try:
+        assert first_line(job / "error.txt") is None and first_line(job / "skipped.txt") is None
+        assert job_outcome(job).status == "skipped" and job_outcome(job).detail == "(empty)"
+        assert stopped_job_line(job, 1, 1, 0.0) is None
+        assert "outside" not in (load_run(job).problem or "")
+    finally:
+        signal.alarm(0)
+    (job / "skipped.txt").unlink()
+    (job / "skipped.txt").write_text("")
+    assert stopped_job_line(job, 1, 1, 0.0).endswith("skipped: (no reason given)")
