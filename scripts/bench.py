@@ -817,10 +817,10 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:  # whole documents only: a process killed while saving keeps the previous one
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(json.dumps(doc, indent=2) + "\n")
-        partial.replace(out)
+    def save() -> None:  # atomic: a process killed while saving keeps the previous document
+        from cl_bench.storage import write_text
+
+        write_text(out, json.dumps(doc, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="cl_bench_bench_") as tmp:
         workdir = Path(tmp)
